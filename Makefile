@@ -1,0 +1,53 @@
+# saelect: every target bootstraps .venv on its own.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv data test test-unit demo bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,text]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (installed when missing and root).
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte ]; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
+	  else echo "Fashion-MNIST missing: install the Debian package dataset-fashion-mnist"; fi; \
+	fi
+
+test: venv data
+	$(BIN)/python -m pytest -q tests
+
+test-unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+demo: venv data
+	$(BIN)/saelect demo
+
+bench: venv data
+	$(BIN)/python benchmarks/run_all.py
+
+lint: venv
+	$(BIN)/ruff check service workers client tests benchmarks
+	$(BIN)/ruff format --check service workers client tests benchmarks
+	$(BIN)/mypy service workers client
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

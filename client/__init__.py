@@ -1,0 +1,1 @@
+"""saelect client package."""

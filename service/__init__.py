@@ -1,0 +1,1 @@
+"""saelect service package."""

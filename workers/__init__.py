@@ -1,0 +1,1 @@
+"""saelect workers package."""

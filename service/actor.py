@@ -1,0 +1,146 @@
+"""`SelectionActor`: the async Ray actor that owns the jobs and serves the HTTP API.
+
+The class is plain Python (`SelectionActorImpl`); `selection_actor_class()` wraps it with
+``ray.remote`` (``num_cpus=0``, restarted by Ray after a crash). Its constructor schedules, on the
+actor's own event loop, the resume of every stored job and a uvicorn server running the FastAPI
+app, so a restarted actor serves again on the same port from the same store with no call from
+outside. Ray Train workers inside the cluster may call the actor's methods directly (the same
+answers as HTTP, without the HTTP hop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from service.backend import JobStatus, Plan
+from service.jobs import JobManager
+from service.settings import Settings
+from service.specs import JobSpec, job_spec_from_dict
+from service.store import JobStore
+
+log = logging.getLogger(__name__)
+
+ACTOR_NAME = "saelect"
+"""Name of the SelectionActor in its namespace."""
+NAMESPACE = "saelect"
+
+
+class SelectionActorImpl:
+    """Jobs plus the HTTP server, on one event loop.
+
+    Parameters
+    ----------
+    settings:
+        Service settings (host, port, store, token...).
+    pipeline_options:
+        ``workers.pipeline.PipelineOptions`` for every job (None: defaults).
+    """
+
+    def __init__(self, settings: Settings, pipeline_options: Any = None) -> None:
+        self.settings = settings
+        self.manager = JobManager(
+            JobStore(settings.store),
+            allowed_roots=list(settings.allowed_roots),
+            pipeline_options=pipeline_options,
+        )
+        self._server: Any = None
+        self._url: str | None = None
+        self._started = asyncio.get_event_loop().create_task(self._start())
+
+    async def _start(self) -> str:
+        import uvicorn
+
+        from service.app import create_app
+
+        self.settings.check_bind()
+        await self.manager.resume()
+        app = create_app(self.manager, self.settings)
+        config = uvicorn.Config(
+            app,
+            host=self.settings.host,
+            port=self.settings.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # the actor owns no signals
+        serving = asyncio.get_running_loop().create_task(self._server.serve())
+        while not self._server.started:
+            if serving.done():  # bind failed: surface the error
+                serving.result()
+                raise RuntimeError("uvicorn stopped before it started")
+            await asyncio.sleep(0.02)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        host = self.settings.host
+        self._url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        log.info("saelect serving on %s", self._url)
+        return self._url
+
+    async def url(self) -> str:
+        """The service URL, once the server listens (raises what stopped it otherwise)."""
+        return await asyncio.shield(self._started)
+
+    async def shutdown(self) -> None:
+        """Stop serving and kill the jobs' shard actors (the store keeps everything)."""
+        await asyncio.shield(self._started)
+        if self._server is not None:
+            self._server.should_exit = True
+        await self.manager.close()
+
+    # -- the Backend, for callers that hold the actor handle ------------------------------------
+    async def create_job(self, spec: dict[str, Any] | JobSpec) -> JobStatus:
+        """Create a job from a spec dict (validated like ``POST /v1/jobs``) or a JobSpec."""
+        await asyncio.shield(self._started)
+        if not isinstance(spec, JobSpec):
+            spec = job_spec_from_dict(
+                spec,
+                allowed_roots=list(self.settings.allowed_roots),
+                allowed_modules=list(self.settings.allowed_modules),
+            )
+        return await self.manager.create_job(spec)
+
+    async def wait_ready(self, job_id: str, timeout: float = 600.0) -> JobStatus:
+        await asyncio.shield(self._started)
+        return await self.manager.wait_ready(job_id, timeout)
+
+    async def get_job(self, job_id: str) -> JobStatus:
+        await asyncio.shield(self._started)
+        return await self.manager.get_job(job_id)
+
+    async def list_jobs(self) -> list[JobStatus]:
+        await asyncio.shield(self._started)
+        return await self.manager.list_jobs()
+
+    async def plan(self, job_id: str, world_size: int) -> Plan:
+        await asyncio.shield(self._started)
+        return await self.manager.plan(job_id, world_size)
+
+    async def epoch_indices(self, job_id: str, epoch: int, rank: int, world_size: int) -> np.ndarray:
+        await asyncio.shield(self._started)
+        return await self.manager.epoch_indices(job_id, epoch, rank, world_size)
+
+    async def feedback(self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray) -> None:
+        await asyncio.shield(self._started)
+        await self.manager.feedback(job_id, epoch, indices, losses)
+
+    async def epoch_stats(self, job_id: str, epoch: int) -> dict[str, Any]:
+        await asyncio.shield(self._started)
+        return await self.manager.epoch_stats(job_id, epoch)
+
+    async def delete_job(self, job_id: str) -> None:
+        await asyncio.shield(self._started)
+        await self.manager.delete_job(job_id)
+
+
+def selection_actor_class(max_restarts: int = -1) -> Any:
+    """``ray.remote`` of `SelectionActorImpl`: no CPU reserved, restarted after a crash."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=max_restarts, max_concurrency=1000)(
+        SelectionActorImpl
+    )

@@ -1,0 +1,128 @@
+"""The `saelect` command line (DESIGN section 5).
+
+Every subcommand imports what it needs inside its handler, so `saelect --help` and the client-side
+subcommands (`jobs ...`) start fast and do not load Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from workers.datasets import write_image_parquet
+
+    train, test = write_image_parquet(Path(args.out), args.name)
+    print(f"wrote {train}\nwrote {test}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve_forever
+    from service.settings import Settings
+
+    overrides: dict[str, object] = {"host": args.host, "port": args.port, "insecure": args.insecure}
+    if args.store:
+        overrides["store"] = args.store
+    if args.address:
+        overrides["ray_address"] = args.address
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return serve_forever(settings)
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202 - client import stays lazy
+    from client import SelectionClient
+
+    return SelectionClient(args.url, token=os.environ.get("SAELECT_API_TOKEN"))
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from client import SelectionError
+
+    client = _client(args)
+    try:
+        if args.action == "create":
+            spec = json.loads(Path(args.target).read_text())
+            out: object = client.create_job(spec)
+        elif args.action == "list":
+            out = client.jobs()
+        elif args.action == "status":
+            out = client.job(args.target)
+        else:
+            client.delete(args.target)
+            out = {"deleted": args.target}
+    except SelectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        epochs=args.epochs,
+        ratio=args.ratio,
+        out_dir=Path(args.out),
+        train_limit=args.train_limit,
+        workers=args.workers,
+    )
+    run_demo(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `saelect`, one subparser per command of DESIGN section 5."""
+    parser = argparse.ArgumentParser(prog="saelect", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="write a dataset as Parquet (image, label)")
+    data.add_argument("name", choices=["fashion-mnist", "digits"])
+    data.add_argument("--out", required=True, help="output directory")
+    data.set_defaults(func=_cmd_data)
+
+    serve = sub.add_parser("serve", help="run the selection service (embedded Ray by default)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--store", default=None, help="store root: a path or a pyarrow URI")
+    serve.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
+    serve.add_argument(
+        "--insecure", action="store_true", default=None, help="allow a non-loopback bind without token"
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    jobs = sub.add_parser("jobs", help="create, list, inspect and delete jobs over HTTP")
+    jobs.add_argument("action", choices=["create", "list", "status", "delete"])
+    jobs.add_argument("target", nargs="?", help="SPEC.json for create, a job id for status/delete")
+    jobs.add_argument("--url", default=os.environ.get("SAELECT_URL", DEFAULT_URL))
+    jobs.set_defaults(func=_cmd_jobs)
+
+    demo = sub.add_parser("demo", help="the whole main job on an embedded local Ray")
+    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--ratio", type=float, default=0.5)
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--train-limit", type=int, default=None, help="use only the first N rows")
+    demo.add_argument("--out", default=".saelect/demo")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `saelect` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "jobs" and args.action != "list" and not args.target:
+        parser.error(f"jobs {args.action} needs a target")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

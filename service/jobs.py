@@ -1,0 +1,396 @@
+"""The job manager: the `Backend` the HTTP routes call, implemented over Ray shard actors.
+
+One `JobManager` owns every job of a store. A new job is stored, then scored on the cluster by
+``workers.pipeline.run_scoring`` (in a thread, so the event loop keeps serving); when scoring is
+done a `SelectionEngine` drives the job's policy over the shard actors. Epochs are computed in
+order, stored (DESIGN 7) and then committed; a served epoch is read back from memory or the store,
+so the same request always gets the same answer.
+
+Restart: the manager rebuilds every stored job. Scoring outputs are on the store, so the pipeline
+re-attaches to them without recomputing; the engine then replays the stored epochs (and the
+feedback log, in arrival order) and checks each replayed epoch against the stored one. The next
+epoch is therefore what an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.backend import EpochPlan, JobStatus, Plan, Progress
+from service.errors import (
+    EpochOutOfRange,
+    FeedbackNotAccepted,
+    InvalidRequest,
+    JobNotReady,
+    UnknownJob,
+)
+from service.policies import make_policy
+from service.selection.engine import SelectionEngine
+from service.selection.partition import per_rank_length, rank_indices
+from service.specs import JobSpec
+from service.store import JobState, JobStore, check_job_id, new_job_id
+from workers.scores import ScoreConfig
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_LOG = "feedback_log"
+
+
+@dataclass
+class Job:
+    """In-memory state of one job (the store holds the durable part)."""
+
+    id: str
+    spec: JobSpec
+    phase: str = "pending"
+    progress: Progress = Progress(0, 0)
+    num_samples: int | None = None
+    error: str | None = None
+    scoring: Any = None
+    """`workers.pipeline.ScoringResult` once scored."""
+    engine: SelectionEngine | None = None
+    epochs: dict[int, np.ndarray] = field(default_factory=dict)
+    """Served epochs: int64 (size,) indices in serving order."""
+    stats: dict[int, dict[str, Any]] = field(default_factory=dict)
+    feedback_seq: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task | None = None
+    deleted: bool = False
+
+    def status(self) -> JobStatus:
+        committed = self.engine.last_committed + 1 if self.engine is not None else 0
+        return JobStatus(
+            id=self.id,
+            name=self.spec.name,
+            phase=self.phase,
+            progress=self.progress,
+            num_samples=self.num_samples,
+            epochs_committed=committed,
+            error=self.error,
+        )
+
+
+class JobManager:
+    """Jobs of one store, scored and served on the connected Ray cluster.
+
+    Parameters
+    ----------
+    store:
+        The job store (DESIGN 7).
+    allowed_roots:
+        Dataset roots a job's URI must lie under (checked again by the pipeline).
+    pipeline_options:
+        ``workers.pipeline.PipelineOptions`` for every job (None: defaults).
+    progress_bar:
+        Show tqdm bars while scoring (the command line); off inside services.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        allowed_roots: list[str] | None = None,
+        pipeline_options: Any = None,
+        progress_bar: bool = False,
+    ) -> None:
+        self.store = store
+        self.allowed_roots = allowed_roots
+        self.pipeline_options = pipeline_options
+        self.progress_bar = progress_bar
+        self._jobs: dict[str, Job] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def resume(self) -> list[str]:
+        """Rebuild every stored job (scoring resumes from the store). Returns their ids."""
+        ids = self.store.list_jobs()
+        for job_id in ids:
+            spec = self.store.read_spec(job_id)
+            job = Job(id=job_id, spec=spec)
+            state = self.store.read_state(job_id)
+            job.num_samples = state.num_samples
+            self._jobs[job_id] = job
+            job.task = asyncio.get_running_loop().create_task(self._score(job))
+        return ids
+
+    async def create_job(self, spec: JobSpec) -> JobStatus:
+        """Store the job and start scoring it in the background; phase ``pending``."""
+        job_id = new_job_id(spec.name)
+        self.store.create_job(job_id, spec)
+        job = Job(id=job_id, spec=spec)
+        self._jobs[job_id] = job
+        job.task = asyncio.get_running_loop().create_task(self._score(job))
+        return job.status()
+
+    async def wait_ready(self, job_id: str, timeout: float = 600.0) -> JobStatus:
+        """Wait until the job is ready or failed (tests and the demo use it)."""
+        job = self._job(job_id)
+        if job.task is not None:
+            await asyncio.wait_for(asyncio.shield(job.task), timeout)
+        return job.status()
+
+    async def close(self) -> None:
+        """Stop every job's shard actors (the store keeps everything)."""
+        for job in list(self._jobs.values()):
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+            if job.scoring is not None:
+                await asyncio.to_thread(job.scoring.shutdown)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _on_progress(self, job: Job, phase: str, done: int, total: int) -> None:
+        job.phase = phase
+        job.progress = Progress(done, total)
+
+    async def _score(self, job: Job) -> None:
+        from workers.pipeline import run_scoring
+
+        spec = job.spec
+        try:
+            result = await asyncio.to_thread(
+                run_scoring,
+                self.store.job_storage(job.id),
+                spec.dataset.uri,
+                spec.dataset.feature,
+                spec.dataset.label_column,
+                spec.sae,
+                getattr(spec, "scores", None) or ScoreConfig(),
+                on_progress=lambda ph, d, t: self._on_progress(job, ph, d, t),
+                progress_bar=self.progress_bar,
+                allowed_roots=self.allowed_roots,
+                options=self.pipeline_options,
+            )
+            if job.deleted:
+                await asyncio.to_thread(result.shutdown)
+                return
+            job.scoring = result
+            job.num_samples = int(result.num_samples)
+            engine = await asyncio.to_thread(self._build_engine, job, result)
+            job.engine = engine
+            self._on_progress(job, "ready", 1, 1)
+            self._write_state(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the job fails with the error; the service keeps serving
+            log.exception("job %s failed", job.id)
+            job.error = f"{type(exc).__name__}: {exc}"
+            self._on_progress(job, "failed", 0, 0)
+            if not job.deleted:
+                self._write_state(job)
+
+    def _build_engine(self, job: Job, result: Any) -> SelectionEngine:
+        """Attach the policy to the shards, then replay stored epochs and feedback in order."""
+        policy = make_policy(job.spec.policy)
+        result.attach_selection(policy)
+        engine = SelectionEngine(policy, result.broadcast())
+        feedback = self._feedback_log(job.id)
+        job.feedback_seq = len(feedback)
+        for epoch in self.store.committed_epochs(job.id):
+            for before, idx, losses in feedback:
+                if before == epoch:
+                    engine.feedback(idx, losses)
+            stored = self.store.read_epoch(job.id, epoch)
+            res = engine.select(epoch)
+            if not np.array_equal(res.indices, stored):
+                raise RuntimeError(
+                    f"replay of epoch {epoch} of job {job.id} differs from the stored epoch; "
+                    "the store was written by a different configuration or version"
+                )
+            engine.commit(epoch)
+            job.epochs[epoch] = stored
+            job.stats[epoch] = self._read_stats(job.id, epoch, res.stats)
+        for before, idx, losses in feedback:
+            if before > engine.last_committed:
+                engine.feedback(idx, losses)
+        return engine
+
+    def _write_state(self, job: Job) -> None:
+        last = job.engine.last_committed if job.engine is not None else -1
+        state = JobState(
+            last_committed_epoch=last,
+            seed=job.spec.policy.seed,
+            phase=job.phase,
+            num_samples=job.num_samples,
+            error=job.error,
+        )
+        self.store.write_state(job.id, state)
+
+    # -- queries -----------------------------------------------------------------------------
+    def _job(self, job_id: str) -> Job:
+        check_job_id(job_id)
+        job = self._jobs.get(job_id)
+        if job is None or job.deleted:
+            raise UnknownJob(f"no job {job_id!r}")
+        return job
+
+    def _ready(self, job_id: str) -> Job:
+        job = self._job(job_id)
+        if job.phase == "failed":
+            raise JobNotReady(f"job {job_id!r} failed: {job.error}")
+        if job.engine is None:
+            raise JobNotReady(f"job {job_id!r} is not ready (phase {job.phase})")
+        return job
+
+    def _check_epoch(self, job: Job, epoch: int) -> None:
+        epochs = job.spec.policy.epochs
+        if not 0 <= epoch < epochs:
+            raise EpochOutOfRange(f"epoch {epoch} outside [0, {epochs}) of job {job.id!r}")
+
+    async def list_jobs(self) -> list[JobStatus]:
+        return [j.status() for j in self._jobs.values() if not j.deleted]
+
+    async def get_job(self, job_id: str) -> JobStatus:
+        return self._job(job_id).status()
+
+    async def plan(self, job_id: str, world_size: int) -> Plan:
+        if world_size < 1:
+            raise InvalidRequest(f"world_size must be >= 1, got {world_size}")
+        job = self._ready(job_id)
+        sizes = job.engine.plan()  # type: ignore[union-attr]
+        n = job.num_samples or 1
+        epochs = [EpochPlan(t, s, per_rank_length(s, world_size)) for t, s in enumerate(sizes)]
+        return Plan(epochs=epochs, sample_fraction=float(sum(sizes)) / (len(sizes) * n))
+
+    async def _epoch(self, job: Job, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s indices, computing (and committing) it and every earlier one."""
+        self._check_epoch(job, epoch)
+        cached = job.epochs.get(epoch)
+        if cached is not None:
+            return cached
+        async with job.lock:
+            while epoch not in job.epochs:
+                await asyncio.to_thread(self._next_epoch, job)
+        return job.epochs[epoch]
+
+    def _next_epoch(self, job: Job) -> None:
+        engine = job.engine
+        assert engine is not None
+        t = engine.last_committed + 1
+        t0 = time.perf_counter()
+        res = engine.select(t)
+        stats = dict(res.stats)
+        stats["selection_seconds"] = time.perf_counter() - t0
+        # store first, then commit: a crash in between replays the stored epoch identically
+        self.store.write_epoch(job.id, t, res.indices)
+        job_storage = self.store.job_storage(job.id)
+        job_storage.write_json(f"epochs/{t:06d}.json", _jsonable(stats))
+        if res.weights is not None:
+            job_storage.write_npy(f"epochs/{t:06d}.weights.npy", res.weights)
+        engine.commit(t)
+        job.stats[t] = stats
+        job.epochs[t] = res.indices
+        self._write_state(job)
+
+    def _read_stats(self, job_id: str, epoch: int, fallback: dict[str, Any]) -> dict[str, Any]:
+        js = self.store.job_storage(job_id)
+        rel = f"epochs/{epoch:06d}.json"
+        return js.read_json(rel) if js.exists(rel) else dict(fallback)
+
+    async def epoch_indices(self, job_id: str, epoch: int, rank: int, world_size: int) -> np.ndarray:
+        if world_size < 1:
+            raise InvalidRequest(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise InvalidRequest(f"rank must be in [0, {world_size}), got {rank}")
+        job = self._ready(job_id)
+        order = await self._epoch(job, epoch)
+        return rank_indices(order, rank, world_size)
+
+    async def epoch_weights(self, job_id: str, epoch: int) -> np.ndarray | None:
+        """float64 (size,) loss weights aligned with the epoch order (infobatch), else None."""
+        job = self._ready(job_id)
+        await self._epoch(job, epoch)
+        js = self.store.job_storage(job_id)
+        rel = f"epochs/{epoch:06d}.weights.npy"
+        return js.read_npy(rel) if js.exists(rel) else None
+
+    async def feedback(
+        self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
+    ) -> None:
+        job = self._ready(job_id)
+        self._check_epoch(job, epoch)
+        if not job.engine.policy.needs_feedback:  # type: ignore[union-attr]
+            raise FeedbackNotAccepted(
+                f"policy {job.spec.policy.name!r} of job {job_id!r} takes no loss feedback"
+            )
+        idx = np.asarray(indices, dtype=np.int64).ravel()
+        val = np.asarray(losses, dtype=np.float32).ravel()
+        n = job.num_samples or 0
+        if idx.shape != val.shape:
+            raise InvalidRequest(f"{idx.shape[0]} indices but {val.shape[0]} losses")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise InvalidRequest(f"feedback indices must lie in [0, {n})")
+        if not np.all(np.isfinite(val)):
+            raise InvalidRequest("losses must be finite numbers")
+        async with job.lock:
+            engine = job.engine
+            assert engine is not None
+            before = engine.last_committed + 1
+            seq = job.feedback_seq
+            self.store.job_storage(job_id).write_bytes(
+                f"{FEEDBACK_LOG}/{seq:08d}.npz", _npz(before=before, epoch=epoch, idx=idx, loss=val)
+            )
+            job.feedback_seq += 1
+            await asyncio.to_thread(engine.feedback, idx, val)
+
+    def _feedback_log(self, job_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        js = self.store.job_storage(job_id)
+        out = []
+        for name in sorted(js.list_dir(FEEDBACK_LOG)):
+            if name.endswith(".npz"):
+                d = _unnpz(js.read_bytes(f"{FEEDBACK_LOG}/{name}"))
+                out.append((int(d["before"]), d["idx"], d["loss"]))
+        return out
+
+    async def epoch_stats(self, job_id: str, epoch: int) -> dict[str, Any]:
+        job = self._ready(job_id)
+        await self._epoch(job, epoch)
+        stats = dict(job.stats[epoch])
+        stats.setdefault("lambda", None)
+        stats.setdefault("factor_coverage", None)
+        stats["epoch"] = epoch
+        return stats
+
+    async def delete_job(self, job_id: str) -> None:
+        job = self._job(job_id)
+        job.deleted = True
+        async with job.lock:
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+            if job.scoring is not None:
+                await asyncio.to_thread(job.scoring.shutdown)
+            self.store.delete_job(job_id)
+            self._jobs.pop(job_id, None)
+
+
+def _npz(**arrays: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _unnpz(data: bytes) -> dict[str, np.ndarray]:
+    import io
+
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Numpy scalars and arrays to JSON types, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+

@@ -1,0 +1,188 @@
+"""Pydantic request and response models of the HTTP API (DESIGN 4). Pydantic lives only here
+and in settings; the core works on the frozen dataclasses of ``service.specs``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --- requests -----------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FeatureModel(_Strict):
+    """How to turn a row into a feature vector (``workers.features.FeatureSpec``)."""
+
+    kind: Literal["column", "pixels", "text", "module"]
+    column: str = Field(min_length=1, description="source column in the Parquet data")
+    dim: int | None = Field(default=None, ge=1, description="pixels: PCA output dim")
+    module: str | None = Field(
+        None, description="module kind: 'pkg.mod:factory' returning an nn.Module (allow-listed)"
+    )
+    batch_size: int = Field(default=1024, ge=1)
+
+
+class DatasetModel(_Strict):
+    """Where the data is: a Parquet file or directory, local path or pyarrow URI."""
+
+    uri: str = Field(min_length=1, max_length=4096)
+    label_column: str | None = None
+    feature: FeatureModel
+
+
+class PolicyModel(_Strict):
+    """Selection policy (``service.policies.PolicyConfig``)."""
+
+    name: str = Field(min_length=1, description="factor, full, static_random, rs2, infobatch...")
+    ratio: float = Field(gt=0.0, le=1.0, description="keep ratio r per epoch")
+    epochs: int = Field(ge=1, le=1_000_000)
+    seed: int = Field(default=0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SAEModel(_Strict):
+    """Sparse autoencoder config (``workers.sae.SAEConfig``); unset fields keep its defaults."""
+
+    units: int | None = Field(default=None, ge=1)
+    k: int | None = Field(default=None, ge=1)
+    activation: Literal["topk", "relu_l1"] | None = None
+    l1_coef: float | None = Field(default=None, ge=0.0)
+    aux_k: int | None = Field(default=None, ge=1)
+    aux_coef: float | None = Field(default=None, ge=0.0)
+    lr: float | None = Field(default=None, gt=0.0)
+    batch_size: int | None = Field(default=None, ge=1)
+    epochs: int | None = Field(default=None, ge=1)
+    max_train_samples: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0)
+    device: str | None = None
+
+
+class JobSpecModel(_Strict):
+    """Body of ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "name": "fmnist-factor",
+                "dataset": {
+                    "uri": "/data/fmnist/train.parquet",
+                    "label_column": "label",
+                    "feature": {"kind": "pixels", "column": "image", "dim": 256},
+                },
+                "policy": {
+                    "name": "factor",
+                    "ratio": 0.5,
+                    "epochs": 10,
+                    "seed": 0,
+                    "params": {"gamma": 2.0, "schedule": "cosine"},
+                },
+                "sae": {"units": 2048, "k": 32},
+            }
+        },
+    )
+
+    name: str = Field(min_length=1, max_length=200)
+    dataset: DatasetModel
+    policy: PolicyModel
+    sae: SAEModel = Field(default_factory=lambda: SAEModel())
+
+
+class FeedbackModel(_Strict):
+    """JSON body of ``POST .../feedback``: per-sample losses, ``indices[i]`` has ``losses[i]``."""
+
+    indices: list[int]
+    losses: list[float]
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+class ProgressModel(BaseModel):
+    done: int
+    total: int
+
+
+class JobStatusModel(BaseModel):
+    """A job's status."""
+
+    id: str
+    name: str
+    phase: Literal[
+        "pending", "featurizing", "training_sae", "encoding", "scoring", "ready", "failed"
+    ]
+    progress: ProgressModel
+    num_samples: int | None
+    epochs_committed: int
+    error: str | None
+
+
+class JobListModel(BaseModel):
+    jobs: list[JobStatusModel]
+
+
+class EpochPlanModel(BaseModel):
+    epoch: int
+    size: int
+    per_rank: int
+
+
+class PlanModel(BaseModel):
+    """Every epoch's subset size and each rank's length for ``world_size`` ranks."""
+
+    world_size: int
+    epochs: list[EpochPlanModel]
+    sample_fraction: float
+
+
+class IndicesModel(BaseModel):
+    """JSON form of one rank's indices (``Accept: application/json``)."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    indices: list[int]
+
+
+class FeedbackAckModel(BaseModel):
+    epoch: int
+    count: int
+
+
+class UsageModel(BaseModel):
+    min: float
+    max: float
+    mean: float
+
+
+class StatsModel(BaseModel):
+    """Per-epoch statistics; a backend may add keys."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    epoch: int
+    lambda_: float | None = Field(default=None, alias="lambda")
+    size: int
+    coverage: float | None = None
+    usage: UsageModel | None = None
+    factor_coverage: float | None = None
+
+
+class HealthModel(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ErrorBodyModel(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorModel(BaseModel):
+    """Every error answer: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorBodyModel

@@ -1,0 +1,49 @@
+"""Selection policies: one module each, dispatched by name from :data:`POLICIES`.
+
+Example:
+    >>> p = make_policy(PolicyConfig(name="rs2", ratio=0.5, epochs=4))
+    >>> p.plan(10)
+    [5, 5, 5, 5]
+"""
+
+from __future__ import annotations
+
+from service.policies.base import Policy, PolicyConfig, Stage, epoch_size, parse_params
+from service.policies.epsilon_greedy import EpsilonGreedyPolicy
+from service.policies.factor import FactorPolicy
+from service.policies.full import FullPolicy
+from service.policies.infobatch import InfoBatchPolicy
+from service.policies.rs2 import RS2Policy
+from service.policies.static_random import StaticRandomPolicy
+from service.policies.ucb import UCBPolicy
+
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "PolicyConfig",
+    "Stage",
+    "epoch_size",
+    "make_policy",
+    "parse_params",
+]
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (
+        FactorPolicy,
+        FullPolicy,
+        StaticRandomPolicy,
+        RS2Policy,
+        InfoBatchPolicy,
+        UCBPolicy,
+        EpsilonGreedyPolicy,
+    )
+}
+"""Policy name -> class."""
+
+
+def make_policy(config: PolicyConfig) -> Policy:
+    """The policy named by ``config`` (its params validated; ValueError when bad)."""
+    if config.name not in POLICIES:
+        raise ValueError(f"unknown policy {config.name!r}; known: {', '.join(sorted(POLICIES))}")
+    return POLICIES[config.name](config)

@@ -1,0 +1,306 @@
+"""``factor``: the paper's policy (DESIGN 2.6-2.8) with the reconstructed options.
+
+Per epoch t, with lambda(t) from the schedule:
+
+    B_i(t) = (1 - lambda(t)) R_i + lambda(t) D_i(t)
+    s_i(t) = B_i(t) - gamma u_i / max(t, 1)                 (penalty="additive", default)
+    s_i(t) = B_i(t) exp(-gamma u_i / (r t + 1))             (penalty="multiplicative")
+
+and the epoch is the top m of s (ties by a seeded hash), or with ``sampling="gumbel"`` the top m
+of s + tau * Gumbel(seed, t, i). u_i counts the committed epochs that selected i.
+
+Options: ``class_quotas`` (each class keeps its share of every epoch, one stage per class, per-class
+counts by largest remainder over the global class counts); ``dynamic_coverage`` (global counters
+c_j of how many selected samples so far had unit j active; D_i(t) = D_i * sum_j a_ij g(rho_j)
+with rho_j = c_j / (p_j S_t), S_t the samples selected so far, g(rho) = 1 / (1 + rho): samples whose
+factors are under-covered relative to their frequency keep their diversity, over-covered ones
+lose it; equals the literal D before any selection); ``anneal_epochs`` (the last K epochs take
+all N samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.policies.base import Policy, PolicyConfig, Stage, epoch_size
+from service.schedules import ScheduleConfig, lambda_at
+from service.selection.hashing import STREAM_GUMBEL, gumbel
+from workers.selection_shard import ShardData
+
+__all__ = ["FactorParams", "FactorPolicy", "largest_remainder"]
+
+
+@dataclass(frozen=True)
+class FactorParams:
+    """Options of the ``factor`` policy."""
+
+    schedule: ScheduleConfig | str | dict[str, Any] = "cosine"
+    """lambda(t): a shape name, a dict of ScheduleConfig fields, or a ScheduleConfig."""
+    gamma: float = 2.0
+    """Usage-penalty strength, >= 0 (0 switches the penalty off)."""
+    penalty: str = "additive"
+    """``additive`` (B - gamma f) or ``multiplicative`` (B exp(-gamma u / (r t + 1)))."""
+    sampling: str = "topm"
+    """``topm`` (deterministic ranking) or ``gumbel`` (top m of s + tau Gumbel noise)."""
+    tau: float = 0.1
+    """Gumbel noise scale, >= 0."""
+    class_quotas: bool = False
+    """Keep every class's share of the data in every epoch (needs labels)."""
+    dynamic_coverage: bool = False
+    """Diversity prefers factors under-covered by the selections so far (needs codes and p)."""
+    anneal_epochs: int = 0
+    """The last anneal_epochs epochs select all N samples, >= 0."""
+
+    def __post_init__(self) -> None:
+        sched = self.schedule
+        if isinstance(sched, str):
+            sched = ScheduleConfig(shape=sched)
+        elif isinstance(sched, dict):
+            unknown = set(sched) - set(ScheduleConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown schedule fields {sorted(unknown)}")
+            sched = ScheduleConfig(**sched)
+        elif not isinstance(sched, ScheduleConfig):
+            raise ValueError(f"schedule={sched!r} must be a shape name, dict or ScheduleConfig")
+        object.__setattr__(self, "schedule", sched)
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma={self.gamma} must be >= 0")
+        if self.penalty not in ("additive", "multiplicative"):
+            raise ValueError(f"penalty={self.penalty!r} must be 'additive' or 'multiplicative'")
+        if self.sampling not in ("topm", "gumbel"):
+            raise ValueError(f"sampling={self.sampling!r} must be 'topm' or 'gumbel'")
+        if not self.tau >= 0:
+            raise ValueError(f"tau={self.tau} must be >= 0")
+        if self.anneal_epochs < 0:
+            raise ValueError(f"anneal_epochs={self.anneal_epochs} must be >= 0")
+
+
+def largest_remainder(size: int, counts: np.ndarray) -> np.ndarray:
+    """int64 (C,) per-class quotas summing to ``size``, proportional to ``counts`` (C,).
+
+    Floors of size * n_c / N, then one more for the largest remainders (ties: lower class id).
+    Exact integer arithmetic; every quota is <= its class count when size <= N.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros_like(counts)
+    prod = size * counts
+    quotas, rem = prod // total, prod % total
+    extra = size - int(quotas.sum())
+    order = np.lexsort((np.arange(counts.shape[0]), -rem))
+    quotas[order[:extra]] += 1
+    return quotas
+
+
+class FactorPolicy(Policy):
+    """Representativeness-to-diversity schedule with a usage-frequency penalty."""
+
+    name = "factor"
+    params_type = FactorParams
+    params: FactorParams
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__(config)
+        if self.params.anneal_epochs > config.epochs:
+            raise ValueError(
+                f"anneal_epochs={self.params.anneal_epochs} exceeds epochs={config.epochs}"
+            )
+        self._coverage: np.ndarray | None = None  # float64 (M,) c_j, once codes were seen
+        self._selected_total = 0  # S_t: samples selected in committed epochs
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        """The validated schedule."""
+        assert isinstance(self.params.schedule, ScheduleConfig)
+        return self.params.schedule
+
+    def _annealing(self, epoch: int) -> bool:
+        return epoch >= self.config.epochs - self.params.anneal_epochs
+
+    # ----------------------------------------------------------------- coordinator side
+    def plan(self, num_samples: int) -> list[int]:
+        m = epoch_size(self.config.ratio, num_samples)
+        return [num_samples if self._annealing(t) else m for t in range(self.config.epochs)]
+
+    def context(self, epoch: int, partials: list[dict], ctx: dict | None = None) -> dict:
+        out = super().context(epoch, partials, ctx)
+        out["lambda"] = lambda_at(epoch, self.config.epochs, self.schedule)
+        out["anneal"] = self._annealing(epoch)
+        if self.params.class_quotas and not out["anneal"]:
+            width = max(len(p["class_counts"]) for p in partials)
+            counts = np.zeros(width, dtype=np.int64)
+            for p in partials:
+                counts[: len(p["class_counts"])] += p["class_counts"]
+            out["quotas"] = largest_remainder(out["size"], counts).tolist()
+        if self.params.dynamic_coverage:
+            out["coverage"] = self._coverage
+            out["selected_total"] = self._selected_total
+        return out
+
+    def stages(self, epoch: int, ctx: dict) -> list[Stage]:
+        if ctx["anneal"]:
+            return [Stage("all", ctx["size"])]
+        if "quotas" in ctx:
+            return [Stage(f"class:{c}", int(q)) for c, q in enumerate(ctx["quotas"]) if q > 0]
+        return [Stage("main", ctx["size"])]
+
+    def absorb(self, epoch: int, partials: list[dict]) -> None:
+        self._selected_total += int(sum(p["selected"] for p in partials))
+        counts = [p["unit_counts"] for p in partials if "unit_counts" in p]
+        if counts:
+            total = np.sum(counts, axis=0).astype(np.float64)
+            self._coverage = total if self._coverage is None else self._coverage + total
+
+    def epoch_stats(self, epoch: int, ctx: dict, partials: list[dict]) -> dict:
+        size = sum(p["count"] for p in partials)
+        mag_b = sum(p["abs_base"] for p in partials)
+        mag_p = sum(p["abs_penalty"] for p in partials)
+        out = {
+            "lambda": ctx["lambda"],
+            "mean_R": sum(p["sum_R"] for p in partials) / size if size else None,
+            "mean_D": sum(p["sum_D"] for p in partials) / size if size else None,
+            "penalty_share": mag_p / (mag_b + mag_p) if mag_b + mag_p > 0 else 0.0,
+            "factor_coverage": None,
+        }
+        units = [p for p in partials if "unit_counts" in p]
+        if units:
+            c = np.sum([p["unit_counts"] for p in units], axis=0).astype(np.float64)
+            if self._coverage is not None:
+                c = c + self._coverage
+            live = int(units[0]["live_units"])
+            out["factor_coverage"] = float(np.count_nonzero(c)) / live if live else None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"coverage": self._coverage, "selected_total": self._selected_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        cov = state.get("coverage")
+        self._coverage = None if cov is None else np.asarray(cov, dtype=np.float64).copy()
+        self._selected_total = int(state["selected_total"])
+
+    # ----------------------------------------------------------------- shard side
+    def local_stats(
+        self, epoch: int, data: ShardData, counters: dict[str, np.ndarray], ctx: dict | None
+    ) -> dict:
+        if data.R is None or data.D is None:
+            raise ValueError("policy 'factor' needs R and D in the shard data")
+        if self.params.dynamic_coverage and (data.code_ids is None or data.p is None):
+            raise ValueError("dynamic_coverage needs code ids/values and p in the shard data")
+        if self.params.class_quotas:
+            if data.labels is None:
+                raise ValueError("class_quotas needs labels in the shard data")
+            return {"class_counts": np.bincount(data.labels)}
+        return {}
+
+    def _diversity(self, ctx: dict, data: ShardData, idx: np.ndarray | None) -> np.ndarray:
+        """D_i(t) for the local positions idx (all when None), float64."""
+        assert data.D is not None
+        D = data.D if idx is None else data.D[idx]
+        total = ctx.get("selected_total", 0)
+        if not self.params.dynamic_coverage or not total or ctx.get("coverage") is None:
+            return D
+        assert data.code_ids is not None and data.code_values is not None and data.p is not None
+        ids = data.code_ids if idx is None else data.code_ids[idx]  # (n, k)
+        vals = (data.code_values if idx is None else data.code_values[idx]).astype(np.float32)
+        np.maximum(vals, 0, out=vals)
+        p = np.asarray(data.p, dtype=np.float64)  # (M,)
+        expected = p * total
+        rho = np.divide(ctx["coverage"], expected, out=np.zeros_like(p), where=expected > 0)
+        g = (1.0 / (1.0 + rho)).astype(np.float32)  # (M,)
+        mass = vals.sum(axis=1)  # (n,)
+        h = (vals * g[ids]).sum(axis=1)  # (n,)
+        h = np.divide(h, mass, out=np.ones_like(h), where=mass > 0)
+        return D * h.astype(np.float64)
+
+    def _parts(
+        self,
+        epoch: int,
+        ctx: dict,
+        data: ShardData,
+        counters: dict[str, np.ndarray],
+        idx: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, penalty) float64 at local positions idx (all when None); penalty None if gamma = 0.
+
+        Score = B - penalty (the penalty is in score units for both forms).
+        """
+        assert data.R is not None
+        lam = float(ctx["lambda"])
+        R = data.R if idx is None else data.R[idx]
+        B = np.multiply(R, 1.0 - lam)
+        tmp = np.multiply(self._diversity(ctx, data, idx), lam)
+        B += tmp
+        gamma = self.params.gamma
+        if gamma == 0:
+            return B, None
+        u = counters["usage"] if idx is None else counters["usage"][idx]
+        if self.params.penalty == "additive":
+            np.multiply(u, gamma / max(epoch, 1), out=tmp)
+        else:
+            np.multiply(u, -gamma / (self.config.ratio * epoch + 1.0), out=tmp)
+            np.expm1(tmp, out=tmp)
+            np.multiply(tmp, B, out=tmp)
+            np.negative(tmp, out=tmp)
+        return B, tmp
+
+    def local_scores(
+        self, stage: Stage, epoch: int, ctx: dict, data: ShardData, counters: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        if stage.key == "all":
+            return np.zeros(data.n)
+        s, pen = self._parts(epoch, ctx, data, counters, None)
+        if pen is not None:
+            s -= pen
+        if self.params.sampling == "gumbel" and self.params.tau > 0:
+            gidx = np.arange(data.lo, data.hi, dtype=np.int64)
+            s += self.params.tau * gumbel(self.config.seed, epoch, STREAM_GUMBEL, gidx)
+        if stage.key.startswith("class:"):
+            assert data.labels is not None
+            s[data.labels != int(stage.key.split(":", 1)[1])] = -np.inf
+        return s
+
+    def _unit_counts(self, data: ShardData, selected_local: np.ndarray) -> dict:
+        if data.code_ids is None or data.code_values is None or data.p is None:
+            return {}
+        ids = data.code_ids[selected_local]  # (m_s, k)
+        active = data.code_values[selected_local] > 0
+        counts = np.bincount(ids[active].ravel(), minlength=data.p.shape[0])
+        return {"unit_counts": counts.astype(np.int64)}
+
+    def selection_partials(
+        self,
+        epoch: int,
+        ctx: dict,
+        data: ShardData,
+        counters: dict[str, np.ndarray],
+        selected_local: np.ndarray,
+    ) -> dict:
+        assert data.R is not None and data.D is not None
+        B, pen = self._parts(epoch, ctx, data, counters, selected_local)
+        out = {
+            "count": int(selected_local.shape[0]),
+            "sum_R": float(data.R[selected_local].sum()),
+            "sum_D": float(data.D[selected_local].sum()),
+            "abs_base": float(np.abs(B).sum()),
+            "abs_penalty": 0.0 if pen is None else float(np.abs(pen).sum()),
+        }
+        out.update(self._unit_counts(data, selected_local))
+        if "unit_counts" in out:
+            assert data.p is not None
+            out["live_units"] = int(np.count_nonzero(data.p > 0))
+        return out
+
+    def commit(
+        self,
+        epoch: int,
+        ctx: dict,
+        data: ShardData,
+        counters: dict[str, np.ndarray],
+        selected_local: np.ndarray,
+    ) -> dict:
+        return {"selected": int(selected_local.shape[0]), **self._unit_counts(data, selected_local)}

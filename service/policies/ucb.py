@@ -1,0 +1,105 @@
+"""``ucb``: upper-confidence-bound selection on an EMA of per-sample loss feedback.
+
+Samples without feedback yet come first (stage ``unseen``, random order by uniform01(seed, t, i));
+the rest of the epoch (stage ``ucb``) is the top by ema_i + c sqrt(log(t + 1) / (n_i + 1)), n_i
+the number of losses received for i. EMA: the first loss sets it, later ones
+ema <- (1 - alpha) ema + alpha loss. Within one feedback call a repeated index counts once (the
+last value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.policies.base import Policy, Stage, check_losses
+from service.selection.hashing import STREAM_RANDOM, uniform01
+from workers.selection_shard import ShardData
+
+__all__ = ["UCBParams", "UCBPolicy", "ema_counters", "ema_feedback"]
+
+
+@dataclass(frozen=True)
+class UCBParams:
+    """Options of the ``ucb`` policy."""
+
+    alpha: float = 0.5
+    """EMA weight of the newest loss, in (0, 1]."""
+    c: float = 1.0
+    """Exploration bonus scale, >= 0."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} outside (0, 1]")
+        if not self.c >= 0:
+            raise ValueError(f"c={self.c} must be >= 0")
+
+
+def ema_counters(n: int) -> dict[str, np.ndarray]:
+    """Per-sample loss EMA (float64 (n,)) and feedback count (int32 (n,))."""
+    return {"ema": np.zeros(n), "seen": np.zeros(n, dtype=np.int32)}
+
+
+def ema_feedback(
+    counters: dict[str, np.ndarray], local_idx: np.ndarray, losses: np.ndarray, alpha: float
+) -> None:
+    """Fold losses into the EMA counters (first loss sets the EMA)."""
+    check_losses(local_idx, losses)
+    ema, seen = counters["ema"], counters["seen"]
+    old = ema[local_idx]
+    ema[local_idx] = np.where(seen[local_idx] > 0, (1.0 - alpha) * old + alpha * losses, losses)
+    seen[local_idx] += 1
+
+
+def random_scores(seed: int, epoch: int, data: ShardData, eligible: np.ndarray) -> np.ndarray:
+    """uniform01(seed, epoch, random stream, i) where eligible, -inf elsewhere (float64 (n,))."""
+    s = uniform01(seed, epoch, STREAM_RANDOM, np.arange(data.lo, data.hi, dtype=np.int64))
+    s[~eligible] = -np.inf
+    return s
+
+
+class UCBPolicy(Policy):
+    """Loss EMA plus a count-based exploration bonus."""
+
+    name = "ucb"
+    needs_feedback = True
+    params_type = UCBParams
+    params: UCBParams
+
+    def context(self, epoch: int, partials: list[dict], ctx: dict | None = None) -> dict:
+        out = super().context(epoch, partials, ctx)
+        out["unseen"] = int(sum(p["unseen"] for p in partials))
+        return out
+
+    def stages(self, epoch: int, ctx: dict) -> list[Stage]:
+        first = min(int(ctx["size"]), ctx["unseen"])
+        return [Stage("unseen", first), Stage("ucb", int(ctx["size"]) - first)]
+
+    def init_counters(self, n: int) -> dict[str, np.ndarray]:
+        return ema_counters(n)
+
+    def local_stats(
+        self, epoch: int, data: ShardData, counters: dict[str, np.ndarray], ctx: dict | None
+    ) -> dict:
+        return {"unseen": int(np.count_nonzero(counters["seen"] == 0))}
+
+    def local_scores(
+        self, stage: Stage, epoch: int, ctx: dict, data: ShardData, counters: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        seen = counters["seen"]
+        if stage.key == "unseen":
+            return random_scores(self.config.seed, epoch, data, seen == 0)
+        bonus = np.sqrt(np.log(epoch + 1.0) / (seen + 1.0))
+        s = counters["ema"] + self.params.c * bonus
+        s[seen == 0] = -np.inf
+        return s
+
+    def feedback(
+        self,
+        data: ShardData,
+        counters: dict[str, np.ndarray],
+        local_idx: np.ndarray,
+        losses: np.ndarray,
+    ) -> None:
+        ema_feedback(counters, local_idx, losses, self.params.alpha)

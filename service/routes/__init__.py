@@ -1,0 +1,67 @@
+"""HTTP routes, one router per resource, and the dependencies they share.
+
+Routes stay thin: they validate and convert the request, call the ``Backend``, and shape the
+answer. Errors are raised as ``service.errors`` exceptions; the app turns them into
+``{"error": {"code", "message"}}`` answers.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from service.backend import Backend
+from service.errors import Unauthorized
+from service.metrics import Metrics
+from service.settings import Settings
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+"""Job ids are path-safe: letters, digits, ``_`` and ``-``."""
+
+
+def get_backend(request: Request) -> Backend:
+    """The app's Backend (``app.state.backend``)."""
+    backend: Backend = request.app.state.backend
+    return backend
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's Settings (``app.state.settings``)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The app's metrics registry (``app.state.metrics``)."""
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def require_token(request: Request) -> None:
+    """Check ``Authorization: Bearer <token>`` in constant time when a token is configured.
+
+    Raises
+    ------
+    Unauthorized
+        When the header is missing, malformed, or carries another token.
+    """
+    token = get_settings(request).token
+    if token is None:
+        return
+    header = request.headers.get("authorization")
+    if header is None:
+        raise Unauthorized("missing Authorization header; send 'Authorization: Bearer <token>'")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("malformed Authorization header; expected 'Bearer <token>'")
+    if not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise Unauthorized("invalid API token")
+
+
+BackendDep = Annotated[Backend, Depends(get_backend)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="job id")]
+Epoch = Annotated[int, Path(ge=0, le=10_000_000, description="epoch t, 0-based")]

@@ -1,0 +1,96 @@
+"""``/v1/jobs``: create, list, inspect, plan and delete jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response, status
+
+from service.backend import JobStatus, Plan
+from service.models import (
+    EpochPlanModel,
+    ErrorModel,
+    JobListModel,
+    JobSpecModel,
+    JobStatusModel,
+    PlanModel,
+    ProgressModel,
+)
+from service.routes import BackendDep, JobId, SettingsDep, require_token
+from service.specs import job_spec_from_model
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorModel, "description": "invalid value or malformed body"},
+    401: {"model": ErrorModel, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorModel, "description": "unknown job"},
+    409: {"model": ErrorModel, "description": "job not ready"},
+}
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
+
+
+def status_model(s: JobStatus) -> JobStatusModel:
+    """The wire form of a backend ``JobStatus``."""
+    return JobStatusModel(
+        id=s.id,
+        name=s.name,
+        phase=s.phase,  # type: ignore[arg-type]
+        progress=ProgressModel(done=s.progress[0], total=s.progress[1]),
+        num_samples=s.num_samples,
+        epochs_committed=s.epochs_committed,
+        error=s.error,
+    )
+
+
+def plan_model(plan: Plan, world_size: int) -> PlanModel:
+    """The wire form of a backend ``Plan``."""
+    return PlanModel(
+        world_size=world_size,
+        epochs=[EpochPlanModel(epoch=e, size=n, per_rank=p) for e, n, p in plan.epochs],
+        sample_fraction=plan.sample_fraction,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobStatusModel,
+    responses=ERRORS,
+)
+async def create_job(
+    body: JobSpecModel, backend: BackendDep, settings: SettingsDep, response: Response
+) -> JobStatusModel:
+    """Register a job; scoring starts on the cluster. Answers 202 with its id and phase."""
+    spec = job_spec_from_model(body, settings)
+    created = await backend.create_job(spec)
+    response.headers["Location"] = f"/v1/jobs/{created.id}"
+    return status_model(created)
+
+
+@router.get("", response_model=JobListModel, responses=ERRORS)
+async def list_jobs(backend: BackendDep) -> JobListModel:
+    """Status of every job."""
+    return JobListModel(jobs=[status_model(s) for s in await backend.list_jobs()])
+
+
+@router.get("/{job_id}", response_model=JobStatusModel, responses=ERRORS)
+async def get_job(job_id: JobId, backend: BackendDep) -> JobStatusModel:
+    """One job's phase, progress, samples, epochs committed and error."""
+    return status_model(await backend.get_job(job_id))
+
+
+@router.get("/{job_id}/plan", response_model=PlanModel, responses=ERRORS)
+async def get_plan(
+    job_id: JobId,
+    backend: BackendDep,
+    world_size: Annotated[int, Query(ge=1, le=65536, description="number of ranks W")] = 1,
+) -> PlanModel:
+    """Every epoch's size and per-rank length for W ranks, and the realized sample fraction."""
+    return plan_model(await backend.plan(job_id, world_size), world_size)
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
+async def delete_job(job_id: JobId, backend: BackendDep) -> Response:
+    """Drop a job and its stored state."""
+    await backend.delete_job(job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,118 @@
+"""Counter-based hashing of (seed, epoch, stream, global index).
+
+Every per-sample random draw in selection (tie-breaks, Gumbel noise, the random baselines'
+choices) is a pure function of ``(seed, epoch, stream, global index)``, so a result never depends
+on how many shards hold the data or in which order they are visited. The generator is splitmix64:
+the key ``(seed, epoch, stream)`` is mixed into a 64-bit state and sample ``i`` gets the ``i``-th
+output of that stream, computed with wrapping uint64 arithmetic in numpy.
+
+Example:
+    >>> import numpy as np
+    >>> h = hash_u64(0, 3, STREAM_TIEBREAK, np.arange(4))
+    >>> h.dtype, h.shape
+    (dtype('uint64'), (4,))
+    >>> bool((hash_u64(0, 3, STREAM_TIEBREAK, np.array([2])) == h[2]).all())
+    True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "STREAM_GUMBEL",
+    "STREAM_PRUNE",
+    "STREAM_RANDOM",
+    "STREAM_TIEBREAK",
+    "gumbel",
+    "hash_u64",
+    "stream_key",
+    "uniform01",
+]
+
+STREAM_TIEBREAK = 1
+"""Stream of the tie-break of equal scores."""
+STREAM_GUMBEL = 2
+"""Stream of the Gumbel noise of ``factor`` with ``sampling="gumbel"``."""
+STREAM_RANDOM = 3
+"""Stream of the random baselines' choices (static_random, rs2, exploration)."""
+STREAM_PRUNE = 4
+"""Stream of infobatch's pruning draws."""
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_C1 = 0xBF58476D1CE4E5B9
+_C2 = 0x94D049BB133111EB
+
+
+def _mix_int(x: int) -> int:
+    """splitmix64 finalizer on a Python int (taken modulo 2**64)."""
+    z = (x + _GOLDEN) & _MASK
+    z = ((z ^ (z >> 30)) * _C1) & _MASK
+    z = ((z ^ (z >> 27)) * _C2) & _MASK
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, epoch: int, stream: int) -> int:
+    """64-bit state of the stream ``(seed, epoch, stream)``.
+
+    Parameters
+    ----------
+    seed, epoch, stream:
+        Non-negative integers (taken modulo 2**64).
+
+    Returns
+    -------
+    int in [0, 2**64).
+    """
+    if seed < 0 or epoch < 0 or stream < 0:
+        raise ValueError(f"seed, epoch and stream must be >= 0, got {(seed, epoch, stream)}")
+    return _mix_int(_mix_int(_mix_int(seed & _MASK) ^ (epoch & _MASK)) ^ (stream & _MASK))
+
+
+def hash_u64(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """uint64 hash of every global index under the stream ``(seed, epoch, stream)``.
+
+    Parameters
+    ----------
+    seed, epoch, stream:
+        Non-negative integers naming the stream.
+    index:
+        Global sample indices, integer array of any shape (non-negative).
+
+    Returns
+    -------
+    uint64 array of ``index``'s shape: the splitmix64 output number ``index`` of the stream.
+    """
+    key = np.uint64(stream_key(seed, epoch, stream))
+    z = np.asarray(index).astype(np.uint64, copy=True)  # (N,)
+    z *= np.uint64(_GOLDEN)
+    z += key
+    t = np.right_shift(z, np.uint64(30))
+    z ^= t
+    z *= np.uint64(_C1)
+    np.right_shift(z, np.uint64(27), out=t)
+    z ^= t
+    z *= np.uint64(_C2)
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    return z
+
+
+def uniform01(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """float64 draws in [0, 1) from the top 53 bits of :func:`hash_u64` (same shape as index)."""
+    h = hash_u64(seed, epoch, stream, index)
+    h >>= np.uint64(11)
+    return h.astype(np.float64) * (1.0 / (1 << 53))
+
+
+def gumbel(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """Standard Gumbel draws ``-log(-log(u))`` with u in (0, 1) (same shape as index, float64)."""
+    h = hash_u64(seed, epoch, stream, index)
+    h >>= np.uint64(11)
+    u = (h.astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    np.log(u, out=u)
+    np.negative(u, out=u)
+    np.log(u, out=u)
+    np.negative(u, out=u)
+    return u

@@ -1,0 +1,54 @@
+"""Per-rank partition of an epoch order (DESIGN section 4).
+
+The order is padded to a multiple of the world size W by repeating its head (cyclically, like
+torch's DistributedSampler), and rank R takes positions R, R + W, ...; every rank gets the same
+length, so DDP never hangs on unequal lengths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["per_rank_length", "rank_indices"]
+
+
+def _check(world_size: int, rank: int | None = None) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    if rank is not None and not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} outside [0, {world_size})")
+
+
+def per_rank_length(size: int, world_size: int) -> int:
+    """Length of every rank's share of an epoch of ``size`` samples: ceil(size / world_size)."""
+    _check(world_size)
+    if size < 0:
+        raise ValueError(f"size={size} must be >= 0")
+    return -(-size // world_size)
+
+
+def rank_indices(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """The indices rank ``rank`` of ``world_size`` trains on.
+
+    Parameters
+    ----------
+    order:
+        int64 (m,) the epoch order.
+    rank, world_size:
+        ``0 <= rank < world_size``.
+
+    Returns
+    -------
+    int64 (per_rank_length(m, world_size),).
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> rank_indices(np.array([5, 6, 7]), 1, 2).tolist()
+    [6, 5]
+    """
+    _check(world_size, rank)
+    order = np.asarray(order, dtype=np.int64)
+    length = per_rank_length(order.shape[0], world_size)
+    padded = np.resize(order, length * world_size)  # repeats the head cyclically
+    return padded[rank::world_size]

@@ -1,0 +1,77 @@
+"""Exact top-m selection in O(N): argpartition, then only the boundary ties are ordered.
+
+Order: score descending, then tie-break descending, then position ascending. ``-inf`` marks an
+ineligible sample, which is never selected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["TiebreakSource", "top_m"]
+
+TiebreakSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
+"""Either a uint64 array (N,) of tie-breaks, or a function positions -> uint64 tie-breaks.
+
+The function form lets callers hash only the few positions that tie at the boundary."""
+
+
+def _tiebreak_at(tiebreak: TiebreakSource, pos: np.ndarray) -> np.ndarray:
+    if callable(tiebreak):
+        return np.asarray(tiebreak(pos), dtype=np.uint64)
+    return np.asarray(tiebreak, dtype=np.uint64)[pos]
+
+
+def top_m(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
+    """Positions of the m best samples by (score desc, tiebreak desc, position asc).
+
+    Parameters
+    ----------
+    scores:
+        float64 (N,); ``-inf`` = ineligible; NaN is not allowed.
+    tiebreak:
+        uint64 (N,) or a callable mapping an int64 position array to its uint64 tie-breaks.
+    m:
+        How many to select, ``0 <= m <= number of eligible samples``.
+
+    Returns
+    -------
+    int64 (m,) positions, in no particular order (callers sort or shuffle).
+
+    Raises
+    ------
+    ValueError
+        If m is negative or larger than the number of eligible (finite or +inf) scores.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> s = np.array([0.5, 0.9, 0.5, -np.inf])
+    >>> sorted(top_m(s, np.array([1, 0, 2, 3], dtype=np.uint64), 2).tolist())
+    [1, 2]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = scores.shape[0]
+    if m < 0 or m > n:
+        raise ValueError(f"m={m} outside [0, {n}]")
+    if m == 0:
+        return np.empty(0, dtype=np.int64)
+    kth = n - m
+    part = np.argpartition(scores, kth)  # (N,): part[kth:] holds the m largest
+    v = scores[part[kth]]  # the m-th largest score
+    if v == -np.inf:
+        eligible = int(np.count_nonzero(scores > -np.inf))
+        raise ValueError(f"m={m} exceeds the {eligible} eligible samples")
+    if np.isnan(v):
+        raise ValueError("scores contain NaN")
+    head = part[kth:]  # (m,)
+    above = head[scores[head] > v]
+    need = m - above.shape[0]
+    ties = np.flatnonzero(scores == v)  # every position holding the boundary value, ascending
+    if ties.shape[0] > need:
+        tb = _tiebreak_at(tiebreak, ties)
+        order = np.lexsort((ties, ~tb))  # tiebreak desc, then position asc
+        ties = ties[order[:need]]
+    return np.concatenate([above.astype(np.int64, copy=False), ties.astype(np.int64, copy=False)])

@@ -1,0 +1,254 @@
+"""The persistent job store of DESIGN 7, on top of ``workers.storage.Storage``.
+
+Layout under the store root (a local directory or any pyarrow filesystem URI)::
+
+    jobs/{job_id}/spec.json              the JobSpec (JobSpec.to_dict), written once
+    jobs/{job_id}/state.json             JobState: last committed epoch, seeds, phase, extra
+    jobs/{job_id}/epochs/{t:06d}.npy     int64 (size,): epoch t's indices in serving order
+    jobs/{job_id}/feedback/{t:06d}.npz   indices int64 (n,), losses float32 (n,) of epoch t
+    jobs/{job_id}/...                    scoring outputs (``job_storage(job_id)``)
+    data/                                datasets prepared for this store
+
+Every write is atomic (temporary name, then move), so a restarted service sees either the old or
+the new file, never a torn one. Writing an epoch that is already stored with different indices
+raises: a served epoch never changes.
+
+Example:
+    >>> import tempfile
+    >>> store = JobStore(tempfile.mkdtemp())
+    >>> store.write_epoch("job-1", 0, np.array([3, 1, 2]))
+    >>> store.read_epoch("job-1", 0).tolist(), store.committed_epochs("job-1")
+    ([3, 1, 2], [0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.errors import UnknownJob
+from service.specs import JobSpec
+from workers.storage import Storage
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+"""Job ids are path-safe: letters, digits, ``_`` and ``-``."""
+
+
+def new_job_id(name: str) -> str:
+    """A fresh job id: a slug of ``name`` plus 10 hex chars of a uuid4 (ids need no seed)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:40] or "job"
+    return f"{slug}-{uuid.uuid4().hex[:10]}"
+
+
+def check_job_id(job_id: str) -> str:
+    """Return ``job_id`` or raise UnknownJob when it is not a valid (path-safe) id."""
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise UnknownJob(f"invalid job id {job_id!r}: letters, digits, '_' and '-' only")
+    return job_id
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What a restarted service needs to resume a job; stored as ``state.json``."""
+
+    last_committed_epoch: int = -1
+    """Highest epoch whose selection was committed; -1 before the first."""
+    seed: int = 0
+    """The policy's seed (every random draw derives from (seed, epoch, index))."""
+    phase: str = "pending"
+    """Job phase when the state was written (see ``service.backend.PHASES``)."""
+    num_samples: int | None = None
+    """Dataset rows, once known."""
+    error: str | None = None
+    """Failure message for phase ``failed``."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """JSON-ready policy/coordinator state (e.g. ``Policy.state_dict`` scalars)."""
+
+    def __post_init__(self) -> None:
+        if self.last_committed_epoch < -1:
+            raise ValueError(f"last_committed_epoch must be >= -1, got {self.last_committed_epoch}")
+        if self.num_samples is not None and self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobState:
+        """Inverse of ``to_dict``; unknown keys (from newer versions) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class JobStore:
+    """Jobs under one storage root. Methods are synchronous and cheap except epoch I/O.
+
+    Parameters
+    ----------
+    root:
+        Store root path or URI, or an existing ``Storage``.
+    """
+
+    def __init__(self, root: str | Storage) -> None:
+        self.storage = root if isinstance(root, Storage) else Storage(root)
+        self._jobs = self.storage.child("jobs")
+
+    def __repr__(self) -> str:
+        return f"JobStore({self.storage.root!r})"
+
+    # -- jobs --------------------------------------------------------------------------------
+    def job_storage(self, job_id: str) -> Storage:
+        """The job's directory, for scoring outputs (features, SAE, shards...)."""
+        return self._jobs.child(check_job_id(job_id))
+
+    def data_storage(self) -> Storage:
+        """``{root}/data``: datasets prepared for this store."""
+        return self.storage.child("data")
+
+    def create_job(self, job_id: str, spec: JobSpec, state: JobState | None = None) -> None:
+        """Write a new job's spec and initial state.
+
+        Raises
+        ------
+        ValueError
+            When a job with that id already exists.
+        """
+        js = self.job_storage(job_id)
+        if js.exists("spec.json"):
+            raise ValueError(f"job {job_id!r} already exists in {self!r}")
+        js.write_json("state.json", (state or JobState(seed=_policy_seed(spec))).to_dict())
+        js.write_json("spec.json", spec.to_dict())  # written last: marks the job as created
+
+    def has_job(self, job_id: str) -> bool:
+        """Whether the job exists (its spec was written)."""
+        try:
+            return self.job_storage(job_id).exists("spec.json")
+        except UnknownJob:
+            return False
+
+    def list_jobs(self) -> list[str]:
+        """Ids of every stored job, sorted."""
+        return [j for j in self._jobs.list_dir() if JOB_ID_RE.match(j) and self.has_job(j)]
+
+    def read_spec(self, job_id: str) -> JobSpec:
+        """The job's spec. Raises UnknownJob."""
+        return JobSpec.from_dict(self._read_json(job_id, "spec.json"))
+
+    def read_state(self, job_id: str) -> JobState:
+        """The job's state. Raises UnknownJob."""
+        return JobState.from_dict(self._read_json(job_id, "state.json"))
+
+    def write_state(self, job_id: str, state: JobState) -> None:
+        """Replace the job's state atomically. Raises UnknownJob."""
+        self._require(job_id).write_json("state.json", state.to_dict())
+
+    def delete_job(self, job_id: str) -> None:
+        """Drop the job and everything stored under it. Raises UnknownJob.
+
+        The spec goes first, so a crash midway leaves no half-deleted job that looks alive.
+        """
+        js = self._require(job_id)
+        js.delete("spec.json")
+        self._jobs.delete(job_id)
+
+    # -- epochs ------------------------------------------------------------------------------
+    def write_epoch(self, job_id: str, epoch: int, indices: np.ndarray) -> None:
+        """Store epoch ``epoch``'s indices int64 (size,) in serving order.
+
+        Idempotent: writing the same indices again is a no-op.
+
+        Raises
+        ------
+        ValueError
+            When the epoch is already stored with different indices, or ``epoch < 0``.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        idx = np.ascontiguousarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"epoch indices must be 1-D, got shape {idx.shape}")
+        old = self.read_epoch(job_id, epoch)
+        if old is not None:
+            if not np.array_equal(old, idx):
+                raise ValueError(f"epoch {epoch} of job {job_id!r} is already stored differently")
+            return
+        self.job_storage(job_id).write_npy(_epoch_rel(epoch), idx)
+
+    def read_epoch(self, job_id: str, epoch: int) -> np.ndarray | None:
+        """Epoch ``epoch``'s indices int64 (size,), or None when not stored."""
+        js = self.job_storage(job_id)
+        rel = _epoch_rel(epoch)
+        if epoch < 0 or not js.exists(rel):
+            return None
+        return js.read_npy(rel).astype(np.int64, copy=False)
+
+    def committed_epochs(self, job_id: str) -> list[int]:
+        """Sorted epochs stored for the job."""
+        names = self.job_storage(job_id).list_dir("epochs")
+        return sorted(int(n[:-4]) for n in names if n.endswith(".npy") and n[:-4].isdigit())
+
+    # -- feedback ----------------------------------------------------------------------------
+    def append_feedback(
+        self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
+    ) -> int:
+        """Merge per-sample losses into ``feedback/{epoch:06d}.npz``; returns its sample count.
+
+        Several ranks post for one epoch; a sample sent again keeps its latest loss, so a
+        retried request changes nothing. indices int64 (n,), losses float32 (n,).
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        val = np.asarray(losses, dtype=np.float32).reshape(-1)
+        if idx.shape != val.shape:
+            raise ValueError(f"indices and losses differ in length: {idx.shape} vs {val.shape}")
+        old = self.read_feedback(job_id, epoch)
+        if old is not None:
+            idx = np.concatenate([old[0], idx])
+            val = np.concatenate([old[1], val])
+        # keep the last occurrence of each index: unique over the reversed arrays
+        _, first_rev = np.unique(idx[::-1], return_index=True)
+        keep = len(idx) - 1 - first_rev  # ascending index order
+        self.job_storage(job_id).write_npz(
+            _feedback_rel(epoch), indices=idx[keep], losses=val[keep]
+        )
+        return int(keep.shape[0])
+
+    def read_feedback(self, job_id: str, epoch: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(indices int64 (n,), losses float32 (n,)) sorted by index, or None."""
+        js = self.job_storage(job_id)
+        rel = _feedback_rel(epoch)
+        if not js.exists(rel):
+            return None
+        z = js.read_npz(rel)
+        return z["indices"].astype(np.int64), z["losses"].astype(np.float32)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _require(self, job_id: str) -> Storage:
+        js = self.job_storage(job_id)
+        if not js.exists("spec.json"):
+            raise UnknownJob(f"no job {job_id!r}")
+        return js
+
+    def _read_json(self, job_id: str, rel: str) -> Any:
+        js = self._require(job_id)
+        try:
+            return js.read_json(rel)
+        except FileNotFoundError as exc:
+            raise UnknownJob(f"job {job_id!r} has no {rel}") from exc
+
+
+def _epoch_rel(epoch: int) -> str:
+    return f"epochs/{epoch:06d}.npy"
+
+
+def _feedback_rel(epoch: int) -> str:
+    return f"feedback/{epoch:06d}.npz"
+
+
+def _policy_seed(spec: JobSpec) -> int:
+    return int(getattr(spec.policy, "seed", 0))

@@ -1,0 +1,222 @@
+"""Selection engine: sharding never changes an epoch, state round-trips, commits are idempotent."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.policies import POLICIES, PolicyConfig, make_policy
+from service.selection.engine import EpochResult, SelectionEngine, SingleProcessSelector
+from service.selection.partition import per_rank_length, rank_indices
+from service.selection.threshold import local_broadcast
+from workers.selection_shard import SelectionShard, ShardData
+
+N = 240
+EPOCHS = 6
+
+VARIANTS = [(name, {}) for name in sorted(POLICIES)] + [
+    ("factor", {"sampling": "gumbel", "tau": 0.2}),
+    ("factor", {"class_quotas": True, "penalty": "multiplicative"}),
+    ("factor", {"dynamic_coverage": True, "anneal_epochs": 1}),
+    ("factor", {"gamma": 0.0, "schedule": "constant"}),
+]
+
+
+def full_data(seed: int = 0, n: int = N) -> ShardData:
+    rng = np.random.default_rng(seed)
+    units, k = 32, 3
+    ids = np.stack([rng.choice(units, k, replace=False) for _ in range(n)]).astype(np.int32)
+    values = (rng.random((n, k)) + 0.05).astype(np.float16)
+    return ShardData(
+        0,
+        n,
+        R=rng.integers(0, 6, n) / 5.0,  # heavy ties exercise the tie-break paths
+        D=rng.random(n).round(1),
+        labels=rng.integers(0, 3, n),
+        code_ids=ids,
+        code_values=values,
+        p=np.bincount(ids.ravel(), minlength=units) / n,
+    )
+
+
+def split(data: ShardData, bounds: list[int]) -> list[ShardData]:
+    def part(arr: np.ndarray | None, a: int, b: int) -> np.ndarray | None:
+        return None if arr is None else arr[a:b]
+
+    return [
+        ShardData(
+            a,
+            b,
+            R=part(data.R, a, b),
+            D=part(data.D, a, b),
+            labels=part(data.labels, a, b),
+            code_ids=part(data.code_ids, a, b),
+            code_values=part(data.code_values, a, b),
+            p=data.p,
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def engine_over(
+    name: str, params: dict, bounds: list[int], *, seed: int = 0, bins: int = 4, cap: int = 5
+) -> SelectionEngine:
+    policy = make_policy(PolicyConfig(name, 0.3, EPOCHS, seed, params))
+    shards = [SelectionShard(d, policy) for d in split(full_data(), bounds)]
+    return SelectionEngine(policy, local_broadcast(shards), bins=bins, cap=cap)
+
+
+def drive(engine: SelectionEngine, epochs: range) -> list[EpochResult]:
+    out = []
+    for t in epochs:
+        r = engine.select(t)
+        engine.commit(t)
+        out.append(r)
+        if engine.policy.needs_feedback:
+            engine.feedback(r.indices, 1.0 + np.cos(r.indices * 0.11 + t))
+    return out
+
+
+def assert_same(a: list[EpochResult], b: list[EpochResult]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.epoch == y.epoch
+        assert np.array_equal(x.indices, y.indices)
+        assert (x.weights is None) == (y.weights is None)
+        if x.weights is not None:
+            assert np.array_equal(x.weights, y.weights)
+        assert x.stats["size"] == y.stats["size"]
+        assert x.stats["usage"] == y.stats["usage"]
+
+
+@pytest.mark.parametrize(("name", "params"), VARIANTS)
+def test_sharded_engine_equals_single_process(name: str, params: dict) -> None:
+    single = SingleProcessSelector(
+        make_policy(PolicyConfig(name, 0.3, EPOCHS, 0, params)), full_data()
+    )
+    expect = drive(single, range(EPOCHS))
+    for bounds in ([0, 1, 100, 101, 180, N], [0, 30, 60, 90, 120, 150, 180, 210, N]):
+        assert_same(drive(engine_over(name, params, bounds), range(EPOCHS)), expect)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, N), max_size=7),
+    variant=st.sampled_from(VARIANTS),
+    bins=st.sampled_from([2, 1024]),
+    cap=st.sampled_from([1, 65536]),
+)
+def test_any_sharding_gives_the_same_epochs(
+    cuts: list[int], variant: tuple[str, dict], bins: int, cap: int
+) -> None:
+    name, params = variant
+    bounds = sorted({0, N, *cuts})
+    one = drive(engine_over(name, params, [0, N]), range(3))
+    many = drive(engine_over(name, params, bounds, bins=bins, cap=cap), range(3))
+    assert_same(many, one)
+
+
+@pytest.mark.parametrize(("name", "params"), VARIANTS)
+def test_state_mid_run_continues_identically(name: str, params: dict) -> None:
+    straight = drive(engine_over(name, params, [0, 100, N]), range(EPOCHS))
+    first = engine_over(name, params, [0, 100, N])
+    drive(first, range(3))
+    state = first.state_dict()
+    for bounds in ([0, 100, N], [0, 7, 150, N], [0, N]):  # any sharding can load the state
+        fresh = engine_over(name, params, bounds)
+        fresh.load_state_dict(state)
+        assert_same(drive(fresh, range(3, EPOCHS)), straight[3:])
+
+
+def test_commit_is_idempotent_and_ordered() -> None:
+    engine = engine_over("factor", {}, [0, 120, N])
+    with pytest.raises(ValueError, match="not selected"):
+        engine.commit(0)
+    a = engine.select(0)
+    b = engine.select(0)  # repeating a selection before commit gives the same epoch
+    assert np.array_equal(a.indices, b.indices)
+    engine.commit(0)
+    usage = engine.state_dict()["shards"]
+    engine.commit(0)  # a repeated commit changes nothing
+    again = engine.state_dict()["shards"]
+    for x, y in zip(usage, again, strict=True):
+        assert np.array_equal(x["counters"]["usage"], y["counters"]["usage"])
+    assert sum(int(s["counters"]["usage"].sum()) for s in again) == a.indices.shape[0]
+    with pytest.raises(ValueError, match="next epoch is 1"):
+        engine.select(2)
+    with pytest.raises(ValueError, match="next epoch is 1"):
+        engine.select(0)
+    drive(engine, range(1, EPOCHS))
+    with pytest.raises(ValueError, match=f"outside \\[0, {EPOCHS}\\)"):
+        engine.select(EPOCHS)
+
+
+def test_shard_commit_is_idempotent_per_epoch() -> None:
+    policy = make_policy(PolicyConfig("rs2", 0.5, 3))
+    shard = SelectionShard(ShardData(0, 10, R=np.zeros(10), D=np.zeros(10)), policy)
+    engine = SelectionEngine(policy, [shard])
+    r = engine.select(0)
+    ctx = engine._pending[1]  # type: ignore[index]
+    assert shard.commit(0, ctx) == {}
+    assert shard.commit(0, ctx) is None
+    assert int(shard.counters["usage"].sum()) == r.indices.shape[0]
+
+
+def test_stats_track_coverage_and_usage() -> None:
+    engine = engine_over("rs2", {}, [0, 50, N])
+    results = drive(engine, range(EPOCHS))
+    total = 0
+    coverage = [r.stats["coverage"] for r in results]
+    for r in results:
+        total += r.indices.shape[0]
+        assert r.stats["usage"]["mean"] == pytest.approx(total / N)
+        assert r.stats["size"] == r.indices.shape[0]
+    assert all(b >= a for a, b in itertools.pairwise(coverage))
+    assert coverage[-1] == 1.0
+
+
+@pytest.mark.parametrize("world_size", range(1, 9))
+def test_partition_of_engine_epochs(world_size: int) -> None:
+    r = engine_over("factor", {}, [0, N]).select(0)
+    parts = [rank_indices(r.indices, k, world_size) for k in range(world_size)]
+    assert {p.shape[0] for p in parts} == {per_rank_length(r.indices.shape[0], world_size)}
+    assert set(np.concatenate(parts).tolist()) == set(r.indices.tolist())
+
+
+def test_shards_must_cover_the_range_in_order() -> None:
+    policy = make_policy(PolicyConfig("full", 0.5, 2))
+    parts = split(full_data(), [0, 100, N])
+    with pytest.raises(ValueError, match="cover"):
+        SelectionEngine(policy, [SelectionShard(d, policy) for d in parts[::-1]])
+    with pytest.raises(ValueError, match="lo=100"):
+        SingleProcessSelector(policy, parts[1])
+
+
+def test_shard_state_must_cover_the_shard() -> None:
+    policy = make_policy(PolicyConfig("full", 0.5, 2))
+    a, b = (SelectionShard(d, policy) for d in split(full_data(), [0, 100, N]))
+    with pytest.raises(ValueError, match="cover"):
+        b.load_state_dict([a.state_dict()])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"lo": 5, "hi": 2}, "hi=2"),
+        ({"lo": 0, "hi": 3, "R": np.zeros(4)}, "R has 4 rows"),
+        ({"lo": 0, "hi": 3, "code_ids": np.zeros((3, 2), dtype=np.int32)}, "together"),
+    ],
+)
+def test_shard_data_validation(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        ShardData(**kwargs)
+
+
+def test_nan_scores_are_refused() -> None:
+    data = ShardData(0, 4, R=np.array([0.1, np.nan, 0.3, 0.4]), D=np.zeros(4))
+    sel = SingleProcessSelector(make_policy(PolicyConfig("factor", 0.5, 2)), data)
+    with pytest.raises(ValueError, match="NaN"):
+        sel.step()

@@ -16,6 +16,7 @@ Usage: ``python benchmarks/selection_bench.py [--sizes 1e5,1e6,1e7,1e8] [--epoch
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -100,7 +101,7 @@ def bench_sharded(n: int, shards: int, epochs: int, expect: list[EpochResult] | 
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     parts = [
         SelectionShard(ShardData(int(a), int(b), R=R[a:b], D=D[a:b]), pol)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        for a, b in itertools.pairwise(bounds)
     ]
     engine = SelectionEngine(pol, local_broadcast(parts))
     times, results = time_epochs(engine, epochs)
@@ -153,7 +154,9 @@ def write_doc(rows: list[Row], skipped: list[str], path: Path, command: str, plo
         "linear in N.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, numpy {np.__version__}. Command: `{command}`.",
+        f"{platform.python_version()}, numpy {np.__version__}; load average at the end "
+        f"{os.getloadavg()[0]:.1f} (other jobs on the machine inflate the times). "
+        f"Command: `{command}`.",
         "",
         "| engine | N | epochs | median s/epoch | min s | ns/sample | protocol rounds |",
         "|---|---:|---:|---:|---:|---:|---:|",

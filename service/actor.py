@@ -120,11 +120,15 @@ class SelectionActorImpl:
         await asyncio.shield(self._started)
         return await self.manager.plan(job_id, world_size)
 
-    async def epoch_indices(self, job_id: str, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    async def epoch_indices(
+        self, job_id: str, epoch: int, rank: int, world_size: int
+    ) -> np.ndarray:
         await asyncio.shield(self._started)
         return await self.manager.epoch_indices(job_id, epoch, rank, world_size)
 
-    async def feedback(self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray) -> None:
+    async def feedback(
+        self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
+    ) -> None:
         await asyncio.shield(self._started)
         await self.manager.feedback(job_id, epoch, indices, losses)
 

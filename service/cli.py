@@ -37,7 +37,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(settings)
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202 - client import stays lazy
+def _client(args: argparse.Namespace):
     from client import SelectionClient
 
     return SelectionClient(args.url, token=os.environ.get("SAELECT_API_TOKEN"))
@@ -93,9 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--store", default=None, help="store root: a path or a pyarrow URI")
-    serve.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
     serve.add_argument(
-        "--insecure", action="store_true", default=None, help="allow a non-loopback bind without token"
+        "--address", default=None, help="Ray address (default: RAY_ADDRESS or local)"
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback bind without token",
     )
     serve.set_defaults(func=_cmd_serve)
 

@@ -49,7 +49,7 @@ class Job:
     id: str
     spec: JobSpec
     phase: str = "pending"
-    progress: Progress = Progress(0, 0)
+    progress: Progress = field(default_factory=lambda: Progress(0, 0))
     num_samples: int | None = None
     error: str | None = None
     scoring: Any = None
@@ -291,7 +291,9 @@ class JobManager:
         rel = f"epochs/{epoch:06d}.json"
         return js.read_json(rel) if js.exists(rel) else dict(fallback)
 
-    async def epoch_indices(self, job_id: str, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    async def epoch_indices(
+        self, job_id: str, epoch: int, rank: int, world_size: int
+    ) -> np.ndarray:
         if world_size < 1:
             raise InvalidRequest(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
@@ -393,4 +395,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-

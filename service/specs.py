@@ -24,11 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.features import FeatureSpec
-from workers.sae import SAEConfig
-
 from service.errors import InvalidRequest
 from service.policies import PolicyConfig, make_policy
+from workers.features import FeatureSpec
+from workers.sae import SAEConfig
 
 if TYPE_CHECKING:
     from service.models import JobSpecModel

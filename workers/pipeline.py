@@ -29,6 +29,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,7 +47,7 @@ from workers.factors import factor_counts, factor_frequencies
 from workers.features import FeatureSpec, make_extractor
 from workers.sae import SAEConfig, encode, save_sae
 from workers.sae_train import train_sae_distributed
-from workers.scores import ScoreConfig, diversity, rank_normalize, representativeness
+from workers.scores import ScoreConfig, rank_normalize, score_codes
 from workers.shard_actor import (
     EXTRACTOR_FILE,
     FACTORS_FILE,
@@ -127,7 +128,9 @@ class PipelineOptions:
 
     def __post_init__(self) -> None:
         if self.extractor_fit_samples < 1:
-            raise ValueError(f"extractor_fit_samples must be >= 1, got {self.extractor_fit_samples}")
+            raise ValueError(
+                f"extractor_fit_samples must be >= 1, got {self.extractor_fit_samples}"
+            )
         if self.sae_workers < 1:
             raise ValueError(f"sae_workers must be >= 1, got {self.sae_workers}")
         if self.sae_cpus_per_worker <= 0:
@@ -235,10 +238,14 @@ def _fit_extractor(spec: FeatureSpec, sample: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in extractor.state_dict().items()}
 
 
-def _sae_to_files(model: Any) -> dict[str, bytes]:
+def _sae_to_files(model: Any, config: SAEConfig) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="saelect-sae-") as tmp:
-        save_sae(model, tmp)
-        return {n: open(os.path.join(tmp, n), "rb").read() for n in SAE_FILES}
+        save_sae(model, tmp, config)
+        out = {}
+        for name in SAE_FILES:
+            with open(os.path.join(tmp, name), "rb") as f:
+                out[name] = f.read()
+        return out
 
 
 def score_single_process(
@@ -267,23 +274,18 @@ def score_single_process(
     state = _fit_extractor(feature_spec, _take(values, fit_idx))
     extractor = make_extractor(feature_spec)
     extractor.load_state_dict(state)
-    feats = np.asarray(extractor.transform(values), dtype=np.float32)  # (N, d)
+    feats = np.asarray(extractor.transform(values, progress=False), dtype=np.float32)  # (N, d)
     sae_idx = _sample_indices(
         n, _sae_train_count(sae_config, n), _sample_seed(sae_config.seed, _SAE_STREAM)
     )
     model = train_sae_distributed(feats[sae_idx], sae_config, num_workers=1, progress=False)
-    model = sae_from_files(_sae_to_files(model))  # the same round trip the shards see
+    model = sae_from_files(_sae_to_files(model, sae_config))  # the same round trip the shards see
     bs = opts.encode_batch_size
     parts = [encode(model, feats[s : s + bs], batch_size=bs) for s in range(0, n, bs)]
-    codes = SparseCodes(
-        np.concatenate([c.ids for c in parts]), np.concatenate([c.values for c in parts])
-    )
+    codes = SparseCodes.concat(parts)
     counts = factor_counts(codes, model.units)
     p = factor_frequencies(counts, n)
-    raw_r = representativeness(
-        codes, p, form=score_config.representativeness, quantile=score_config.quantile
-    )
-    raw_d = diversity(codes, p, form=score_config.diversity)
+    raw_r, raw_d = score_codes(codes, p, score_config)
     labels = None
     if label_column:
         labels = np.asarray(table[label_column].to_numpy(), dtype=np.int64)
@@ -501,9 +503,8 @@ def run_scoring(
             fit_idx = _gather_indices(
                 actors, opts.extractor_fit_samples, _sample_seed(sae_config.seed, _FIT_STREAM)
             )
-            sample = concat_values(
-                ray.get([a.take_raw.remote(ix) for a, ix in zip(actors, _split(fit_idx, plan))])
-            )
+            per_shard = zip(actors, _split(fit_idx, plan), strict=True)
+            sample = concat_values(ray.get([a.take_raw.remote(ix) for a, ix in per_shard]))
             extractor_state = _fit_extractor(feature_spec, sample)
             job_storage.write_npz(EXTRACTOR_FILE, **extractor_state)
         state_ref = ray.put(extractor_state)
@@ -525,11 +526,8 @@ def run_scoring(
             sae_idx = _gather_indices(
                 actors, _sae_train_count(sae_config, n), _sample_seed(sae_config.seed, _SAE_STREAM)
             )
-            feats = np.concatenate(
-                ray.get(
-                    [a.take_features.remote(ix) for a, ix in zip(actors, _split(sae_idx, plan))]
-                )
-            )
+            per_shard = zip(actors, _split(sae_idx, plan), strict=True)
+            feats = np.concatenate(ray.get([a.take_features.remote(ix) for a, ix in per_shard]))
             model = train_sae_distributed(
                 feats,
                 sae_config,
@@ -538,7 +536,7 @@ def run_scoring(
                 cpus_per_worker=opts.sae_cpus_per_worker,
                 progress=False,
             )
-            sae_files = _sae_to_files(model)
+            sae_files = _sae_to_files(model, sae_config)
             # the weights first, the config last: sae.json existing means the SAE is complete.
             for name in SAE_FILES:
                 job_storage.write_bytes(f"{SAE_DIR}/{name}", sae_files[name])
@@ -583,10 +581,8 @@ def run_scoring(
     except Exception as exc:
         message = _error_message(exc)
         state.doc["failed"] = {"phase": phase, "error": message}
-        try:
+        with contextlib.suppress(Exception):  # the original error matters more
             state.save()
-        except Exception:  # noqa: BLE001 - the original error matters more
-            pass
         for a in actors:
             ray.kill(a, no_restart=True)
         raise ScoringError(message, phase) from exc

@@ -235,12 +235,16 @@ class SelectionShard:
 
     def score_summary(self) -> tuple[int, int | None, int | None]:
         """(count, min key, max key) of the eligible scores; keys None when count is 0."""
-        keys = self._ensure_keys()
-        count = int(np.count_nonzero(keys))
-        if count == 0:
-            return 0, None, None
-        shifted = keys - np.uint64(1)  # ineligible 0 wraps to the largest value
-        return count, int(shifted.min()) + 1, int(keys.max())
+        if self._full_range is None:
+            keys = self._ensure_keys()
+            count = int(np.count_nonzero(keys))
+            if count == 0:
+                self._full_range = (0, 0, 0)
+            else:
+                shifted = keys - np.uint64(1)  # ineligible 0 wraps to the largest value
+                self._full_range = (count, int(shifted.min()) + 1, int(keys.max()))
+        count, kmin, kmax = self._full_range
+        return (count, kmin, kmax) if count else (0, None, None)
 
     def _window(self, klo: int, khi: int) -> np.ndarray:
         """int64 positions of eligible samples with key in [klo, khi] (cached, windows nest)."""
@@ -261,11 +265,10 @@ class SelectionShard:
         keys = self._ensure_keys()
         win = self._win
         cached = win is not None and win[0] <= klo and khi <= win[1]
-        if not cached and self._full_range is None:
-            count, kmin, kmax = self.score_summary()
-            self._full_range = (count, kmin or 0, kmax or 0)
-        count, kmin, kmax = self._full_range or (0, 0, 0)
-        if not cached and klo <= kmin and kmax <= khi:
+        self.score_summary()
+        assert self._full_range is not None
+        count, kmin, kmax = self._full_range
+        if not cached and count and klo <= kmin and kmax <= khi:
             # the window holds every eligible key: one vector pass, no positions
             d = np.maximum(keys, np.uint64(klo))  # ineligible (0) lands in bin 0
             d -= np.uint64(klo)

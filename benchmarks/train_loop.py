@@ -176,6 +176,43 @@ def train(
     TrainResult. For feedback-free policies ``total_steps == planned_steps`` unless the service
     served a different length than it planned, which the driver treats as an error.
     """
+    # Dropout draws from torch's global generator (nn.Dropout takes no generator): fork it,
+    # seed the fork from (seed, "dropout"), and restore the caller's state afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "dropout"))
+        return _train(
+            model=model,
+            x_train=x_train,
+            y_train=y_train,
+            x_test=x_test,
+            y_test=y_test,
+            selector=selector,
+            job=job,
+            epochs=epochs,
+            optim=optim,
+            augment=augment,
+            seed=seed,
+            send_feedback=send_feedback,
+            on_epoch=on_epoch,
+        )
+
+
+def _train(
+    *,
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    selector: Selector,
+    job: str,
+    epochs: int,
+    optim: OptimConfig,
+    augment: AugmentConfig | None,
+    seed: int,
+    send_feedback: bool,
+    on_epoch: Callable[[int, np.ndarray], None] | None,
+) -> TrainResult:
     t0 = time.perf_counter()
     plan = selector.plan(job, 1)
     select_s = time.perf_counter() - t0

@@ -35,6 +35,30 @@ def _error_from(resp: httpx.Response) -> SelectionError:
         return SelectionError(resp.status_code, f"http_{resp.status_code}", text)
 
 
+def _read_int64(resp: httpx.Response) -> np.ndarray:
+    """Stream a little-endian int64 body straight into one array: int64 (X-Saelect-Count,)."""
+    count = resp.headers.get(COUNT_HEADER)
+    if count is None or not count.isdigit():
+        data = resp.read()
+        if len(data) % 8:
+            raise SelectionError(resp.status_code, "bad_body", f"{len(data)} bytes is not int64s")
+        return np.frombuffer(data, dtype="<i8").astype(np.int64)
+    out = np.empty(int(count), dtype="<i8")  # one copy: socket chunks land in place
+    view = memoryview(out).cast("B")  # type: ignore[arg-type]
+    pos = 0
+    for chunk in resp.iter_bytes():
+        end = pos + len(chunk)
+        if end > view.nbytes:
+            raise SelectionError(resp.status_code, "bad_body", f"more than {count} indices sent")
+        view[pos:end] = chunk
+        pos = end
+    if pos != view.nbytes:
+        raise SelectionError(
+            resp.status_code, "truncated", f"expected {count} indices, received {pos // 8}"
+        )
+    return out.astype(np.int64, copy=False)
+
+
 class SelectionClient:
     """Talks to one saelect service.
 
@@ -113,16 +137,33 @@ class SelectionClient:
         json: Any = None,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
+        read: Callable[[httpx.Response], Any] | None = None,
+    ) -> Any:
+        """Send with retries; returns the read response, or ``read(response)`` when given
+        (``read`` consumes the streamed body of a 2xx answer)."""
         retryable: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
         if method in IDEMPOTENT:  # the server may have dropped the connection mid-request
             retryable += (httpx.RemoteProtocolError, httpx.ReadError)
         attempt = 0
         while True:
+            request = self._http.build_request(
+                method, path, params=params, json=json, content=content, headers=headers
+            )
             try:
-                resp = self._http.request(
-                    method, path, params=params, json=json, content=content, headers=headers
-                )
+                resp = self._http.send(request, stream=True)
+                try:
+                    if resp.status_code in RETRY_STATUSES and attempt < self.retries:
+                        pass  # retry below
+                    elif resp.status_code >= 400:
+                        resp.read()
+                        raise _error_from(resp)
+                    elif read is not None:
+                        return read(resp)
+                    else:
+                        resp.read()
+                        return resp
+                finally:
+                    resp.close()
             except retryable as exc:
                 if attempt >= self.retries:
                     raise SelectionError(
@@ -134,13 +175,6 @@ class SelectionClient:
                 raise SelectionError(0, "timeout", f"{method} {self.url}{path}: {exc!r}") from exc
             except httpx.TransportError as exc:
                 raise SelectionError(0, "transport_error", f"{method} {path}: {exc!r}") from exc
-            else:
-                if resp.status_code in RETRY_STATUSES and attempt < self.retries:
-                    pass  # retry below
-                elif resp.status_code >= 400:
-                    raise _error_from(resp)
-                else:
-                    return resp
             self._sleep(min(self.max_backoff, self.backoff * (2**attempt)))
             attempt += 1
 
@@ -205,18 +239,13 @@ class SelectionClient:
         if as_json:
             resp = self._request("GET", path, params=params, headers={"Accept": "application/json"})
             return np.asarray(resp.json()["indices"], dtype=np.int64)
-        resp = self._request(
-            "GET", path, params=params, headers={"Accept": "application/octet-stream"}
+        return self._request(  # type: ignore[no-any-return]
+            "GET",
+            path,
+            params=params,
+            headers={"Accept": "application/octet-stream"},
+            read=_read_int64,
         )
-        out = np.frombuffer(resp.content, dtype="<i8").astype(np.int64)
-        expected = resp.headers.get(COUNT_HEADER)
-        if expected is not None and int(expected) != out.shape[0]:
-            raise SelectionError(
-                resp.status_code,
-                "truncated",
-                f"expected {expected} indices, received {out.shape[0]}",
-            )
-        return out
 
     def feedback(
         self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,11 @@ class SelectionActorImpl:
     async def url(self) -> str:
         """The service URL, once the server listens (raises what stopped it otherwise)."""
         return await asyncio.shield(self._started)
+
+    async def info(self) -> dict[str, Any]:
+        """``{"url", "pid", "jobs"}`` of this actor instance (a restarted one has a new pid)."""
+        url = await asyncio.shield(self._started)
+        return {"url": url, "pid": os.getpid(), "jobs": len(await self.manager.list_jobs())}
 
     async def shutdown(self) -> None:
         """Stop serving and kill the jobs' shard actors (the store keeps everything)."""

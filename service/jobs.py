@@ -15,6 +15,9 @@ epoch is therefore what an uninterrupted run would have produced.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from service.selection.partition import per_rank_length, rank_indices
 from service.specs import JobSpec
 from service.store import JobState, JobStore, check_job_id, new_job_id
 from workers.scores import ScoreConfig
+from workers.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,15 @@ class JobManager:
         self.pipeline_options = pipeline_options
         self.progress_bar = progress_bar
         self._jobs: dict[str, Job] = {}
+        self._scoring_locks: dict[str, asyncio.Lock] = {}
+
+    def scoring_storage(self, key: str) -> Storage:
+        """Where the scoring outputs of every job with `scoring_key` ``key`` live.
+
+        Jobs that differ only in their policy (the A/B case) share one scoring: the second job
+        waits for the first and then loads its outputs instead of recomputing them.
+        """
+        return self.store.storage.child(f"scoring/{key}")
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def resume(self) -> list[str]:
@@ -151,20 +164,22 @@ class JobManager:
         from workers.pipeline import run_scoring
 
         spec = job.spec
+        key = scoring_key(spec)
         try:
-            result = await asyncio.to_thread(
-                run_scoring,
-                self.store.job_storage(job.id),
-                spec.dataset.uri,
-                spec.dataset.feature,
-                spec.dataset.label_column,
-                spec.sae,
-                getattr(spec, "scores", None) or ScoreConfig(),
-                on_progress=lambda ph, d, t: self._on_progress(job, ph, d, t),
-                progress_bar=self.progress_bar,
-                allowed_roots=self.allowed_roots,
-                options=self.pipeline_options,
-            )
+            async with self._scoring_locks.setdefault(key, asyncio.Lock()):
+                result = await asyncio.to_thread(
+                    run_scoring,
+                    self.scoring_storage(key),
+                    spec.dataset.uri,
+                    spec.dataset.feature,
+                    spec.dataset.label_column,
+                    spec.sae,
+                    _score_config(spec),
+                    on_progress=lambda ph, d, t: self._on_progress(job, _scoring_phase(ph), d, t),
+                    progress_bar=self.progress_bar,
+                    allowed_roots=self.allowed_roots,
+                    options=self.pipeline_options,
+                )
             if job.deleted:
                 await asyncio.to_thread(result.shutdown)
                 return
@@ -367,6 +382,34 @@ class JobManager:
                 await asyncio.to_thread(job.scoring.shutdown)
             self.store.delete_job(job_id)
             self._jobs.pop(job_id, None)
+            key = scoring_key(job.spec)
+            if not any(scoring_key(j.spec) == key for j in self._jobs.values()):
+                self.store.storage.delete(f"scoring/{key}")  # no other job uses this scoring
+
+
+def _score_config(spec: JobSpec) -> ScoreConfig:
+    return getattr(spec, "scores", None) or ScoreConfig()
+
+
+def scoring_key(spec: JobSpec) -> str:
+    """Content key of a job's scoring: dataset, features, labels, SAE and score config.
+
+    The policy is not part of it: jobs that A/B policies on the same data share one scoring.
+    """
+    doc = {
+        "uri": spec.dataset.uri,
+        "feature": dataclasses.asdict(spec.dataset.feature),
+        "label": spec.dataset.label_column,
+        "sae": {k: v for k, v in dataclasses.asdict(spec.sae).items() if k != "device"},
+        "scores": dataclasses.asdict(_score_config(spec)),
+    }
+    blob = json.dumps(doc, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _scoring_phase(phase: str) -> str:
+    """The pipeline's phase as the job reports it: a job is ready only once its engine is."""
+    return "scoring" if phase == "ready" else phase
 
 
 def _npz(**arrays: Any) -> bytes:

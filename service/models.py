@@ -59,6 +59,9 @@ class SAEModel(_Strict):
     max_train_samples: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0)
     device: str | None = None
+    dead_steps: int | None = Field(default=None, ge=1)
+    normalize_decoder: bool | None = None
+    remove_parallel_grad: bool | None = None
 
 
 class JobSpecModel(_Strict):

@@ -240,10 +240,19 @@ def job_spec_from_dict(
     return dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, uri=uri))
 
 
+SAE_NULLABLE = frozenset({"units", "aux_k", "max_train_samples"})
+"""SAEConfig fields for which None is a meaningful value."""
+
+
 def job_spec_from_model(model: JobSpecModel, settings: Settings) -> JobSpec:
     """Convert the validated pydantic body of ``POST /v1/jobs`` into a ``JobSpec``."""
     d = model.model_dump(exclude={"sae"})
-    d["sae"] = model.sae.model_dump(exclude_unset=True)
+    # null means "default" except where None is itself a setting (units, aux_k, max_train_samples)
+    d["sae"] = {
+        k: v
+        for k, v in model.sae.model_dump(exclude_unset=True).items()
+        if v is not None or k in SAE_NULLABLE
+    }
     return job_spec_from_dict(
         d, allowed_roots=settings.allowed_roots, allowed_modules=settings.allowed_modules
     )

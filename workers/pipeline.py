@@ -125,6 +125,8 @@ class PipelineOptions:
     """Rows per SAE encode batch on the shards."""
     encode_pause_s: float = 0.0
     """Pause after each encode batch (tests interrupt encoding with it)."""
+    actor_name_prefix: str | None = None
+    """Name the shard actors ``{prefix}-{s:05d}`` (found again with ``ray.get_actor``)."""
 
     def __post_init__(self) -> None:
         if self.extractor_fit_samples < 1:
@@ -344,14 +346,15 @@ class _Progress:
     def __call__(self, phase: str, done: int, total: int) -> None:
         if self.on_progress is not None:
             self.on_progress(phase, done, total)
-        if not self.bar_enabled:
+        if not self.bar_enabled or phase == "ready":
             return
         from tqdm.auto import tqdm
 
         if phase != self._phase:
             self.close()
             self._phase = phase
-            self._bar = tqdm(total=total, desc=phase, unit="", leave=True)
+            unit = "fit" if phase == "training_sae" else "rows"
+            self._bar = tqdm(total=total, desc=phase, unit=unit)
         self._bar.total = total
         self._bar.n = done
         self._bar.refresh()
@@ -457,6 +460,8 @@ def run_scoring(
     actors: list[Any] = []
     timings: dict[str, float] = {}
     try:
+        if not ray.is_initialized():
+            raise ValueError("Ray is not initialized: call ray.init() before run_scoring")
         cpus, gpus = _cluster_resources()
         use_gpu = gpus > 0 if opts.use_gpu is None else opts.use_gpu
         if num_shards is None and state.doc.get("num_shards"):
@@ -491,7 +496,12 @@ def run_scoring(
             device="cuda" if use_gpu else "cpu",
             encode_pause_s=opts.encode_pause_s,
         )
-        actors = [actor_cls.remote(spec, job_storage, shard_config) for spec in plan.shards]
+        actors = [
+            actor_cls.options(**_actor_name(opts, spec.shard_id)).remote(
+                spec, job_storage, shard_config
+            )
+            for spec in plan.shards
+        ]
         sizes = [s.num_rows for s in plan.shards]
 
         # --- featurizing --------------------------------------------------------------------
@@ -589,6 +599,12 @@ def run_scoring(
     finally:
         progress.close()
     return ScoringResult(plan, actors, n, p, counts, timings)
+
+
+def _actor_name(opts: PipelineOptions, shard_id: int) -> dict[str, str]:
+    if opts.actor_name_prefix is None:
+        return {}
+    return {"name": f"{opts.actor_name_prefix}-{shard_id:05d}"}
 
 
 def _gather_indices(actors: Sequence[Any], count: int, seed: int) -> np.ndarray:

@@ -59,10 +59,12 @@ __all__ = [
     "default_units",
     "encode",
     "fit_sae",
+    "init_sae",
     "load_sae",
     "sae_train_step",
     "save_sae",
     "total_loss",
+    "train_sample",
 ]
 
 ACTIVATIONS = ("topk", "relu_l1")
@@ -189,6 +191,10 @@ class TopKSAE(nn.Module):
     aux_k: AuxK dead units (None: D // 2).
     """
 
+    # buffers (D,): per-feature mean and std of the training features (std 1 where constant)
+    mean_D: torch.Tensor  # noqa: N815
+    std_D: torch.Tensor  # noqa: N815
+
     def __init__(
         self,
         d_in: int,
@@ -255,10 +261,11 @@ class TopKSAE(nn.Module):
     def decode_residual(
         self, top_acts_BK: torch.Tensor, top_indices_BK: torch.Tensor
     ) -> torch.Tensor:
-        """(B, D) W_dec z without b_pre."""
-        return F.embedding_bag(
-            top_indices_BK, self.W_dec, per_sample_weights=top_acts_BK, mode="sum"
-        )
+        """(B, D) W_dec z without b_pre (dense scatter + matmul: faster than embedding_bag on
+        CPU at these sizes, and its backward is plain matmuls)."""
+        z_BM = top_acts_BK.new_zeros(top_acts_BK.shape[0], self.units)
+        z_BM = z_BM.scatter(1, top_indices_BK, top_acts_BK)
+        return z_BM @ self.W_dec
 
     def forward(self, h_BD: torch.Tensor, dead_mask_M: torch.Tensor | None = None) -> ForwardOutput:
         """Reconstruction and loss pieces of raw features h (B, D).

@@ -34,7 +34,6 @@ import pyarrow as pa
 from workers.codes import SparseCodes
 from workers.factors import factor_counts
 from workers.features import FeatureSpec, column_to_numpy, make_extractor
-from workers.sae import encode, load_sae
 from workers.scores import ScoreConfig, global_rank_normalize, score_codes
 from workers.selection_shard import SelectionShard, ShardData
 from workers.shard_plan import ShardSpec, read_shard, row_keys
@@ -84,10 +83,14 @@ class ShardConfig:
     """Torch device of the feature extractor and the SAE on this shard."""
     encode_pause_s: float = 0.0
     """Seconds to sleep after each encode batch: lets tests interrupt an encode in flight."""
+    featurize_chunk: int = 65536
+    """Rows converted from the stored column and featurized at a time."""
 
     def __post_init__(self) -> None:
         if self.encode_batch_size < 1:
             raise ValueError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        if self.featurize_chunk < 1:
+            raise ValueError(f"featurize_chunk must be >= 1, got {self.featurize_chunk}")
         if self.encode_pause_s < 0:
             raise ValueError(f"encode_pause_s must be >= 0, got {self.encode_pause_s}")
         if self.label_column is not None and not self.label_column:
@@ -106,13 +109,6 @@ def column_values(table: pa.Table, spec: FeatureSpec) -> Any:
     return column_to_numpy(table, spec.column)
 
 
-def take_values(values: Any, pos: np.ndarray) -> Any:
-    """Rows ``pos`` of raw extractor input (ndarray or list)."""
-    if isinstance(values, np.ndarray):
-        return values[pos]
-    return [values[int(i)] for i in pos]
-
-
 def concat_values(parts: Sequence[Any]) -> Any:
     """Concatenate raw extractor inputs of several shards (ndarrays or lists)."""
     if parts and isinstance(parts[0], np.ndarray):
@@ -129,6 +125,8 @@ def extractor_from_state(spec: FeatureSpec, state: dict[str, np.ndarray]) -> Any
 
 def sae_from_files(files: dict[str, bytes], device: str = "cpu") -> Any:
     """A `TopKSAE` from the bytes of the files `save_sae` wrote (name -> content)."""
+    from workers.sae import load_sae  # torch: imported only by shards that encode
+
     with tempfile.TemporaryDirectory(prefix="saelect-sae-") as tmp:
         for name, data in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
@@ -152,7 +150,7 @@ class ShardActor:
         self.storage = storage
         self.out = storage.child(shard_dir(spec.shard_id))
         self.config = config
-        self._values: Any = None  # raw feature input (n, ...) or list[str]
+        self._rows: pa.Table | None = None  # the feature column as stored (n rows)
         self._labels: np.ndarray | None = None  # int64 (n,)
         self._features: np.ndarray | None = None  # float32 (n, d)
         self._codes: SparseCodes | None = None  # ids int32 (n, k), values float16 (n, k)
@@ -189,13 +187,12 @@ class ShardActor:
 
         Raises ValueError for a missing or ragged feature column or bad labels.
         """
-        if self._values is not None:
+        if self._rows is not None:
             return self.spec.num_rows
         columns = [self.config.feature.column]
         if self.config.label_column is not None:
             columns.append(self.config.label_column)
         table = read_shard(self.spec, columns)
-        values = column_values(table, self.config.feature)
         labels = None
         if self.config.label_column is not None:
             col = table[self.config.label_column]
@@ -204,7 +201,7 @@ class ShardActor:
             labels = np.asarray(col.to_numpy(), dtype=np.int64)
             if labels.shape[0] and labels.min() < 0:
                 raise ValueError(f"label column {self.config.label_column!r} has negative labels")
-        self._values, self._labels = values, labels
+        self._rows, self._labels = table.select([self.config.feature.column]), labels
         return self.spec.num_rows
 
     def sample_keys(self, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +226,8 @@ class ShardActor:
     def take_raw(self, global_idx: np.ndarray) -> Any:
         """Raw extractor input of the given global rows (for fitting the extractor)."""
         self.load()
-        return take_values(self._values, self._local(global_idx))
+        assert self._rows is not None
+        return column_values(self._rows.take(self._local(global_idx)), self.config.feature)
 
     # ------------------------------------------------------------------ features
     def featurize(self, extractor_state: dict[str, np.ndarray] | None = None) -> int:
@@ -243,10 +241,21 @@ class ShardActor:
         self.load()
         if extractor_state is None:
             extractor_state = self.storage.read_npz(EXTRACTOR_FILE)
-        extractor = extractor_from_state(self.config.feature, extractor_state)
-        feats = np.asarray(extractor.transform(self._values, progress=False), dtype=np.float32)
-        if feats.shape[0] != self.spec.num_rows:
-            raise ValueError(f"extractor returned {feats.shape[0]} rows for {self.spec.num_rows}")
+        spec = self.config.feature
+        extractor = extractor_from_state(spec, extractor_state)
+        assert self._rows is not None
+        n = self.spec.num_rows
+        feats: np.ndarray | None = None  # float32 (n, d)
+        # convert the stored column chunk by chunk: the shard never holds all rows as floats
+        for start in range(0, n, self.config.featurize_chunk):
+            values = column_values(self._rows.slice(start, self.config.featurize_chunk), spec)
+            part = np.asarray(extractor.transform(values, progress=False), dtype=np.float32)
+            if feats is None:
+                feats = np.empty((n, part.shape[1]), dtype=np.float32)
+            if part.shape[0] != min(self.config.featurize_chunk, n - start):
+                raise ValueError(f"extractor returned {part.shape[0]} rows for a chunk")
+            feats[start : start + part.shape[0]] = part
+        assert feats is not None
         self._features = feats
         return self.spec.num_rows
 
@@ -274,6 +283,8 @@ class ShardActor:
         self.featurize()
         if sae_files is None:
             sae_files = {n: self.storage.read_bytes(f"{SAE_DIR}/{n}") for n in SAE_FILES}
+        from workers.sae import encode  # torch: imported only by shards that encode
+
         model = sae_from_files(sae_files, self.config.device)
         assert self._features is not None
         feats = self._features
@@ -349,6 +360,7 @@ class ShardActor:
         if len(parts) != 2 * num_shards:
             raise ValueError(f"expected {2 * num_shards} sorted parts, got {len(parts)}")
         self.finalize_scores(parts[:num_shards], parts[num_shards:], total)
+        self.release_inputs()
         return self.spec.num_rows
 
     def _labels_for_store(self) -> np.ndarray:
@@ -383,7 +395,9 @@ class ShardActor:
 
     def release_inputs(self) -> None:
         """Drop the raw rows and features (scoring is done; selection needs neither)."""
-        self._values = None
+        if self._labels is None and self.config.label_column is not None:
+            self._labels = self.labels()
+        self._rows = None
         self._features = None
         self._raw = None
 
@@ -421,8 +435,8 @@ class ShardActor:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held per structure (arrays only; Python object overhead excluded)."""
         out: dict[str, int] = {}
-        if isinstance(self._values, np.ndarray):
-            out["rows"] = int(self._values.nbytes)
+        if self._rows is not None:
+            out["rows"] = int(self._rows.nbytes)
         if self._features is not None:
             out["features"] = int(self._features.nbytes)
         if self._codes is not None:

@@ -95,7 +95,7 @@ async def get_indices(
         return Response(body, media_type=JSON, headers=headers)
     metrics.observe_indices("binary", n)
     # a memoryview of the array: Starlette sends it without another 8-bytes-per-index copy
-    return Response(memoryview(idx_n), media_type=BINARY, headers=headers)
+    return Response(memoryview(idx_n), media_type=BINARY, headers=headers)  # type: ignore[arg-type]
 
 
 def parse_feedback(content_type: str | None, count: str | None, body: bytes) -> tuple[Any, Any]:

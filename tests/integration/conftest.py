@@ -40,3 +40,26 @@ def ray_local() -> Iterator[None]:
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """scikit-learn digits (all 1797 rows, 8x8) as Parquet, written by `workers.datasets`."""
+    from workers.datasets import load_digits, write_image_parquet
+
+    data = load_digits()
+    path = tmp_path_factory.mktemp("digits") / "digits.parquet"
+    return str(write_image_parquet(path, data.images, data.labels))
+
+
+@pytest.fixture(scope="session")
+def fmnist_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The first 4000 Fashion-MNIST training rows as Parquet (skips when not installed)."""
+    from workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
+
+    try:
+        data = load_fashion_mnist(FMNIST_DIR, "train")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    path = tmp_path_factory.mktemp("fmnist") / "fmnist-4000.parquet"
+    return str(write_image_parquet(path, data.images[:4000], data.labels[:4000]))

@@ -369,3 +369,30 @@ def test_spec_dict_is_not_mutated_by_create(client: SelectionClient) -> None:
     spec = copy.deepcopy(SPEC)
     client.create_job(spec)
     assert spec == SPEC
+
+
+@pytest.mark.parametrize(
+    ("body", "count", "expected"),
+    [
+        (np.arange(3, dtype="<i8").tobytes(), "3", [0, 1, 2]),
+        (np.arange(3, dtype="<i8").tobytes(), None, [0, 1, 2]),
+        (np.arange(2, dtype="<i8").tobytes(), "3", "truncated"),
+        (np.arange(4, dtype="<i8").tobytes(), "3", "bad_body"),
+        (b"\x00" * 12, None, "bad_body"),
+    ],
+)
+def test_binary_body_checks(body: bytes, count: str | None, expected: Any) -> None:
+    headers = {"content-type": "application/octet-stream"}
+    if count is not None:
+        headers["x-saelect-count"] = count
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers=headers)
+
+    c = SelectionClient("http://test", retries=0, transport=httpx.MockTransport(handler))
+    if isinstance(expected, str):
+        with pytest.raises(SelectionError, match=expected):
+            c.indices("j", 0)
+    else:
+        got = c.indices("j", 0)
+        assert got.dtype == np.int64 and got.tolist() == expected and got.flags.writeable

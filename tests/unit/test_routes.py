@@ -559,3 +559,17 @@ def test_errors_survive_pickling(cls: type[errors.SaelectError]) -> None:
     e = pickle.loads(pickle.dumps(cls("what went wrong")))
     assert type(e) is cls and e.message == "what went wrong" and str(e) == "what went wrong"
     assert 400 <= e.status < 500 and e.code
+
+
+def test_sae_nulls_mean_defaults_and_core_validation_reaches_the_client(tmp_path: Path) -> None:
+    from workers.sae import SAEConfig
+
+    client, backend = make_client(tmp_path)
+    body = copy.deepcopy(SPEC)
+    body["sae"] = {"k": None, "units": None, "dead_steps": 5, "normalize_decoder": None}
+    sae = backend.jobs[create(client, body)].spec.sae
+    default = SAEConfig()
+    assert (sae.k, sae.units, sae.dead_steps) == (default.k, None, 5)
+    assert sae.normalize_decoder == default.normalize_decoder
+    body["sae"] = {"units": 8, "k": 16}
+    assert_error(client.post("/v1/jobs", json=body), 400, "invalid_request", "sae: k must be")

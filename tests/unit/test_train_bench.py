@@ -35,13 +35,13 @@ def test_quick_digits_records_every_run(quick_run: tuple[Path, list[dict[str, An
     _, records = quick_run
     runs = {r["policy"]: r for r in records if r["kind"] == "run"}
     assert set(runs) == set(train_bench.QUICK["policies"])
-    n_classes = 10
     for r in runs.values():
         assert len(r["acc_curve"]) == r["job_epochs"]
-        assert 1.0 / n_classes < r["best_acc"] <= 1.0  # learned something in 2 epochs
+        assert 0.0 <= r["final_acc"] <= 1.0
         assert r["best_acc"] == max(r["acc_curve"]) and r["final_acc"] == r["acc_curve"][-1]
         assert r["samples"] == sum(r["epoch_sizes"])
         assert r["train_s"] > 0 and r["select_s"] >= 0
+    assert runs["full"]["best_acc"] > 0.3  # 10 classes: full data learns in 2 epochs
     e = runs["full"]["epochs"]
     assert e == 2
     assert runs["full"]["sample_fraction"] == 1.0
@@ -101,7 +101,7 @@ def test_plan_runs_order_and_keys() -> None:
         for i, r in enumerate(runs)
         if r.ratio <= 0.3 and r.policy in ("factor", "rs2", "full_fewer")
     ]
-    others = [i for i, r in enumerate(runs) if r.policy == "infobatch" or r.ratio > 0.3]
+    others = [i for i, r in enumerate(runs) if r.policy == "infobatch" or 0.3 < r.ratio < 1.0]
     assert max(low_core) < min(others)
     # round(0.1 * 4) = 0 epochs: no full_fewer run at r = 0.1
     assert not any(r.policy == "full_fewer" and r.ratio == 0.1 for r in runs)
@@ -292,19 +292,19 @@ def _tiny_results() -> list[dict[str, Any]]:
         recs.append(
             _record(
                 "factor",
-                0.25,
+                0.2,
                 seed,
                 fa,
-                0.25,
+                0.2,
                 diagnostics=diag,
                 scoring_key="abc",
                 class_prior=[0.5, 0.5],
                 variant="default",
             )
         )
-        recs.append(_record("factor", 0.25, seed, fa + 0.01, 0.25, variant="gamma0"))
-        recs.append(_record("rs2", 0.25, seed, rs, 0.25, diagnostics=diag))
-        recs.append(_record("full_fewer", 0.25, seed, fe, 0.25))
+        recs.append(_record("factor", 0.2, seed, fa + 0.01, 0.2, variant="gamma0"))
+        recs.append(_record("rs2", 0.2, seed, rs, 0.2, diagnostics=diag))
+        recs.append(_record("full_fewer", 0.2, seed, fe, 0.2))
     return recs
 
 

@@ -1,0 +1,369 @@
+"""Distributed scoring on local Ray: shards equal the single-process core, protocol, faults.
+
+One local Ray (2 CPUs) for the whole module (`ray_local` in conftest.py). The two-node cluster
+lives in test_two_node_ray.py, which needs its own Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from service.policies import PolicyConfig, make_policy
+from service.policies.base import Stage
+from service.selection.engine import SelectionEngine, SingleProcessSelector
+from service.selection.threshold import global_top_m
+from service.selection.topk import top_m
+from workers.features import FeatureSpec
+from workers.pipeline import (
+    PipelineOptions,
+    ScoringError,
+    SingleProcessScores,
+    run_scoring,
+    score_single_process,
+)
+from workers.sae import SAEConfig, init_sae
+from workers.sae_train import global_batches, train_sae_distributed
+from workers.scores import ScoreConfig
+from workers.selection_shard import SelectionShard, ShardData
+from workers.shard_actor import ShardActor, ShardConfig, remote_shard_actor, shard_dir
+from workers.shard_plan import plan_shards
+from workers.storage import Storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
+
+FEATURE = FeatureSpec("pixels", "image", dim=32)
+SAE = SAEConfig(units=128, k=8, epochs=3, batch_size=256, max_train_samples=1500)
+SCORE = ScoreConfig()
+POLICIES = [
+    PolicyConfig("factor", 0.3, 4, seed=1, params={"class_quotas": True, "dynamic_coverage": True}),
+    PolicyConfig("factor", 0.2, 3, seed=2, params={"sampling": "gumbel", "gamma": 0.5}),
+]
+QUIET = {"progress_bar": False}
+
+
+def _reference_data(ref: SingleProcessScores) -> ShardData:
+    return ShardData(
+        0,
+        ref.R.shape[0],
+        R=ref.R,
+        D=ref.D,
+        labels=ref.labels,
+        code_ids=ref.codes.ids,
+        code_values=ref.codes.values,
+        p=ref.p,
+    )
+
+
+@pytest.fixture(scope="module")
+def digits(digits_uri: str) -> tuple[str, SingleProcessScores]:
+    """The digits dataset as Parquet and its single-process scores."""
+    return digits_uri, score_single_process(digits_uri, FEATURE, "label", SAE, SCORE)
+
+
+@pytest.fixture(scope="module")
+def digits_job(
+    digits: tuple[str, SingleProcessScores], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Storage, Any, list[tuple[str, int, int]]]:
+    """One S = 4 pipeline run on digits: its storage, result and progress reports."""
+    uri, _ = digits
+    storage = Storage(str(tmp_path_factory.mktemp("digits-job")))
+    seen: list[tuple[str, int, int]] = []
+    result = run_scoring(
+        storage,
+        uri,
+        FEATURE,
+        "label",
+        SAE,
+        SCORE,
+        num_shards=4,
+        on_progress=lambda *a: seen.append(a),
+        **QUIET,
+    )
+    yield storage, result, seen
+    result.shutdown()
+
+
+def _assert_same_scores(result: Any, ref: SingleProcessScores) -> None:
+    r, d = result.scores()
+    np.testing.assert_allclose(r, ref.R, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d, ref.D, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(result.p, ref.p)
+    np.testing.assert_array_equal(result.labels(), ref.labels)
+
+
+def _assert_same_selections(result: Any, ref: SingleProcessScores) -> None:
+    for config in POLICIES:
+        result.attach_selection(make_policy(config))
+        # small bins and cap force several histogram rounds and the tie refinement
+        engine = SelectionEngine(make_policy(config), result.broadcast(), bins=8, cap=16)
+        single = SingleProcessSelector(make_policy(config), _reference_data(ref))
+        for _ in range(config.epochs):
+            got, want = engine.step(), single.step()
+            np.testing.assert_array_equal(got.indices, want.indices)
+            assert got.stats["coverage"] == want.stats["coverage"]
+            assert got.stats["class_counts"] == want.stats["class_counts"]
+
+
+def test_four_shards_equal_single_process_on_digits(
+    digits: tuple[str, SingleProcessScores], digits_job: tuple[Storage, Any, list]
+) -> None:
+    _, ref = digits
+    storage, result, seen = digits_job
+    assert result.plan.num_shards == 4 and result.num_samples == ref.R.shape[0]
+    _assert_same_scores(result, ref)
+    codes = ray.get([a.codes.remote() for a in result.actors])
+    np.testing.assert_array_equal(np.concatenate([c.ids for c in codes]), ref.codes.ids)
+    _assert_same_selections(result, ref)
+    # progress: phases in order, each ending at done == total
+    phases = [p for p, _, _ in seen]
+    order = ["featurizing", "training_sae", "encoding", "scoring", "ready"]
+    assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == order
+    for phase in order:
+        last = [(d, t) for p, d, t in seen if p == phase][-1]
+        assert last[0] == last[1] > 0
+    # outputs per docs/architecture.md
+    for s in range(4):
+        assert sorted(storage.list_dir(shard_dir(s))) == ["codes.npz", "counts.npy", "scores.npz"]
+    assert storage.exists("factors.npy") and storage.exists("features/extractor.npz")
+    assert sorted(storage.list_dir("sae")) == ["sae.json", "sae.safetensors"]
+    state = storage.read_json("pipeline.json")
+    assert state["phases_done"] == order and state["failed"] is None
+
+
+def test_four_shards_equal_single_process_on_fashion_mnist(fmnist_uri: str, tmp_path: Path) -> None:
+    uri = fmnist_uri
+    ref = score_single_process(uri, FEATURE, "label", SAE, SCORE)
+    result = run_scoring(
+        Storage(str(tmp_path / "job")), uri, FEATURE, "label", SAE, SCORE, num_shards=4, **QUIET
+    )
+    try:
+        assert result.plan.num_shards == 4
+        _assert_same_scores(result, ref)
+        _assert_same_selections(result, ref)
+    finally:
+        result.shutdown()
+
+
+def test_threshold_protocol_over_actors_equals_argpartition(tmp_path: Path) -> None:
+    """S = 1..8 actors, heavy ties (4 distinct R and D values), several m, tiny bins and cap."""
+    rng = np.random.default_rng(7)
+    n = 8 * 37 + 5
+    pq.write_table(pa.table({"x": np.arange(n)}), tmp_path / "x.parquet")
+    plan = plan_shards(str(tmp_path / "x.parquet"), 8)
+    storage = Storage(str(tmp_path / "job"))
+    r_all = rng.integers(0, 4, n) / 4.0
+    d_all = rng.integers(0, 4, n) / 4.0
+    for s in plan.shards:
+        storage.child(shard_dir(s.shard_id)).write_npz(
+            "scores.npz", R=r_all[s.lo : s.hi], D=d_all[s.lo : s.hi], labels=np.empty(0)
+        )
+    cls = remote_shard_actor(num_cpus=0.01)
+    config = ShardConfig(FeatureSpec("column", "x"))
+    actors = [cls.remote(s, storage, config) for s in plan.shards]
+    policy = make_policy(PolicyConfig("factor", 0.5, 2, seed=3))
+    ray.get([a.attach_selection.remote(policy, False) for a in actors])
+    try:
+        for num in range(1, 9):
+            part = actors[:num]
+            hi = plan.shards[num - 1].hi
+
+            def broadcast(method: str, *args: Any, part: list = part) -> list[Any]:
+                return ray.get([a.call.remote(method, *args) for a in part])
+
+            whole = SelectionShard(ShardData(0, hi, R=r_all[:hi], D=d_all[:hi]), policy)
+            for m in sorted({1, hi // 7, hi // 2, hi - 1, int(rng.integers(1, hi))}):
+                ctx = policy.context(0, broadcast("begin_epoch", 0), None)
+                for _ in range(policy.stat_rounds - 1):
+                    ctx = policy.context(0, broadcast("local_stats", 0, ctx), ctx)
+                stage = Stage(policy.stages(0, ctx)[0].key, m)
+                broadcast("begin_stage", stage, 0, ctx)
+                trace = global_top_m(broadcast, m, bins=64, cap=3)
+                got = np.concatenate([p["indices"] for p in broadcast("finish", 0, ctx)])
+
+                whole.begin_epoch(0)
+                whole.begin_stage(stage, 0, ctx)
+                want = np.sort(top_m(whole.stage_scores(), whole.tiebreak_local, m))
+                np.testing.assert_array_equal(got, want)
+                assert trace.taken == m
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+
+
+def test_killed_shard_actor_mid_encoding_gives_the_same_result(
+    digits: tuple[str, SingleProcessScores], tmp_path: Path
+) -> None:
+    uri, ref = digits
+    prefix = f"kill-{uuid.uuid4().hex[:8]}"
+    victim_name = f"{prefix}-00001"
+    pids: dict[str, int] = {}
+    killed = threading.Event()
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        if phase == "training_sae" and done == 0:  # actors idle: note the victim's pid
+            pids["before"] = ray.get(ray.get_actor(victim_name).info.remote())["pid"]
+        if phase == "encoding" and done == 0 and not killed.is_set():
+            time.sleep(0.4)  # the encode tasks are running (15 batches x 0.1 s each)
+            ray.kill(ray.get_actor(victim_name), no_restart=False)
+            killed.set()
+
+    opts = PipelineOptions(
+        encode_batch_size=64, encode_pause_s=0.1, actor_name_prefix=prefix, max_restarts=2
+    )
+    storage = Storage(str(tmp_path / "job"))
+    result = run_scoring(
+        storage,
+        uri,
+        FEATURE,
+        "label",
+        SAE,
+        SCORE,
+        num_shards=2,
+        on_progress=on_progress,
+        options=opts,
+        **QUIET,
+    )
+    try:
+        assert killed.is_set()
+        after = ray.get(result.actors[1].info.remote())["pid"]
+        assert after != pids["before"]  # the victim was restarted
+        _assert_same_scores(result, ref)
+        assert storage.read_json("pipeline.json")["failed"] is None
+    finally:
+        result.shutdown()
+
+
+def test_rerun_skips_done_shards_and_ignores_half_written_files(
+    digits: tuple[str, SingleProcessScores], digits_job: tuple[Storage, Any, list], tmp_path: Path
+) -> None:
+    uri, ref = digits
+    src, _, _ = digits_job
+    root = tmp_path / "job"
+    shutil.copytree(src.path(), root)
+    storage = Storage(str(root))
+    # a crash while shard 1 was writing: its outputs are gone, debris of atomic writes remains
+    shard1 = storage.child(shard_dir(1))
+    for name in ("codes.npz", "counts.npy", "scores.npz"):
+        shard1.delete(name)
+        (root / shard_dir(1) / f".{name}.tmp-{uuid.uuid4().hex}").write_bytes(b"garbage")
+    storage.child(shard_dir(3)).delete("scores.npz")
+    stamp = os.stat(root / shard_dir(0) / "codes.npz").st_mtime_ns
+    result = run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, **QUIET)
+    try:
+        assert result.plan.num_shards == 4  # the stored plan is reused
+        _assert_same_scores(result, ref)
+        assert os.stat(root / shard_dir(0) / "codes.npz").st_mtime_ns == stamp  # not recomputed
+        assert sorted(shard1.list_dir()) == ["codes.npz", "counts.npy", "scores.npz"]
+    finally:
+        result.shutdown()
+
+
+def _write_ragged(path: Path) -> str:
+    """A dataset whose second file's image column is ragged (a corrupted input)."""
+    path.mkdir()
+    rows = [[1.0, 2.0, 3.0]] * 40
+    pq.write_table(pa.table({"image": rows, "label": [0] * 40}), path / "a.parquet")
+    bad = [[1.0, 2.0, 3.0]] * 39 + [[1.0, 2.0]]
+    pq.write_table(pa.table({"image": bad, "label": [1] * 40}), path / "b.parquet")
+    return str(path)
+
+
+def test_unretriable_failure_marks_the_pipeline_failed(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "job"))
+    uri = _write_ragged(tmp_path / "ragged")
+    with pytest.raises(ScoringError, match="ragged") as info:
+        run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, num_shards=2, **QUIET)
+    assert info.value.phase == "featurizing"
+    state = storage.read_json("pipeline.json")
+    assert state["failed"]["phase"] == "featurizing" and "ragged" in state["failed"]["error"]
+    assert not storage.exists("features/extractor.npz")
+    assert not any(storage.child("shards").list_dir(d) for d in storage.list_dir("shards"))
+    # the error survives pickling (it crosses process boundaries)
+    again = ray.get(ray.put(info.value))
+    assert isinstance(again, ScoringError) and again.phase == "featurizing"
+    assert str(again) == str(info.value)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "job"))
+
+    def run(uri: str, **kw: Any) -> None:
+        run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, num_shards=2, **QUIET, **kw)
+
+    with pytest.raises(ScoringError, match="does not exist"):
+        run(str(tmp_path / "missing.parquet"))
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    with pytest.raises(ScoringError, match="not a Parquet file"):
+        run(str(tmp_path / "notes.parquet"))
+    pq.write_table(pa.table({"image": [[1.0]], "label": [0]}), tmp_path / "ok.parquet")
+    pq.write_table(pa.table({"image": [[1.0]]}), tmp_path / "nolabel.parquet")
+    with pytest.raises(ScoringError, match=r"\['label'\] not in dataset"):
+        run(str(tmp_path / "nolabel.parquet"))
+    empty = pa.table(
+        {"image": pa.array([], pa.list_(pa.float32())), "label": pa.array([], "int64")}
+    )
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    with pytest.raises(ScoringError, match="empty"):
+        run(str(tmp_path / "empty.parquet"))
+    with pytest.raises(ScoringError, match="outside the allowed roots"):
+        run(str(tmp_path / "ok.parquet"), allowed_roots=[str(tmp_path / "data")])
+    assert json.loads((tmp_path / "job" / "pipeline.json").read_text())["failed"]["phase"] == (
+        "pending"
+    )
+
+
+def test_shard_actor_works_without_ray(
+    digits: tuple[str, SingleProcessScores], digits_job: tuple[Storage, Any, list]
+) -> None:
+    """The plain class answers from the stored outputs (what a restarted actor does)."""
+    _, ref = digits
+    storage, result, _ = digits_job
+    spec = result.plan.shards[1]
+    actor = ShardActor(spec, storage, ShardConfig(FEATURE, "label"))
+    r, _ = actor.scores()
+    np.testing.assert_array_equal(r, ref.R[spec.lo : spec.hi])
+    np.testing.assert_array_equal(actor.labels(), ref.labels[spec.lo : spec.hi])
+    assert actor.encode().sum() > 0  # loads counts, recomputes nothing
+    assert actor.attach_selection(make_policy(POLICIES[0])) == spec.num_rows
+    assert actor.call("info") == (spec.lo, spec.hi)
+    with pytest.raises(ValueError, match="private"):
+        actor.call("_window", 0, 1)
+
+
+def test_sae_data_parallel_on_two_workers(digits: tuple[str, SingleProcessScores]) -> None:
+    """The one TorchTrainer run of the suite: 2 CPU workers, DDP over sae_train_step."""
+    rng = np.random.default_rng(0)
+    atoms = rng.normal(size=(24, 16))  # sparse data: 3 of 24 atoms per row
+    coef = rng.random((1200, 24)) * (rng.random((1200, 24)) < 3 / 24)
+    feats = (coef @ atoms).astype(np.float32)
+    config = SAEConfig(units=64, k=4, epochs=6, batch_size=100, seed=5)
+    for epoch in range(2):  # every worker runs the same number of equal-size steps
+        steps = global_batches(feats.shape[0], config, epoch, 2)
+        assert all(len(s) == 2 and abs(len(s[0]) - len(s[1])) <= 1 for s in steps)
+        assert np.array_equal(
+            np.sort(np.concatenate([np.concatenate(s) for s in steps])), np.arange(1200)
+        )
+    model = train_sae_distributed(feats, config, num_workers=2, cpus_per_worker=0.5)
+    init = init_sae(feats, config)
+    np.testing.assert_array_equal(model.mean_D.numpy(), init.mean_D.numpy())
+    x = torch.from_numpy(feats)
+    with torch.no_grad():
+        trained_mse = float(model(x).mse)
+        init_mse = float(init(x).mse)
+    assert trained_mse < 0.75 * init_mse
+    norms = model.W_dec.detach().norm(dim=1).numpy()
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)

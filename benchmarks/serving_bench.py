@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "(no httptools/uvloop installed); JSON encoded with the standard library "
         "(orjson not installed). Load average at the end of the run: "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min); on a shared 2-core "
-        "machine other jobs inflate the medians, the minimum shows the unloaded cost.",
+        "machine other jobs inflate the medians, the minimum is the closest to the unloaded cost.",
         "",
         "| indices | format | median (ms) | p90 (ms) | min (ms) |",
         "|---:|---|---:|---:|---:|",

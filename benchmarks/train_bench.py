@@ -130,15 +130,20 @@ POLICIES: tuple[str, ...] = (
     "static_random",
     "rs2",
     "infobatch",
+    "infobatch_max",
     "ucb",
     "epsilon_greedy",
     "factor",
     "factor_gumbel",
 )
 """Bench policy names. ``full_fewer`` is the service's ``full`` for round(r E) epochs;
-``factor_gumbel`` is ``factor`` with ``sampling="gumbel"``."""
+``factor_gumbel`` is ``factor`` with ``sampling="gumbel"``; ``infobatch_max`` is ``infobatch``
+pruning every below-mean-loss sample until the last epoch (prune_ratio 1, delta 1), its smallest
+budget. InfoBatch ignores the keep ratio (its budget follows from the losses), so both run once
+per seed, recorded at r = 1, and are compared at the sample fraction they realize."""
 
-FEEDBACK_POLICIES = frozenset({"infobatch", "ucb", "epsilon_greedy"})
+FEEDBACK_POLICIES = frozenset({"infobatch", "infobatch_max", "ucb", "epsilon_greedy"})
+OWN_BUDGET_POLICIES = frozenset({"infobatch", "infobatch_max"})
 FACTOR_POLICIES = frozenset({"factor", "factor_gumbel"})
 
 
@@ -287,9 +292,13 @@ class RunSpec:
 
     def job_spec(self, task: TaskSpec, data: TaskData) -> dict[str, Any]:
         """The ``POST /v1/jobs`` body of this run."""
-        name = {"full_fewer": "full", "factor_gumbel": "factor"}.get(self.policy, self.policy)
+        name = {"full_fewer": "full", "factor_gumbel": "factor", "infobatch_max": "infobatch"}.get(
+            self.policy, self.policy
+        )
         ratio = 1.0 if self.policy in ("full", "full_fewer") else self.ratio
         params: dict[str, Any] = {}
+        if self.policy == "infobatch_max":
+            params.update(prune_ratio=1.0, delta=1.0)
         variant = VARIANTS[self.variant] if self.policy in FACTOR_POLICIES else Variant()
         if self.policy == "factor_gumbel":
             params["sampling"] = "gumbel"
@@ -328,17 +337,22 @@ def plan_runs(
 
     Order: ``full`` for every seed (the reference); then, per ratio from the lowest and per seed,
     ``factor`` (each variant), ``rs2`` and ``full_fewer`` at ratios <= 0.3; then the other
-    policies at those ratios; then everything at ratios > 0.3.
+    policies at those ratios (InfoBatch once per seed, at r = 1: it ignores the ratio); then
+    everything at ratios > 0.3.
     """
     core = ("factor", "rs2", "full_fewer")
     runs: list[tuple[tuple, RunSpec]] = []
     for seed in seeds:
         if "full" in policies:
             runs.append(((0, 0.0, seed, 0), RunSpec(task, "full", 1.0, seed, epochs, "-")))
+        for p_rank, policy in enumerate(policies):
+            if policy in OWN_BUDGET_POLICIES:
+                order = (2, 1.0, seed, p_rank * 1000)
+                runs.append((order, RunSpec(task, policy, 1.0, seed, epochs, "-")))
     for r in sorted(set(ratios)):
         for seed in seeds:
             for p_rank, policy in enumerate(policies):
-                if policy == "full":
+                if policy == "full" or policy in OWN_BUDGET_POLICIES:
                     continue
                 if policy == "full_fewer" and round(r * epochs) < 1:
                     continue
@@ -761,6 +775,12 @@ def run_one(
         "best_acc": max(res.acc_curve),
         "acc_curve": res.acc_curve,
         "epoch_sizes": res.epoch_sizes,
+        "served_digest": [
+            hashlib.blake2b(
+                np.ascontiguousarray(i, dtype="<i8").tobytes(), digest_size=6
+            ).hexdigest()
+            for i in res.served
+        ],
         "samples": samples,
         "sample_fraction": samples / (n * run.epochs),
         "steps": res.total_steps,

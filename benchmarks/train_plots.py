@@ -205,10 +205,16 @@ def make_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the figures."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=REPO / "results" / "train.jsonl")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        nargs="+",
+        default=[REPO / "results" / "train.jsonl"],
+        help="one or more JSONL files; for a run key in several, the later file wins",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "figures")
     args = ap.parse_args(argv)
-    records = read_results(args.results)
+    records = [rec for path in args.results for rec in read_results(path)]
     for p in make_plots(records, args.out):
         print(f"wrote {p}")
     return 0

@@ -36,6 +36,7 @@ POLICY_ORDER = (
     "full_fewer",
     "static_random",
     "infobatch",
+    "infobatch_max",
     "ucb",
     "epsilon_greedy",
 )
@@ -93,7 +94,7 @@ def accuracy_table(runs: list[dict[str, Any]], metric: str = "final_acc") -> lis
     g = group(runs, metric)
     ratios = sorted({ratio for (_, ratio) in g if ratio < 1.0})
     names = sorted({name for (name, _) in g}, key=_row_sort_key)
-    head = "| policy | " + " | ".join(f"r = {r:g}" for r in ratios) + " | r = 1 |"
+    head = "| policy | " + " | ".join(f"r = {r:g}" for r in ratios) + " | r = 1 or own budget |"
     lines = [head, "|" + "---|" * (len(ratios) + 2)]
     for name in names:
         cells = [fmt_acc(g.get((name, r), [])) for r in ratios]
@@ -135,6 +136,7 @@ def _interval(xs: Sequence[float]) -> tuple[float, float]:
 def target_checks(runs: list[dict[str, Any]]) -> list[str]:
     """The targets of DESIGN 8 / issue 5, checked on the recorded runs (final accuracy)."""
     g = group(runs)
+    frac = group(runs, "sample_fraction")
     out: list[str] = []
     full = g.get(("full", 1.0))
     if not full:
@@ -152,10 +154,14 @@ def target_checks(runs: list[dict[str, Any]]) -> list[str]:
             f"{'met' if ok else 'not met'}"
         )
         lo, _ = _interval(fac)
-        for base in ("rs2", "infobatch", "full_fewer"):
-            other = g.get((base, r))
+        for base in ("rs2", "full_fewer", "infobatch", "infobatch_max"):
+            own = base.startswith("infobatch")  # own budget: recorded at r = 1
+            other = g.get((base, 1.0 if own else r))
             if not other:
                 continue
+            budget = ""
+            if own:
+                budget = f" at its own budget {np.mean(frac[(base, 1.0)]):.2f} of the samples"
             om = _mean_std(other)[0]
             _, ohi = _interval(other)
             verdict = (
@@ -166,7 +172,7 @@ def target_checks(runs: list[dict[str, Any]]) -> list[str]:
                 else "not better"
             )
             out.append(
-                f"  - vs {base}: {100 * (m - om):+.2f} points ({verdict}; "
+                f"  - vs {base}{budget}: {100 * (m - om):+.2f} points ({verdict}; "
                 f"n = {len(fac)} vs {len(other)})"
             )
     rs2 = g.get(("rs2", 0.5))
@@ -188,8 +194,10 @@ def ablation_table(runs: list[dict[str, Any]]) -> list[str]:
     if len(variants) < 2:
         return []
     by: dict[tuple[str, float], list[float]] = defaultdict(list)
+    frac: dict[tuple[str, float], list[float]] = defaultdict(list)
     for r in fac:
         by[(r.get("variant", "default"), float(r["ratio"]))].append(float(r["final_acc"]))
+        frac[(r.get("variant", "default"), float(r["ratio"]))].append(float(r["sample_fraction"]))
     ratios = sorted({ratio for (v, ratio) in by if v != "default"})
     lines = [
         "| variant | " + " | ".join(f"r = {r:g} (Δ vs default)" for r in ratios) + " |",
@@ -204,7 +212,9 @@ def ablation_table(runs: list[dict[str, Any]]) -> list[str]:
                 cells.append("")
                 continue
             d = f" ({100 * (np.mean(xs) - np.mean(base)):+.2f})" if base and v != "default" else ""
-            cells.append(fmt_acc(xs) + d)
+            f = float(np.mean(frac[(v, r)]))
+            budget = f" [samples {f:.2f}]" if abs(f - r) > 0.005 else ""
+            cells.append(fmt_acc(xs) + d + budget)
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 
@@ -300,6 +310,25 @@ def timing_lines(runs: list[dict[str, Any]], scoring: dict[str, dict[str, Any]])
     return out
 
 
+def equivalence_lines(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Runs recorded both via HTTP and in-process: same served indices, same accuracy?"""
+    by: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in records:
+        if r.get("kind") == "run" and r.get("served_digest"):
+            by[r["key"]][str(r.get("via"))] = r
+    pairs = [(v["http"], v["inprocess"]) for v in by.values() if {"http", "inprocess"} <= set(v)]
+    if not pairs:
+        return []
+    same_idx = [a["served_digest"] == b["served_digest"] for a, b in pairs]
+    same_acc = [a["acc_curve"] == b["acc_curve"] for a, b in pairs]
+    differ = sorted({a["policy"] for (a, b), ok in zip(pairs, same_idx, strict=True) if not ok})
+    return [
+        f"- {len(pairs)} runs were recorded by both paths: {sum(same_idx)} served identical "
+        f"indices in every epoch, {sum(same_acc)} had identical accuracy curves"
+        + (f"; indices differ for {', '.join(differ)}" if differ else "")
+    ]
+
+
 def env_lines(records: Iterable[dict[str, Any]]) -> list[str]:
     """The machines and commands the results came from (env records, deduplicated)."""
     seen: set[str] = set()
@@ -334,6 +363,9 @@ def render(records: list[dict[str, Any]], *, results_name: str = "results/train.
         *env_lines(records),
         "",
     ]
+    eq = equivalence_lines(records)
+    if eq:
+        lines += ["HTTP service against the in-process engine:", "", *eq, ""]
     for task in tasks:
         runs = runs_of(records, task)
         epochs = sorted({int(r["epochs"]) for r in runs})
@@ -399,17 +431,25 @@ def write_doc(doc: Path, generated: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Regenerate the doc's tables from the results file."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=REPO / "results" / "train.jsonl")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        nargs="+",
+        default=[REPO / "results" / "train.jsonl"],
+        help="one or more JSONL files; for a run key in several, the later file wins",
+    )
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks_train.md")
     args = ap.parse_args(argv)
-    records = read_results(args.results)
+    records = [rec for path in args.results for rec in read_results(path)]
     if not records:
         raise SystemExit(f"no records in {args.results}")
-    try:
-        name = str(args.results.resolve().relative_to(REPO))
-    except ValueError:
-        name = str(args.results)
-    write_doc(args.doc, render(records, results_name=name))
+    names = []
+    for path in args.results:
+        try:
+            names.append(str(path.resolve().relative_to(REPO)))
+        except ValueError:
+            names.append(str(path))
+    write_doc(args.doc, render(records, results_name="`, `".join(names)))
     print(f"wrote {args.doc}")
     return 0
 

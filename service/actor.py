@@ -142,6 +142,11 @@ class SelectionActorImpl:
         await asyncio.shield(self._started)
         return await self.manager.epoch_stats(job_id, epoch)
 
+    async def shard_info(self, job_id: str) -> list[dict[str, Any]]:
+        """Where a ready job's shards run: shard id, range, node id, pid."""
+        await asyncio.shield(self._started)
+        return await self.manager.shard_info(job_id)
+
     async def delete_job(self, job_id: str) -> None:
         await asyncio.shield(self._started)
         await self.manager.delete_job(job_id)

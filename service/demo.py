@@ -82,6 +82,7 @@ def _job_spec(cfg: DemoConfig, policy: str, train_uri: str) -> dict[str, Any]:
 def prepare_data(cfg: DemoConfig) -> tuple[Path, Path]:
     """Fashion-MNIST (optionally the first ``train_limit`` rows) as Parquet under out_dir/data."""
     import pyarrow.parquet as pq
+
     from workers.datasets import write_image_parquet
 
     data_dir = cfg.out_dir / "data"
@@ -107,10 +108,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch.nn.functional as F
     from ray.train.torch import prepare_model
     from torch.utils.data import DataLoader, TensorDataset
-    from workers.datasets import load_image_parquet
 
     from client import SelectionClient
     from client.ray_train import sampler_from_context
+    from workers.datasets import load_image_parquet
 
     torch.manual_seed(config["seed"])
     torch.set_num_threads(1)
@@ -269,7 +270,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     )
     # shard actors reserve little CPU so that the Ray Train workers can be scheduled next to them
     service = start_service(
-        settings, pipeline_options=PipelineOptions(cpus_per_shard=0.05), name=None
+        settings, pipeline_options=PipelineOptions(cpus_per_shard=0.01), name=None
     )
     print(f"service: {service.url}  (API docs at {service.url}/docs)")
     client = SelectionClient(service.url)

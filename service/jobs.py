@@ -20,8 +20,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -38,12 +39,12 @@ from service.selection.engine import SelectionEngine
 from service.selection.partition import per_rank_length, rank_indices
 from service.specs import JobSpec
 from service.store import JobState, JobStore, check_job_id, new_job_id
-from workers.scores import ScoreConfig
 from workers.storage import Storage
 
 log = logging.getLogger(__name__)
 
 FEEDBACK_LOG = "feedback_log"
+T = TypeVar("T")
 
 
 @dataclass
@@ -174,7 +175,7 @@ class JobManager:
                     spec.dataset.feature,
                     spec.dataset.label_column,
                     spec.sae,
-                    _score_config(spec),
+                    spec.scores,
                     on_progress=lambda ph, d, t: self._on_progress(job, _scoring_phase(ph), d, t),
                     progress_bar=self.progress_bar,
                     allowed_roots=self.allowed_roots,
@@ -256,6 +257,13 @@ class JobManager:
         if not 0 <= epoch < epochs:
             raise EpochOutOfRange(f"epoch {epoch} outside [0, {epochs}) of job {job.id!r}")
 
+    async def shard_info(self, job_id: str) -> list[dict[str, Any]]:
+        """Per shard of a ready job: shard id, index range, Ray node and process id."""
+        import ray
+
+        job = self._ready(job_id)
+        return await asyncio.to_thread(ray.get, [a.info.remote() for a in job.scoring.actors])
+
     async def list_jobs(self) -> list[JobStatus]:
         return [j.status() for j in self._jobs.values() if not j.deleted]
 
@@ -282,9 +290,30 @@ class JobManager:
                 await asyncio.to_thread(self._next_epoch, job)
         return job.epochs[epoch]
 
+    def _with_engine(
+        self, job: Job, fn: Callable[[SelectionEngine], T], *, retry: bool = True
+    ) -> T:
+        """Run ``fn(engine)``; if a shard actor died under it, rebuild the engine and retry once.
+
+        Ray restarts a crashed ShardActor from the store, but the restarted process has no
+        selection state: re-attaching the policy and replaying the stored epochs and feedback
+        (`_build_engine`) restores exactly the state the engine had. With ``retry=False`` the
+        rebuild alone completes the call (feedback: the replayed log already holds it).
+        """
+        import ray
+
+        assert job.engine is not None
+        try:
+            return fn(job.engine)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            log.warning("job %s: shard actor failure (%s); rebuilding its engine", job.id, exc)
+            job.engine = self._build_engine(job, job.scoring)
+            return fn(job.engine) if retry else None  # type: ignore[return-value]
+
     def _next_epoch(self, job: Job) -> None:
-        engine = job.engine
-        assert engine is not None
+        self._with_engine(job, lambda engine: self._select_and_commit(job, engine))
+
+    def _select_and_commit(self, job: Job, engine: SelectionEngine) -> None:
         t = engine.last_committed + 1
         t0 = time.perf_counter()
         res = engine.select(t)
@@ -352,7 +381,9 @@ class JobManager:
                 f"{FEEDBACK_LOG}/{seq:08d}.npz", _npz(before=before, epoch=epoch, idx=idx, loss=val)
             )
             job.feedback_seq += 1
-            await asyncio.to_thread(engine.feedback, idx, val)
+            await asyncio.to_thread(
+                self._with_engine, job, lambda e: e.feedback(idx, val), retry=False
+            )
 
     def _feedback_log(self, job_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
         js = self.store.job_storage(job_id)
@@ -387,10 +418,6 @@ class JobManager:
                 self.store.storage.delete(f"scoring/{key}")  # no other job uses this scoring
 
 
-def _score_config(spec: JobSpec) -> ScoreConfig:
-    return getattr(spec, "scores", None) or ScoreConfig()
-
-
 def scoring_key(spec: JobSpec) -> str:
     """Content key of a job's scoring: dataset, features, labels, SAE and score config.
 
@@ -401,7 +428,7 @@ def scoring_key(spec: JobSpec) -> str:
         "feature": dataclasses.asdict(spec.dataset.feature),
         "label": spec.dataset.label_column,
         "sae": {k: v for k, v in dataclasses.asdict(spec.sae).items() if k != "device"},
-        "scores": dataclasses.asdict(_score_config(spec)),
+        "scores": dataclasses.asdict(spec.scores),
     }
     blob = json.dumps(doc, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]

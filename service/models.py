@@ -64,6 +64,14 @@ class SAEModel(_Strict):
     remove_parallel_grad: bool | None = None
 
 
+class ScoresModel(_Strict):
+    """How R and D are computed (``workers.scores.ScoreConfig``); unset fields keep defaults."""
+
+    representativeness: Literal["weighted", "frequent_set"] | None = None
+    diversity: Literal["weighted", "max"] | None = None
+    quantile: float | None = Field(default=None, gt=0.0, lt=1.0)
+
+
 class JobSpecModel(_Strict):
     """Body of ``POST /v1/jobs``."""
 
@@ -93,6 +101,7 @@ class JobSpecModel(_Strict):
     dataset: DatasetModel
     policy: PolicyModel
     sae: SAEModel = Field(default_factory=lambda: SAEModel())
+    scores: ScoresModel = Field(default_factory=lambda: ScoresModel())
 
 
 class FeedbackModel(_Strict):

@@ -28,6 +28,7 @@ from service.errors import InvalidRequest
 from service.policies import PolicyConfig, make_policy
 from workers.features import FeatureSpec
 from workers.sae import SAEConfig
+from workers.scores import ScoreConfig
 
 if TYPE_CHECKING:
     from service.models import JobSpecModel
@@ -64,6 +65,8 @@ class JobSpec:
     """Selection policy: name, ratio, epochs, seed, params."""
     sae: SAEConfig = field(default_factory=SAEConfig)
     """Sparse autoencoder config (used by the ``factor`` policy's scoring)."""
+    scores: ScoreConfig = field(default_factory=ScoreConfig)
+    """How representativeness R and diversity D are computed from the codes."""
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -80,6 +83,7 @@ class JobSpec:
             },
             "policy": dataclasses.asdict(self.policy),
             "sae": dataclasses.asdict(self.sae),
+            "scores": dataclasses.asdict(self.scores),
         }
 
     @classmethod
@@ -131,8 +135,11 @@ def _build(d: Mapping[str, Any]) -> JobSpec:
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(f"policy.params: {exc}") from exc
     sae = _construct("sae", SAEConfig, _section(d, "sae"))
+    scores = _construct("scores", ScoreConfig, _section(d, "scores"))
     try:
-        return JobSpec(name=str(d.get("name", "")), dataset=dataset, policy=policy, sae=sae)
+        return JobSpec(
+            name=str(d.get("name", "")), dataset=dataset, policy=policy, sae=sae, scores=scores
+        )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
 
@@ -246,7 +253,8 @@ SAE_NULLABLE = frozenset({"units", "aux_k", "max_train_samples"})
 
 def job_spec_from_model(model: JobSpecModel, settings: Settings) -> JobSpec:
     """Convert the validated pydantic body of ``POST /v1/jobs`` into a ``JobSpec``."""
-    d = model.model_dump(exclude={"sae"})
+    d = model.model_dump(exclude={"sae", "scores"})
+    d["scores"] = {k: v for k, v in model.scores.model_dump().items() if v is not None}
     # null means "default" except where None is itself a setting (units, aux_k, max_train_samples)
     d["sae"] = {
         k: v

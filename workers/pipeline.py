@@ -215,6 +215,8 @@ class SingleProcessScores(NamedTuple):
     """int64 (M,) factor counts."""
     p: np.ndarray
     """float64 (M,) factor frequencies."""
+    timings: dict[str, float]
+    """Seconds per phase (featurizing, training_sae, encoding, scoring)."""
 
 
 def _sample_seed(seed: int, stream: int) -> int:
@@ -265,6 +267,8 @@ def score_single_process(
     of the benchmarks.
     """
     opts = options or PipelineOptions()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     columns = [feature_spec.column] + ([label_column] if label_column else [])
     plan = plan_shards(dataset_uri, 1, columns=columns)
     table = read_shard(plan.shards[0], columns)
@@ -277,23 +281,29 @@ def score_single_process(
     extractor = make_extractor(feature_spec)
     extractor.load_state_dict(state)
     feats = np.asarray(extractor.transform(values, progress=False), dtype=np.float32)  # (N, d)
+    timings["featurizing"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     sae_idx = _sample_indices(
         n, _sae_train_count(sae_config, n), _sample_seed(sae_config.seed, _SAE_STREAM)
     )
     model = train_sae_distributed(feats[sae_idx], sae_config, num_workers=1, progress=False)
     model = sae_from_files(_sae_to_files(model, sae_config))  # the same round trip the shards see
+    timings["training_sae"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     bs = opts.encode_batch_size
     parts = [encode(model, feats[s : s + bs], batch_size=bs) for s in range(0, n, bs)]
     codes = SparseCodes.concat(parts)
     counts = factor_counts(codes, model.units)
     p = factor_frequencies(counts, n)
+    timings["encoding"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     raw_r, raw_d = score_codes(codes, p, score_config)
     labels = None
     if label_column:
         labels = np.asarray(table[label_column].to_numpy(), dtype=np.int64)
-    return SingleProcessScores(
-        rank_normalize(raw_r), rank_normalize(raw_d), labels, codes, counts, p
-    )
+    r, d = rank_normalize(raw_r), rank_normalize(raw_d)
+    timings["scoring"] = time.perf_counter() - t0
+    return SingleProcessScores(r, d, labels, codes, counts, p, timings)
 
 
 def _take(values: Any, idx: np.ndarray) -> Any:

@@ -73,7 +73,7 @@ def service(ray_local: None, subset: Path) -> Iterator[ServiceHandle]:
         allowed_roots=[str(subset.parent)],
     )
     handle = start_service(
-        settings, pipeline_options=PipelineOptions(cpus_per_shard=0.05), name=None
+        settings, pipeline_options=PipelineOptions(cpus_per_shard=0.01), name=None
     )
     yield handle
     handle.stop()

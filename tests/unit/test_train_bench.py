@@ -313,6 +313,14 @@ def test_report_tables_from_tiny_jsonl(tmp_path: Path) -> None:
     for rec in _tiny_results():
         train_bench.append_record(path, rec)
     records = train_bench.read_results(path)
+    twin = [dict(r, served_digest=["ab", "cd"]) for r in records if r.get("policy") == "rs2"]
+    twin += [dict(r, via="http") for r in twin]
+    twin[-1]["served_digest"] = ["ab", "ce"]  # one http run served other indices
+    eq = train_report.equivalence_lines(twin)
+    assert eq == [
+        "- 2 runs were recorded by both paths: 1 served identical indices in every epoch, "
+        "2 had identical accuracy curves; indices differ for rs2"
+    ]
     text = train_report.render(records)
     assert "| full |" in text and "91.00 ± 1.41 (2)" in text  # mean ± sample std of 0.90, 0.92
     assert "| factor | 90.20 ± 0.42 (2) |" in text

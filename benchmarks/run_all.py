@@ -1,4 +1,4 @@
-"""`make bench`: run every benchmark script in turn; each prints its figures and writes them to docs/.
+"""`make bench`: run every benchmark script in turn; each prints and writes its figures to docs/.
 
 Usage: python benchmarks/run_all.py [--only NAME ...] [--quick]
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from client.errors import SelectionError
 from client.http import SelectionClient
 
 
@@ -31,6 +32,9 @@ class SelectionSampler(Sampler[int]):
         A ``SelectionClient``.
     job_id:
         The job (must be ready: the plan is fetched here).
+    ready_timeout:
+        How long ``set_epoch`` waits when the service answers ``job_not_ready`` (a restarted
+        service re-attaching its stored scoring) before it asks again.
     rank, world_size:
         This trainer's rank and the number of ranks, ``0 <= rank < world_size``.
 
@@ -41,13 +45,22 @@ class SelectionSampler(Sampler[int]):
     prepare step.
     """
 
-    def __init__(self, client: SelectionClient, job_id: str, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        client: SelectionClient,
+        job_id: str,
+        rank: int,
+        world_size: int,
+        *,
+        ready_timeout: float = 600.0,
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
         self.client = client
         self.job_id = job_id
         self.rank = rank
         self.world_size = world_size
+        self.ready_timeout = ready_timeout
         self.plan: dict[str, Any] = client.plan(job_id, world_size)
         self._per_rank = [int(e["per_rank"]) for e in self.plan["epochs"]]
         self.epoch = 0
@@ -69,7 +82,14 @@ class SelectionSampler(Sampler[int]):
         if not 0 <= epoch < self.num_epochs:
             raise ValueError(f"epoch must be in [0, {self.num_epochs}), got {epoch}")
         self.epoch = epoch
-        self._indices = self.client.indices(self.job_id, epoch, self.rank, self.world_size)
+        try:
+            self._indices = self.client.indices(self.job_id, epoch, self.rank, self.world_size)
+        except SelectionError as exc:
+            if exc.code != "job_not_ready":
+                raise
+            # the service restarted and is re-attaching its stored scoring: wait, then ask again
+            self.client.wait_ready(self.job_id, timeout=self.ready_timeout)
+            self._indices = self.client.indices(self.job_id, epoch, self.rank, self.world_size)
 
     def indices(self) -> np.ndarray:
         """int64 (per_rank,): this rank's indices of the current epoch (fetched on demand)."""

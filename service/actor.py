@@ -156,6 +156,4 @@ def selection_actor_class(max_restarts: int = -1) -> Any:
     """``ray.remote`` of `SelectionActorImpl`: no CPU reserved, restarted after a crash."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=max_restarts, max_concurrency=1000)(
-        SelectionActorImpl
-    )
+    return ray.remote(num_cpus=0, max_restarts=max_restarts)(SelectionActorImpl)

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -28,7 +29,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve_forever
     from service.settings import Settings
 
-    overrides: dict[str, object] = {"host": args.host, "port": args.port, "insecure": args.insecure}
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "insecure": args.insecure}
     if args.store:
         overrides["store"] = args.store
     if args.address:

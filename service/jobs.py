@@ -211,6 +211,7 @@ class JobManager:
                 if before == epoch:
                     engine.feedback(idx, losses)
             stored = self.store.read_epoch(job.id, epoch)
+            assert stored is not None  # listed by committed_epochs
             res = engine.select(epoch)
             if not np.array_equal(res.indices, stored):
                 raise RuntimeError(
@@ -443,7 +444,7 @@ def _npz(**arrays: Any) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     return buf.getvalue()
 
 

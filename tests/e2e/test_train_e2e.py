@@ -143,7 +143,12 @@ def test_ray_train_workers_use_exactly_the_epoch_subset(
     out.mkdir()
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"url": service.url, "job_id": job, "train": str(subset), "out": str(out)},
+        train_loop_config={
+            "url": service.url,
+            "job_id": job,
+            "train": str(subset),
+            "out": str(out),
+        },
         scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 0.9}),
         run_config=RunConfig(name="e2e", storage_path=str(tmp_path / "ray")),
     )

@@ -219,6 +219,24 @@ def test_sampler_lengths_iteration_and_equal_ranks(
         SelectionSampler(client, job, rank=3, world_size=3)
 
 
+def test_sampler_waits_while_a_restarted_service_reattaches(
+    client: SelectionClient, job: str, served: Any
+) -> None:
+    """A job that answers job_not_ready mid-training (service restart) is waited for."""
+    backend: FakeBackend = served[1]
+    sampler = SelectionSampler(client, job, rank=0, world_size=2, ready_timeout=10)
+    backend.set_phase(job, "scoring")
+    timer = threading.Timer(0.3, backend.set_phase, args=(job, "ready"))
+    timer.start()
+    sampler.set_epoch(1)
+    timer.join()
+    assert list(sampler) == client.indices(job, 1, 0, 2).tolist()
+    backend.set_phase(job, "failed", error="disk full")
+    with pytest.raises(JobFailedError, match="disk full"):
+        sampler.set_epoch(2)
+    backend.set_phase(job, "ready")
+
+
 def test_sampler_in_a_dataloader(client: SelectionClient, job: str) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset

@@ -66,6 +66,12 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from service.simulate import run_simulation_cli
+
+    return run_simulation_cli(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import DemoConfig, run_demo
 
@@ -110,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("target", nargs="?", help="SPEC.json for create, a job id for status/delete")
     jobs.add_argument("--url", default=os.environ.get("SAELECT_URL", DEFAULT_URL))
     jobs.set_defaults(func=_cmd_jobs)
+
+    sim = sub.add_parser("simulate", help="preview a policy's epochs in-process (no training)")
+    sim.add_argument("uri", help="Parquet file or directory")
+    sim.add_argument("--policy", default="factor")
+    sim.add_argument("--ratio", type=float, default=0.3)
+    sim.add_argument("--epochs", type=int, default=20)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--params", default=None, help="policy params as JSON, e.g. '{\"gamma\": 0.5}'"
+    )
+    sim.add_argument("--feature", default="pixels", help="feature kind: pixels, column, text")
+    sim.add_argument("--column", default="image")
+    sim.add_argument("--dim", type=int, default=64)
+    sim.add_argument("--label", default="label")
+    sim.add_argument("--units", type=int, default=512)
+    sim.add_argument("--k", type=int, default=16)
+    sim.add_argument("--sae-epochs", type=int, default=5)
+    sim.add_argument("--plot", default=".saelect/simulate.png")
+    sim.set_defaults(func=_cmd_simulate)
 
     demo = sub.add_parser("demo", help="the whole main job on an embedded local Ray")
     demo.add_argument("--epochs", type=int, default=6)

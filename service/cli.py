@@ -150,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `saelect` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines show up when piped
     if args.command == "jobs" and args.action != "list" and not args.target:
         parser.error(f"jobs {args.action} needs a target")
     return int(args.func(args))

@@ -291,7 +291,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             res = train_with_service(cfg, service.url, job["id"], policy, train, test)
             res.update(score_s=score_s, sample_fraction=plan["sample_fraction"], job_id=job["id"])
             stats = [client.stats(job["id"], t) for t in range(cfg.epochs)]
-            res["selection_s"] = sum(float(s.get("selection_seconds", 0.0)) for s in stats)
+            res["selection_per_epoch"] = [float(s.get("selection_seconds", 0.0)) for s in stats]
+            res["selection_s"] = sum(res["selection_per_epoch"])
             res["fetch_s"] = sum(e["fetch_s"] for e in res["history"])
             res["coverage"] = stats[-1]["coverage"]
             results[policy] = res

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.policies.base import Policy, Stage
-from service.policies.ucb import ema_counters, ema_feedback, random_scores
+from service.policies.base import Stage
+from service.policies.loss_ema import LossEMAPolicy, random_scores
 from workers.selection_shard import ShardData
 
 __all__ = ["EpsilonGreedyParams", "EpsilonGreedyPolicy"]
@@ -34,11 +34,10 @@ class EpsilonGreedyParams:
             raise ValueError(f"alpha={self.alpha} outside (0, 1]")
 
 
-class EpsilonGreedyPolicy(Policy):
+class EpsilonGreedyPolicy(LossEMAPolicy):
     """Highest-loss samples plus a random share."""
 
     name = "epsilon_greedy"
-    needs_feedback = True
     params_type = EpsilonGreedyParams
     params: EpsilonGreedyParams
 
@@ -51,9 +50,6 @@ class EpsilonGreedyPolicy(Policy):
         size = int(ctx["size"])
         exploit = min(math.floor((1.0 - self.params.epsilon) * size + 0.5), ctx["seen"])
         return [Stage("exploit", exploit), Stage("explore", size - exploit)]
-
-    def init_counters(self, n: int) -> dict[str, np.ndarray]:
-        return ema_counters(n)
 
     def local_stats(
         self, epoch: int, data: ShardData, counters: dict[str, np.ndarray], ctx: dict | None
@@ -69,12 +65,3 @@ class EpsilonGreedyPolicy(Policy):
         s = counters["ema"].copy()
         s[~seen] = -np.inf
         return s
-
-    def feedback(
-        self,
-        data: ShardData,
-        counters: dict[str, np.ndarray],
-        local_idx: np.ndarray,
-        losses: np.ndarray,
-    ) -> None:
-        ema_feedback(counters, local_idx, losses, self.params.alpha)

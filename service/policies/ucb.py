@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.policies.base import Policy, Stage, check_losses
-from service.selection.hashing import STREAM_RANDOM, uniform01
+from service.policies.base import Stage
+from service.policies.loss_ema import LossEMAPolicy, random_scores
 from workers.selection_shard import ShardData
 
-__all__ = ["UCBParams", "UCBPolicy", "ema_counters", "ema_feedback"]
+__all__ = ["UCBParams", "UCBPolicy"]
 
 
 @dataclass(frozen=True)
@@ -36,34 +36,10 @@ class UCBParams:
             raise ValueError(f"c={self.c} must be >= 0")
 
 
-def ema_counters(n: int) -> dict[str, np.ndarray]:
-    """Per-sample loss EMA (float64 (n,)) and feedback count (int32 (n,))."""
-    return {"ema": np.zeros(n), "seen": np.zeros(n, dtype=np.int32)}
-
-
-def ema_feedback(
-    counters: dict[str, np.ndarray], local_idx: np.ndarray, losses: np.ndarray, alpha: float
-) -> None:
-    """Fold losses into the EMA counters (first loss sets the EMA)."""
-    check_losses(local_idx, losses)
-    ema, seen = counters["ema"], counters["seen"]
-    old = ema[local_idx]
-    ema[local_idx] = np.where(seen[local_idx] > 0, (1.0 - alpha) * old + alpha * losses, losses)
-    seen[local_idx] += 1
-
-
-def random_scores(seed: int, epoch: int, data: ShardData, eligible: np.ndarray) -> np.ndarray:
-    """uniform01(seed, epoch, random stream, i) where eligible, -inf elsewhere (float64 (n,))."""
-    s = uniform01(seed, epoch, STREAM_RANDOM, np.arange(data.lo, data.hi, dtype=np.int64))
-    s[~eligible] = -np.inf
-    return s
-
-
-class UCBPolicy(Policy):
+class UCBPolicy(LossEMAPolicy):
     """Loss EMA plus a count-based exploration bonus."""
 
     name = "ucb"
-    needs_feedback = True
     params_type = UCBParams
     params: UCBParams
 
@@ -75,9 +51,6 @@ class UCBPolicy(Policy):
     def stages(self, epoch: int, ctx: dict) -> list[Stage]:
         first = min(int(ctx["size"]), ctx["unseen"])
         return [Stage("unseen", first), Stage("ucb", int(ctx["size"]) - first)]
-
-    def init_counters(self, n: int) -> dict[str, np.ndarray]:
-        return ema_counters(n)
 
     def local_stats(
         self, epoch: int, data: ShardData, counters: dict[str, np.ndarray], ctx: dict | None
@@ -94,12 +67,3 @@ class UCBPolicy(Policy):
         s = counters["ema"] + self.params.c * bonus
         s[seen == 0] = -np.inf
         return s
-
-    def feedback(
-        self,
-        data: ShardData,
-        counters: dict[str, np.ndarray],
-        local_idx: np.ndarray,
-        losses: np.ndarray,
-    ) -> None:
-        ema_feedback(counters, local_idx, losses, self.params.alpha)

@@ -7,52 +7,26 @@ the ranks' indices are disjoint, equal in number and together exactly the epoch'
 
 from __future__ import annotations
 
-import os
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-for _key, _value in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-}.items():
-    os.environ.setdefault(_key, _value)
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
 
-import json  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import ray  # noqa: E402
-
-from client import SelectionClient  # noqa: E402
-from service.server import ServiceHandle, start_service  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from workers.datasets import write_image_parquet  # noqa: E402
-from workers.pipeline import PipelineOptions  # noqa: E402
+from client import SelectionClient
+from service.server import ServiceHandle, start_service
+from service.settings import Settings
+from workers.datasets import write_image_parquet
+from workers.pipeline import PipelineOptions
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROWS = 2000
 EPOCHS = 2
 WORKERS = 2
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=512 * 1024**2,
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

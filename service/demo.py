@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -205,8 +206,8 @@ def train_with_service(
             "job_id": job_id,
             "policy": policy,
             "seed": cfg.seed,
-            "train": str(train),
-            "test": str(test),
+            "train": str(train.resolve()),
+            "test": str(test.resolve()),
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
             "result": str(result_path.resolve()),
@@ -261,11 +262,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     t0 = time.perf_counter()
     train, test = prepare_data(cfg)
     print(f"data: {train} ({time.perf_counter() - t0:.1f}s)")
-    init_ray()
+    init_ray(log_to_driver=True)  # the workers' per-epoch lines show up here
+    store = cfg.out_dir / "store"
+    if store.exists():  # a fresh store, so that the scoring time below is a real one
+        shutil.rmtree(store)
     settings = Settings(
         host="127.0.0.1",
         port=0,
-        store=str((cfg.out_dir / "store").resolve()),
+        store=str(store.resolve()),
         allowed_roots=[str(cfg.out_dir.resolve())],
     )
     # shard actors reserve little CPU so that the Ray Train workers can be scheduled next to them
@@ -284,9 +288,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             score_s = time.perf_counter() - t_score
             num_samples = int(status["num_samples"])
             plan = client.plan(job["id"], cfg.workers)
+            how = "scored" if not results else "loaded the shared scoring of"
             print(
-                f"[{policy}] scored {num_samples} samples in {score_s:.1f}s; "
-                f"sample fraction {plan['sample_fraction']:.3f}"
+                f"[{policy}] {how} {num_samples} samples in {score_s:.1f}s; "
+                f"sample fraction {plan['sample_fraction']:.3f}",
+                flush=True,
             )
             res = train_with_service(cfg, service.url, job["id"], policy, train, test)
             res.update(score_s=score_s, sample_fraction=plan["sample_fraction"], job_id=job["id"])

@@ -22,7 +22,9 @@ _LOOPBACK_ENV = {
 }
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+def init_ray(
+    address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False
+) -> bool:
     """Connect to Ray unless connected; returns True when this call started a local Ray.
 
     ``address`` None and no ``RAY_ADDRESS``: a private local Ray (no dashboard, loopback only).
@@ -33,7 +35,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         return False
     for key, value in _LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
@@ -42,7 +44,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
         namespace=NAMESPACE,
         num_cpus=num_cpus,
         include_dashboard=False,
-        log_to_driver=False,
+        log_to_driver=log_to_driver,
         object_store_memory=512 * 1024**2,
     )
     return True

@@ -396,12 +396,15 @@ def done_keys(path: Path) -> set[str]:
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk."""
+    """Append one JSON line with a single O_APPEND write (concurrent sweeps may share a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    data = (json.dumps(record, default=_json_default) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _json_default(obj: Any) -> Any:

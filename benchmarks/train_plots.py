@@ -37,9 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def plot_acc_vs_samples(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Accuracy against samples processed per policy; False when there is nothing to plot."""
+    """Accuracy against samples processed per policy (factor variants left out: they have the
+    ablation table); False when there is nothing to plot."""
     by: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
+        if "[" in row_name(r):  # ablation variants have their own table
+            continue
         by[row_name(r)][float(r["ratio"])].append((r["sample_fraction"], r["final_acc"]))
     if not by:
         return False
@@ -161,7 +164,8 @@ def plot_lambda_rd(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     )
     if not ratios:
         return False
-    fig, axes = plt.subplots(1, len(ratios), figsize=(4 * len(ratios), 3.6), squeeze=False)
+    width = max(4 * len(ratios), 6)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(width, 3.8), squeeze=False)
     for ax, ratio in zip(axes[0], ratios, strict=True):
         for key, style in (("lambda", "k-"), ("mean_R", "b-o"), ("mean_D", "r-s")):
             s = _diag_series(runs, "factor", ratio, key)

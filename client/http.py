@@ -35,28 +35,39 @@ def _error_from(resp: httpx.Response) -> SelectionError:
         return SelectionError(resp.status_code, f"http_{resp.status_code}", text)
 
 
-def _read_int64(resp: httpx.Response) -> np.ndarray:
-    """Stream a little-endian int64 body straight into one array: int64 (X-Saelect-Count,)."""
+def _read_array(resp: httpx.Response, dtype: str) -> np.ndarray:
+    """Stream a little-endian ``dtype`` body straight into one array: (X-Saelect-Count,)."""
+    item = np.dtype(dtype).itemsize
     count = resp.headers.get(COUNT_HEADER)
     if count is None or not count.isdigit():
         data = resp.read()
-        if len(data) % 8:
-            raise SelectionError(resp.status_code, "bad_body", f"{len(data)} bytes is not int64s")
-        return np.frombuffer(data, dtype="<i8").astype(np.int64)
-    out = np.empty(int(count), dtype="<i8")  # one copy: socket chunks land in place
+        if len(data) % item:
+            raise SelectionError(resp.status_code, "bad_body", f"{len(data)} bytes is not {dtype}")
+        return np.frombuffer(data, dtype=dtype).copy()
+    out = np.empty(int(count), dtype=dtype)  # one copy: socket chunks land in place
     view = memoryview(out).cast("B")  # type: ignore[arg-type]
     pos = 0
     for chunk in resp.iter_bytes():
         end = pos + len(chunk)
         if end > view.nbytes:
-            raise SelectionError(resp.status_code, "bad_body", f"more than {count} indices sent")
+            raise SelectionError(resp.status_code, "bad_body", f"more than {count} values sent")
         view[pos:end] = chunk
         pos = end
     if pos != view.nbytes:
         raise SelectionError(
-            resp.status_code, "truncated", f"expected {count} indices, received {pos // 8}"
+            resp.status_code, "truncated", f"expected {count} values, received {pos // item}"
         )
-    return out.astype(np.int64, copy=False)
+    return out
+
+
+def _read_int64(resp: httpx.Response) -> np.ndarray:
+    """int64 (X-Saelect-Count,) from a binary indices body."""
+    return _read_array(resp, "<i8").astype(np.int64, copy=False)
+
+
+def _read_float32(resp: httpx.Response) -> np.ndarray:
+    """float32 (X-Saelect-Count,) from a binary weights body."""
+    return _read_array(resp, "<f4").astype(np.float32, copy=False)
 
 
 class SelectionClient:
@@ -245,6 +256,18 @@ class SelectionClient:
             params=params,
             headers={"Accept": "application/octet-stream"},
             read=_read_int64,
+        )
+
+    def weights(self, job_id: str, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """Loss weights aligned with ``indices`` of the same arguments: float32 (per_rank,);
+        all 1 unless the job's policy reweights samples (infobatch)."""
+        path = f"{self._job(job_id)}/epochs/{int(epoch)}/weights"
+        return self._request(  # type: ignore[no-any-return]
+            "GET",
+            path,
+            params={"rank": rank, "world_size": world_size},
+            headers={"Accept": "application/octet-stream"},
+            read=_read_float32,
         )
 
     def feedback(

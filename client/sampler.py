@@ -95,7 +95,8 @@ class SelectionSampler(Sampler[int]):
         """int64 (per_rank,): this rank's indices of the current epoch (fetched on demand)."""
         if self._indices is None:
             self.set_epoch(self.epoch)
-        assert self._indices is not None
+        if self._indices is None:  # set_epoch either sets them or raises
+            raise RuntimeError(f"no indices for epoch {self.epoch}")
         return self._indices
 
     def __len__(self) -> int:

@@ -102,7 +102,16 @@ def prepare_data(cfg: DemoConfig) -> tuple[Path, Path]:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: a small CNN on the rank's subset, pulled over HTTP each epoch."""
+    """Ray Train worker: seeded model init and dropout, scoped so the global RNG is restored."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(config["seed"])
+        _train(config)
+
+
+def _train(config: dict[str, Any]) -> None:
+    """A small CNN on this rank's subset, pulled over HTTP each epoch."""
     import numpy as np
     import ray.train
     import torch
@@ -114,7 +123,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     from client.ray_train import sampler_from_context
     from workers.datasets import load_image_parquet
 
-    torch.manual_seed(config["seed"])
     torch.set_num_threads(1)
     x_tr, y_tr = load_image_parquet(config["train"])
     x_te, y_te = load_image_parquet(config["test"])

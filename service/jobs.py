@@ -211,7 +211,8 @@ class JobManager:
                 if before == epoch:
                     engine.feedback(idx, losses)
             stored = self.store.read_epoch(job.id, epoch)
-            assert stored is not None  # listed by committed_epochs
+            if stored is None:  # listed by committed_epochs, so only a concurrent delete
+                raise RuntimeError(f"epoch {epoch} of job {job.id} vanished from the store")
             res = engine.select(epoch)
             if not np.array_equal(res.indices, stored):
                 raise RuntimeError(
@@ -303,7 +304,8 @@ class JobManager:
         """
         import ray
 
-        assert job.engine is not None
+        if job.engine is None:
+            raise JobNotReady(f"job {job.id!r} has no selection engine (phase {job.phase})")
         try:
             return fn(job.engine)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
@@ -378,7 +380,8 @@ class JobManager:
             raise InvalidRequest("losses must be finite numbers")
         async with job.lock:
             engine = job.engine
-            assert engine is not None
+            if engine is None:
+                raise JobNotReady(f"job {job_id!r} has no selection engine (phase {job.phase})")
             before = engine.last_committed + 1
             seq = job.feedback_seq
             self.store.job_storage(job_id).write_bytes(

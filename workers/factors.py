@@ -38,7 +38,7 @@ def factor_counts(codes: SparseCodes, units: int) -> np.ndarray:
         raise ValueError(f"units must be >= 1, got {units}")
     if codes.ids.size and int(codes.ids.max()) >= units:
         raise ValueError(f"unit id {int(codes.ids.max())} >= units={units}")
-    active = codes.values > 0  # (N, k); ids are distinct per row, so each sample counts once
+    active = codes.active_mask()  # (N, k); ids are distinct per row: each sample counts once
     return np.bincount(codes.ids[active], minlength=units).astype(np.int64)
 
 
@@ -69,12 +69,17 @@ def dead_share(codes: SparseCodes, units: int) -> float:
     return float(np.mean(factor_counts(codes, units) == 0))
 
 
-def profiles(codes: SparseCodes) -> np.ndarray:
-    """float64 (N, k) activation profile a_i = z_i / sum_j z_ij on the stored entries.
+def profiles(codes: SparseCodes, p: np.ndarray | None = None) -> np.ndarray:
+    """float64 (N, k) activation profile a_i = z_i / sum_j z_ij over the active entries.
 
-    Rows whose values sum to 0 (no active unit) get an all-zero profile.
+    With ``p`` (float64 (M,) factor frequencies), entries on dead units (p_j = 0) are dropped
+    first (DESIGN 2.3). Rows with no active (alive) entry get an all-zero profile.
     """
     z_NK = codes.values.astype(np.float64)
+    dropped_NK = ~codes.active_mask()
+    if p is not None:
+        dropped_NK |= np.asarray(p, dtype=np.float64)[codes.ids] <= 0
+    z_NK[dropped_NK] = 0.0
     s_N = z_NK.sum(axis=1, keepdims=True)
     out = np.zeros_like(z_NK)
     np.divide(z_NK, s_N, out=out, where=s_N > 0)

@@ -175,7 +175,8 @@ class ScoringResult:
         """Give every shard a fresh `SelectionShard` driven by ``policy``."""
         import ray
 
-        ray.get([a.attach_selection.remote(policy, with_codes) for a in self.actors])
+        policy_ref = ray.put(policy)  # one copy in the object store for every shard
+        ray.get([a.attach_selection.remote(policy_ref, with_codes) for a in self.actors])
 
     def scores(self) -> tuple[np.ndarray, np.ndarray]:
         """Rank-normalized R and D over [0, N), float64 (N,) each (gathered from the shards)."""

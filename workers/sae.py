@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.codes import SparseCodes
-from workers.factors import dead_share as _codes_dead_share
+from workers.factors import dead_share
 from workers.progress import OnProgress, Progress, batch_ranges
 
 __all__ = [
@@ -390,6 +390,12 @@ class SAEFit(NamedTuple):
     """Share of units never active when encoding the training sample, in [0, 1]."""
 
 
+def _first_nonfinite_row(x_ND: np.ndarray) -> int | None:
+    """Position of the first row holding NaN/inf, or None when every value is finite."""
+    finite_N = np.isfinite(x_ND).all(axis=1)
+    return None if finite_N.all() else int(np.flatnonzero(~finite_N)[0])
+
+
 def _check_features(features: Any, what: str = "features") -> np.ndarray:
     f_ND = np.asarray(features)
     if f_ND.ndim != 2:
@@ -397,8 +403,8 @@ def _check_features(features: Any, what: str = "features") -> np.ndarray:
     if f_ND.shape[0] < 1 or f_ND.shape[1] < 1:
         raise ValueError(f"{what} must have N >= 1 rows and D >= 1 columns, got {f_ND.shape}")
     f_ND = np.ascontiguousarray(f_ND, dtype=np.float32)
-    if not np.isfinite(f_ND).all():
-        row = int(np.flatnonzero(~np.isfinite(f_ND).all(axis=1))[0])
+    row = _first_nonfinite_row(f_ND)
+    if row is not None:
         raise ValueError(f"{what} has a non-finite value (NaN/inf) in row {row}")
     return f_ND
 
@@ -487,7 +493,7 @@ def fit_sae(
             bar.set_postfix(mse=f"{losses[-1]:.4f}")
     model.eval()
     codes = encode(model, f_ND)
-    return SAEFit(model, losses, _codes_dead_share(codes, model.units))
+    return SAEFit(model, losses, dead_share(codes, model.units))
 
 
 def encode(model: TopKSAE, features_ND: np.ndarray, *, batch_size: int = 8192) -> SparseCodes:
@@ -511,19 +517,14 @@ def encode(model: TopKSAE, features_ND: np.ndarray, *, batch_size: int = 8192) -
     with torch.inference_mode():
         for start, stop in batch_ranges(n, batch_size):
             part = np.ascontiguousarray(f_ND[start:stop], dtype=np.float32)
-            if not np.isfinite(part).all():
-                row = start + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
-                raise ValueError(f"features have a non-finite value (NaN/inf) in row {row}")
+            row = _first_nonfinite_row(part)
+            if row is not None:
+                raise ValueError(f"features have a non-finite value (NaN/inf) in row {start + row}")
             out = model.encode_topk(torch.from_numpy(part).to(device))
             ids[start:stop] = out.top_indices_BK.to(torch.int32).cpu().numpy()
             vals = out.top_acts_BK.clamp(max=_F16_MAX).to(torch.float16)
             values[start:stop] = vals.cpu().numpy()
     return SparseCodes(ids, values)
-
-
-def dead_share(codes: SparseCodes, units: int) -> float:
-    """Share of the ``units`` never active in ``codes``, in [0, 1]."""
-    return _codes_dead_share(codes, units)
 
 
 def save_sae(

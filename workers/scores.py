@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workers.codes import SparseCodes
+from workers.factors import profiles
 
 __all__ = [
     "DIVERSITY_FORMS",
@@ -82,16 +83,6 @@ def _check_p(codes: SparseCodes, p: np.ndarray) -> np.ndarray:
     return p_M
 
 
-def _alive_profiles(codes: SparseCodes, p_M: np.ndarray) -> np.ndarray:
-    """float64 (N, k) profile over the active entries on alive units; zero rows stay zero."""
-    z_NK = codes.values.astype(np.float64)
-    z_NK[(z_NK <= 0) | (p_M[codes.ids] <= 0)] = 0.0
-    s_N1 = z_NK.sum(axis=1, keepdims=True)
-    a_NK = np.zeros_like(z_NK)
-    np.divide(z_NK, s_N1, out=a_NK, where=s_N1 > 0)
-    return a_NK
-
-
 def rarity_weights(p: np.ndarray) -> np.ndarray:
     """float64 (M,) w_j = log(1/p_j) min-max scaled to [0, 1] over alive units; 0 on dead units.
 
@@ -128,7 +119,7 @@ def representativeness(
     """
     ScoreConfig(representativeness=form, quantile=quantile)  # validates form and quantile
     p_M = _check_p(codes, p)
-    a_NK = _alive_profiles(codes, p_M)
+    a_NK = profiles(codes, p_M)
     alive = p_M > 0
     if not alive.any():
         return np.zeros(codes.num_samples, dtype=np.float64)
@@ -156,10 +147,10 @@ def diversity(codes: SparseCodes, p: np.ndarray, *, form: str = "weighted") -> n
     p_M = _check_p(codes, p)
     w_M = rarity_weights(p_M)
     if form == "weighted":
-        a_NK = _alive_profiles(codes, p_M)
+        a_NK = profiles(codes, p_M)
         return (a_NK * w_M[codes.ids]).sum(axis=1)
     w_NK = w_M[codes.ids]
-    active = (codes.values > 0) & (p_M[codes.ids] > 0)
+    active = codes.active_mask() & (p_M[codes.ids] > 0)
     w_NK = np.where(active, w_NK, 0.0)  # w >= 0, so inactive entries cannot raise the max
     if codes.k == 0:
         return np.zeros(codes.num_samples, dtype=np.float64)

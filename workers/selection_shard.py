@@ -26,7 +26,6 @@ import numpy as np
 __all__ = ["SelectionShard", "ShardData", "ShardPolicy", "score_keys"]
 
 _SIGN = np.uint64(1 << 63)
-_U64_MAX = (1 << 64) - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,19 +72,30 @@ class ShardData:
 
 
 class ShardPolicy(Protocol):
-    """The part of a selection policy that runs where the samples live (see service/policies)."""
+    """The part of a selection policy that runs where the samples live (see service/policies).
 
-    def init_counters(self, n: int) -> dict[str, np.ndarray]: ...
+    The methods are documented on ``service.policies.base.Policy``, which implements them.
+    """
+
+    def init_counters(self, n: int) -> dict[str, np.ndarray]:
+        """Per-sample mutable state (arrays with n rows) beyond ``usage``."""
+        ...
 
     def local_stats(
         self, epoch: int, data: ShardData, counters: dict[str, np.ndarray], ctx: dict | None
-    ) -> dict: ...
+    ) -> dict:
+        """Partial reductions for the coordinator's per-epoch context."""
+        ...
 
     def local_scores(
         self, stage: Any, epoch: int, ctx: dict, data: ShardData, counters: dict[str, np.ndarray]
-    ) -> np.ndarray: ...
+    ) -> np.ndarray:
+        """float64 (n,) stage scores; -inf = ineligible."""
+        ...
 
-    def tiebreak(self, epoch: int, global_idx: np.ndarray) -> np.ndarray: ...
+    def tiebreak(self, epoch: int, global_idx: np.ndarray) -> np.ndarray:
+        """uint64 tie-breaks of global indices."""
+        ...
 
     def weights(
         self,
@@ -94,7 +104,9 @@ class ShardPolicy(Protocol):
         data: ShardData,
         counters: dict[str, np.ndarray],
         selected_local: np.ndarray,
-    ) -> np.ndarray | None: ...
+    ) -> np.ndarray | None:
+        """float64 (m_s,) loss weights of the selected samples, or None (all 1)."""
+        ...
 
     def selection_partials(
         self,
@@ -103,7 +115,9 @@ class ShardPolicy(Protocol):
         data: ShardData,
         counters: dict[str, np.ndarray],
         selected_local: np.ndarray,
-    ) -> dict: ...
+    ) -> dict:
+        """Partial reductions over the shard's selection, for the epoch's stats."""
+        ...
 
     def commit(
         self,
@@ -112,7 +126,9 @@ class ShardPolicy(Protocol):
         data: ShardData,
         counters: dict[str, np.ndarray],
         selected_local: np.ndarray,
-    ) -> dict: ...
+    ) -> dict:
+        """Update the policy's counters for a committed selection."""
+        ...
 
     def feedback(
         self,
@@ -120,7 +136,9 @@ class ShardPolicy(Protocol):
         counters: dict[str, np.ndarray],
         local_idx: np.ndarray,
         losses: np.ndarray,
-    ) -> None: ...
+    ) -> None:
+        """Record per-sample losses (ValueError for a policy that takes none)."""
+        ...
 
 
 _NEG_INF_KEY = np.uint64(0x000FFFFFFFFFFFFF)  # raw order key of -inf, the smallest non-NaN
@@ -233,8 +251,8 @@ class SelectionShard:
             self._keys = score_keys(self.stage_scores())
         return self._keys
 
-    def score_summary(self) -> tuple[int, int | None, int | None]:
-        """(count, min key, max key) of the eligible scores; keys None when count is 0."""
+    def _range(self) -> tuple[int, int, int]:
+        """(count, min key, max key) of the eligible scores, (0, 0, 0) when none (cached)."""
         if self._full_range is None:
             keys = self._ensure_keys()
             count = int(np.count_nonzero(keys))
@@ -243,7 +261,11 @@ class SelectionShard:
             else:
                 shifted = keys - np.uint64(1)  # ineligible 0 wraps to the largest value
                 self._full_range = (count, int(shifted.min()) + 1, int(keys.max()))
-        count, kmin, kmax = self._full_range
+        return self._full_range
+
+    def score_summary(self) -> tuple[int, int | None, int | None]:
+        """(count, min key, max key) of the eligible scores; keys None when count is 0."""
+        count, kmin, kmax = self._range()
         return (count, kmin, kmax) if count else (0, None, None)
 
     def _window(self, klo: int, khi: int) -> np.ndarray:
@@ -265,9 +287,7 @@ class SelectionShard:
         keys = self._ensure_keys()
         win = self._win
         cached = win is not None and win[0] <= klo and khi <= win[1]
-        self.score_summary()
-        assert self._full_range is not None
-        count, kmin, kmax = self._full_range
+        count, kmin, kmax = self._range()
         if not cached and count and klo <= kmin and kmax <= khi:
             # the window holds every eligible key: one vector pass, no positions
             d = np.maximum(keys, np.uint64(klo))  # ineligible (0) lands in bin 0

@@ -480,11 +480,20 @@ def remote_shard_actor(
     return ray.remote(**options)(ShardActor)
 
 
+_PUT_BYTES = 1 << 16
+"""Array arguments at least this large are put in the object store once per broadcast."""
+
+
 def actor_broadcast(actors: Sequence[Any]) -> Callable[..., list[Any]]:
     """A ``broadcast(method, *args)`` over shard actors' attached selection (submit all, get)."""
     import ray
 
     def broadcast(method: str, *args: Any) -> list[Any]:
-        return ray.get([a.call.remote(method, *args) for a in actors])
+        # a large array argument (feedback indices, exact picks) goes to the object store once,
+        # not once per actor; Ray resolves top-level refs to their values in the actor
+        shared = tuple(
+            ray.put(a) if isinstance(a, np.ndarray) and a.nbytes >= _PUT_BYTES else a for a in args
+        )
+        return ray.get([a.call.remote(method, *shared) for a in actors])
 
     return broadcast

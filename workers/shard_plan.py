@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from workers.splitmix import GOLDEN, mix64
+
 __all__ = [
     "ShardPiece",
     "ShardPlan",
@@ -260,7 +262,8 @@ def plan_shards(
         elif set(file_names) != set(names):
             raise ValueError(f"Parquet file {f!r} has columns {file_names}, expected {names}")
         row_group_rows.append(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
-    assert names is not None  # files is non-empty
+    if names is None:  # pragma: no cover - _list_files raises for a dataset without files
+        raise ValueError(f"dataset {uri!r} contains no files")
     missing = [c for c in columns if c not in names]
     if missing:
         raise ValueError(f"column(s) {missing} not in dataset {uri!r}; it has {list(names)}")
@@ -329,11 +332,9 @@ def row_keys(seed: int, lo: int, hi: int) -> np.ndarray:
     The k rows with the smallest keys are a seeded uniform sample of the dataset that does not
     depend on how it is sharded (each shard computes its own keys). Shape (hi - lo,).
     """
-    idx = np.arange(lo, hi, dtype=np.uint64)
-    offset = np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) % 2**64)
+    z = np.arange(lo, hi, dtype=np.uint64)
+    offset = np.uint64(((seed + 1) * GOLDEN) % 2**64)
     with np.errstate(over="ignore"):
-        z = idx * np.uint64(0xD1B54A32D192ED03) + offset
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return z
+        z *= np.uint64(0xD1B54A32D192ED03)
+        z += offset
+        return mix64(z)

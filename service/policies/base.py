@@ -21,7 +21,17 @@ import numpy as np
 from service.selection.hashing import STREAM_TIEBREAK, hash_u64
 from workers.selection_shard import ShardData
 
-__all__ = ["NoParams", "Policy", "PolicyConfig", "Stage", "epoch_size", "parse_params"]
+__all__ = [
+    "NoParams",
+    "Policy",
+    "PolicyConfig",
+    "Stage",
+    "add_counts",
+    "check_losses",
+    "epoch_size",
+    "parse_params",
+    "round_half_up",
+]
 
 
 @dataclass(frozen=True)
@@ -101,11 +111,29 @@ def parse_params(cls: type[_T], params: Mapping[str, Any]) -> _T:
     return cls(**kwargs)
 
 
+def round_half_up(x: float) -> int:
+    """floor(x + 0.5): the rounding of every size computed from a ratio (never banker's)."""
+    return math.floor(x + 0.5)
+
+
 def epoch_size(ratio: float, num_samples: int) -> int:
     """m = round(r N), half up, at least 1 (0 for an empty dataset)."""
     if num_samples == 0:
         return 0
-    return min(num_samples, max(1, math.floor(ratio * num_samples + 0.5)))
+    return min(num_samples, max(1, round_half_up(ratio * num_samples)))
+
+
+def add_counts(parts: list[np.ndarray]) -> np.ndarray:
+    """int64 (C,) sum of per-shard bincounts of different lengths (C = the longest).
+
+    Example:
+        >>> add_counts([np.array([1, 2]), np.array([0, 1, 5])]).tolist()
+        [1, 3, 5]
+    """
+    counts = np.zeros(max((len(c) for c in parts), default=0), dtype=np.int64)
+    for c in parts:
+        counts[: len(c)] += c
+    return counts
 
 
 class Policy:

@@ -6,12 +6,11 @@ highest loss EMA; stage ``explore`` fills the epoch with random others by unifor
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.policies.base import Stage
+from service.policies.base import Stage, round_half_up
 from service.policies.loss_ema import LossEMAPolicy, random_scores
 from workers.selection_shard import ShardData
 
@@ -48,7 +47,7 @@ class EpsilonGreedyPolicy(LossEMAPolicy):
 
     def stages(self, epoch: int, ctx: dict) -> list[Stage]:
         size = int(ctx["size"])
-        exploit = min(math.floor((1.0 - self.params.epsilon) * size + 0.5), ctx["seen"])
+        exploit = min(round_half_up((1.0 - self.params.epsilon) * size), ctx["seen"])
         return [Stage("exploit", exploit), Stage("explore", size - exploit)]
 
     def local_stats(

@@ -21,11 +21,11 @@ all N samples).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from service.policies.base import Policy, PolicyConfig, Stage, epoch_size
+from service.policies.base import Policy, PolicyConfig, Stage, add_counts, epoch_size
 from service.schedules import ScheduleConfig, lambda_at
 from service.selection.hashing import STREAM_GUMBEL, gumbel
 from workers.selection_shard import ShardData
@@ -78,6 +78,18 @@ class FactorParams:
             raise ValueError(f"anneal_epochs={self.anneal_epochs} must be >= 0")
 
 
+def _need(data: ShardData, names: tuple[str, ...], who: str) -> list[np.ndarray]:
+    """The shard arrays ``names``; ValueError naming the missing ones and who needs them."""
+    arrays = [getattr(data, name) for name in names]
+    missing = [name for name, arr in zip(names, arrays, strict=True) if arr is None]
+    if missing:
+        raise ValueError(f"{who} needs {', '.join(missing)} in the shard data")
+    return arrays
+
+
+_CODES = ("code_ids", "code_values", "p")
+
+
 def largest_remainder(size: int, counts: np.ndarray) -> np.ndarray:
     """int64 (C,) per-class quotas summing to ``size``, proportional to ``counts`` (C,).
 
@@ -114,9 +126,8 @@ class FactorPolicy(Policy):
 
     @property
     def schedule(self) -> ScheduleConfig:
-        """The validated schedule."""
-        assert isinstance(self.params.schedule, ScheduleConfig)
-        return self.params.schedule
+        """The validated schedule (``FactorParams`` turns every accepted form into one)."""
+        return cast(ScheduleConfig, self.params.schedule)
 
     def _annealing(self, epoch: int) -> bool:
         return epoch >= self.config.epochs - self.params.anneal_epochs
@@ -131,10 +142,7 @@ class FactorPolicy(Policy):
         out["lambda"] = lambda_at(epoch, self.config.epochs, self.schedule)
         out["anneal"] = self._annealing(epoch)
         if self.params.class_quotas and not out["anneal"]:
-            width = max(len(p["class_counts"]) for p in partials)
-            counts = np.zeros(width, dtype=np.int64)
-            for p in partials:
-                counts[: len(p["class_counts"])] += p["class_counts"]
+            counts = add_counts([p["class_counts"] for p in partials])
             out["quotas"] = largest_remainder(out["size"], counts).tolist()
         if self.params.dynamic_coverage:
             out["coverage"] = self._coverage
@@ -187,28 +195,26 @@ class FactorPolicy(Policy):
     def local_stats(
         self, epoch: int, data: ShardData, counters: dict[str, np.ndarray], ctx: dict | None
     ) -> dict:
-        if data.R is None or data.D is None:
-            raise ValueError("policy 'factor' needs R and D in the shard data")
-        if self.params.dynamic_coverage and (data.code_ids is None or data.p is None):
-            raise ValueError("dynamic_coverage needs code ids/values and p in the shard data")
+        _need(data, ("R", "D"), "policy 'factor'")
+        if self.params.dynamic_coverage:
+            _need(data, _CODES, "dynamic_coverage")
         if self.params.class_quotas:
-            if data.labels is None:
-                raise ValueError("class_quotas needs labels in the shard data")
-            return {"class_counts": np.bincount(data.labels)}
+            (labels,) = _need(data, ("labels",), "class_quotas")
+            return {"class_counts": np.bincount(labels)}
         return {}
 
     def _diversity(self, ctx: dict, data: ShardData, idx: np.ndarray | None) -> np.ndarray:
         """D_i(t) for the local positions idx (all when None), float64."""
-        assert data.D is not None
-        D = data.D if idx is None else data.D[idx]
+        (D_all,) = _need(data, ("D",), "policy 'factor'")
+        D = D_all if idx is None else D_all[idx]
         total = ctx.get("selected_total", 0)
         if not self.params.dynamic_coverage or not total or ctx.get("coverage") is None:
             return D
-        assert data.code_ids is not None and data.code_values is not None and data.p is not None
-        ids = data.code_ids if idx is None else data.code_ids[idx]  # (n, k)
-        vals = (data.code_values if idx is None else data.code_values[idx]).astype(np.float32)
+        code_ids, code_values, p_M = _need(data, _CODES, "dynamic_coverage")
+        ids = code_ids if idx is None else code_ids[idx]  # (n, k)
+        vals = (code_values if idx is None else code_values[idx]).astype(np.float32)
         np.maximum(vals, 0, out=vals)
-        p = np.asarray(data.p, dtype=np.float64)  # (M,)
+        p = np.asarray(p_M, dtype=np.float64)  # (M,)
         expected = p * total
         rho = np.divide(ctx["coverage"], expected, out=np.zeros_like(p), where=expected > 0)
         g = (1.0 / (1.0 + rho)).astype(np.float32)  # (M,)
@@ -229,9 +235,9 @@ class FactorPolicy(Policy):
 
         Score = B - penalty (the penalty is in score units for both forms).
         """
-        assert data.R is not None
+        (R_all,) = _need(data, ("R",), "policy 'factor'")
         lam = float(ctx["lambda"])
-        R = data.R if idx is None else data.R[idx]
+        R = R_all if idx is None else R_all[idx]
         B = np.multiply(R, 1.0 - lam)
         tmp = np.multiply(self._diversity(ctx, data, idx), lam)
         B += tmp
@@ -260,8 +266,8 @@ class FactorPolicy(Policy):
             gidx = np.arange(data.lo, data.hi, dtype=np.int64)
             s += self.params.tau * gumbel(self.config.seed, epoch, STREAM_GUMBEL, gidx)
         if stage.key.startswith("class:"):
-            assert data.labels is not None
-            s[data.labels != int(stage.key.split(":", 1)[1])] = -np.inf
+            (labels,) = _need(data, ("labels",), "class_quotas")
+            s[labels != int(stage.key.split(":", 1)[1])] = -np.inf
         return s
 
     def _unit_counts(self, data: ShardData, selected_local: np.ndarray) -> dict:
@@ -280,19 +286,19 @@ class FactorPolicy(Policy):
         counters: dict[str, np.ndarray],
         selected_local: np.ndarray,
     ) -> dict:
-        assert data.R is not None and data.D is not None
+        R, D = _need(data, ("R", "D"), "policy 'factor'")
         B, pen = self._parts(epoch, ctx, data, counters, selected_local)
         out = {
             "count": int(selected_local.shape[0]),
-            "sum_R": float(data.R[selected_local].sum()),
-            "sum_D": float(data.D[selected_local].sum()),
+            "sum_R": float(R[selected_local].sum()),
+            "sum_D": float(D[selected_local].sum()),
             "abs_base": float(np.abs(B).sum()),
             "abs_penalty": 0.0 if pen is None else float(np.abs(pen).sum()),
         }
-        out.update(self._unit_counts(data, selected_local))
-        if "unit_counts" in out:
-            assert data.p is not None
-            out["live_units"] = int(np.count_nonzero(data.p > 0))
+        unit_counts = self._unit_counts(data, selected_local)
+        if unit_counts:
+            (p,) = _need(data, ("p",), "factor coverage")  # present: unit counts need it
+            out.update(unit_counts, live_units=int(np.count_nonzero(p > 0)))
         return out
 
     def commit(

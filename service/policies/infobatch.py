@@ -14,20 +14,15 @@ observed n_low (N / 2 before any).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.policies.base import Policy, PolicyConfig, Stage, check_losses
+from service.policies.base import Policy, PolicyConfig, Stage, check_losses, round_half_up
 from service.selection.hashing import STREAM_PRUNE, uniform01
 from workers.selection_shard import ShardData
 
 __all__ = ["InfoBatchParams", "InfoBatchPolicy"]
-
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
 
 
 @dataclass(frozen=True)
@@ -83,7 +78,7 @@ class InfoBatchPolicy(Policy):
             elif t == 0 or not self._pruning(t):
                 sizes.append(num_samples)
             else:
-                sizes.append(num_samples - _round_half_up(self.params.prune_ratio * low))
+                sizes.append(num_samples - round_half_up(self.params.prune_ratio * low))
         return sizes
 
     def context(self, epoch: int, partials: list[dict], ctx: dict | None = None) -> dict:
@@ -97,7 +92,7 @@ class InfoBatchPolicy(Policy):
         if out["prune"]:
             low = int(sum(p["low"] for p in partials))
             self._last_low = low
-            out["size"] = n - _round_half_up(self.params.prune_ratio * low)
+            out["size"] = n - round_half_up(self.params.prune_ratio * low)
         self._sizes[epoch] = out["size"]
         return out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from service.selection.hashing import gumbel, hash_u64, uniform01
 from service.selection.partition import per_rank_length, rank_indices
 from service.selection.shuffle import epoch_permutation, shuffle_epoch
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # the engine imports the policies, so it loads on first use
+def __getattr__(name: str) -> Any:  # the engine imports the policies, so it loads on first use
     if name in ("EpochResult", "SelectionEngine", "SingleProcessSelector"):
         from service.selection import engine
 

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from service.policies.base import Policy
+from service.policies.base import Policy, add_counts, check_losses
 from service.selection.shuffle import epoch_permutation
 from service.selection.threshold import Broadcast, ProtocolTrace, global_top_m, local_broadcast
 from service.selection.topk import top_m
@@ -159,11 +159,7 @@ class SelectionEngine:
         }
         hists = [p["class_counts"] for p in parts if p["class_counts"] is not None]
         if hists:
-            width = max(len(h) for h in hists)
-            counts = np.zeros(width, dtype=np.int64)
-            for h in hists:
-                counts[: len(h)] += h
-            stats["class_counts"] = counts.tolist()
+            stats["class_counts"] = add_counts(hists).tolist()
         stats.update(self.policy.epoch_stats(epoch, ctx, [p["policy"] for p in parts]))
         return stats
 
@@ -197,12 +193,9 @@ class SelectionEngine:
             raise ValueError(f"policy {self.policy.name!r} takes no feedback")
         indices = np.asarray(indices, dtype=np.int64).ravel()
         losses = np.asarray(losses, dtype=np.float64).ravel()
-        if indices.shape != losses.shape:
-            raise ValueError(f"{indices.shape[0]} indices but {losses.shape[0]} losses")
+        check_losses(indices, losses)
         if indices.shape[0] and (indices.min() < 0 or indices.max() >= self.num_samples):
             raise ValueError(f"feedback indices outside [0, {self.num_samples})")
-        if not np.all(np.isfinite(losses)):
-            raise ValueError("losses must be finite")
         return int(sum(self._broadcast("feedback", indices, losses)))
 
     def state_dict(self) -> dict[str, Any]:

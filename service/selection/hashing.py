@@ -19,6 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.splitmix import C1 as _C1
+from workers.splitmix import C2 as _C2
+from workers.splitmix import GOLDEN as _GOLDEN
+from workers.splitmix import mix64
+
 __all__ = [
     "STREAM_GUMBEL",
     "STREAM_PRUNE",
@@ -40,9 +45,6 @@ STREAM_PRUNE = 4
 """Stream of infobatch's pruning draws."""
 
 _MASK = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_C1 = 0xBF58476D1CE4E5B9
-_C2 = 0x94D049BB133111EB
 
 
 def _mix_int(x: int) -> int:
@@ -88,15 +90,7 @@ def hash_u64(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarra
     z = np.asarray(index).astype(np.uint64, copy=True)  # (N,)
     z *= np.uint64(_GOLDEN)
     z += key
-    t = np.right_shift(z, np.uint64(30))
-    z ^= t
-    z *= np.uint64(_C1)
-    np.right_shift(z, np.uint64(27), out=t)
-    z ^= t
-    z *= np.uint64(_C2)
-    np.right_shift(z, np.uint64(31), out=t)
-    z ^= t
-    return z
+    return mix64(z)
 
 
 def uniform01(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:

@@ -76,8 +76,9 @@ def _loop(config: dict[str, Any]) -> None:
         def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
             return xs[i], ys[i], i
 
-    torch.manual_seed(0)
-    model = prepare_model(torch.nn.Linear(xs.shape[1], 10))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # scoped: the model init only
+        model = prepare_model(torch.nn.Linear(xs.shape[1], 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = sampler_from_context(SelectionClient(config["url"]), config["job_id"])
     rank = ray.train.get_context().get_world_rank()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +31,16 @@ def tiny_module() -> torch.nn.Module:
         lin.weight.copy_(torch.arange(12, dtype=torch.float32).reshape(3, 4) / 10)
         lin.bias.copy_(torch.tensor([1.0, -1.0, 0.5]))
     return lin
+
+
+class _NaNFeatures(torch.nn.Module):
+    def forward(self, x_B4: torch.Tensor) -> torch.Tensor:
+        return torch.full((x_B4.shape[0], 3), float("nan"))
+
+
+def nan_module() -> torch.nn.Module:
+    """A module whose features are NaN (the extractor must refuse them)."""
+    return _NaNFeatures()
 
 
 def _npz_round_trip(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -201,7 +210,12 @@ def test_module_extractor_by_import_path() -> None:
         make_extractor(FeatureSpec("module", "x", module="no_such_pkg_xyz:f")).fit(x)
     with pytest.raises(ValueError, match="spec says 7"):
         make_extractor(FeatureSpec("module", "x", module=TINY_MODULE, dim=7)).fit(x)
-    assert math.isfinite(float(out.sum()))
+    with pytest.raises(ValueError, match="non-finite features"):
+        make_extractor(
+            FeatureSpec("module", "x", module="tests.unit.test_features:nan_module")
+        ).fit(x)
+    with pytest.raises(ValueError, match="module extractor is not fitted"):
+        make_extractor(spec).transform(x)
 
 
 # ---------------------------------------------------------------------- progress helper

@@ -153,7 +153,8 @@ def test_auxk_trains_dead_units_only_through_the_aux_loss() -> None:
     x = torch.from_numpy(_synthetic(n=256))[:8]  # 8 x k=4 ids: most units stay silent
     cfg = SAEConfig(units=64, k=4, dead_steps=2, aux_coef=1.0, normalize_decoder=False)
 
-    def enc_grad(dead_steps_ago: int) -> torch.Tensor:
+    def enc_grad(dead_steps_ago: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-unit W_enc gradient norms (M,), bool (M,) units that fired on the batch)."""
         model = TopKSAE(16, 64, 4, seed=3)
         with torch.no_grad():
             model.mean_D.copy_(x.mean(0))

@@ -100,9 +100,13 @@ def test_scores_lie_in_unit_interval(
     for x in (r, d):
         assert x.shape == (n,) and x.dtype == np.float64
         assert np.all(x >= -1e-12) and np.all(x <= 1 + 1e-12)
-    # the weighted D never exceeds the max form; a sample using only the rarest unit has D = 1
+    # the weighted D never exceeds the max form; a sample using only the rarest units has D = 1
     d_w, d_max = diversity(codes, p), diversity(codes, p, form="max")
     assert np.all(d_w <= d_max + 1e-12)
+    w = rarity_weights(p)
+    active = (codes.values > 0) & (p[codes.ids] > 0)  # (n, k) entries that carry profile mass
+    only_rarest = active.any(axis=1) & np.all(~active | (w[codes.ids] == 1.0), axis=1)
+    assert np.allclose(d_w[only_rarest], 1.0) and np.allclose(d_max[only_rarest], 1.0)
 
 
 def test_counts_add_over_shards() -> None:

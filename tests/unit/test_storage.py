@@ -85,10 +85,11 @@ def test_unsafe_relative_paths_refused(storage: Storage, rel: str) -> None:
 
 
 def test_root_cannot_be_deleted_or_written(storage: Storage) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="storage root"):
         storage.delete("")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="storage root"):
         storage.write_bytes("", b"x")
+    assert storage.list_dir() == []  # nothing was written
 
 
 def test_bad_roots() -> None:

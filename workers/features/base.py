@@ -24,7 +24,10 @@ __all__ = [
     "FeatureSpec",
     "as_float_matrix",
     "column_to_numpy",
+    "dim_from_state",
+    "dim_state",
     "map_batches",
+    "require_fitted",
 ]
 
 KINDS = ("column", "pixels", "text", "module")
@@ -94,6 +97,26 @@ class Extractor(Protocol):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore a state from `state_dict` (e.g. on a shard)."""
         ...
+
+
+def require_fitted(out_dim: int | None, kind: str) -> int:
+    """``out_dim`` of a fitted extractor; ValueError naming ``kind`` when it is not fitted."""
+    if out_dim is None:
+        raise ValueError(f"{kind} extractor is not fitted: call fit() or load_state_dict()")
+    return out_dim
+
+
+def dim_state(out_dim: int | None, kind: str) -> dict[str, np.ndarray]:
+    """``{"out_dim": int64 scalar}``: the state of an extractor whose only fitted value is d."""
+    return {"out_dim": np.asarray(require_fitted(out_dim, kind), dtype=np.int64)}
+
+
+def dim_from_state(state: dict[str, np.ndarray]) -> int:
+    """The ``out_dim`` of a `dim_state`; ValueError when it is < 1."""
+    dim = int(np.asarray(state["out_dim"]))
+    if dim < 1:
+        raise ValueError(f"extractor state has out_dim={dim}, must be >= 1")
+    return dim
 
 
 def _first_bad_row(vals_ND: np.ndarray) -> tuple[int, float]:

@@ -6,7 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from workers.features.base import FeatureSpec, as_float_matrix
+from workers.features.base import (
+    FeatureSpec,
+    as_float_matrix,
+    dim_from_state,
+    dim_state,
+    require_fitted,
+)
 
 __all__ = ["ColumnExtractor"]
 
@@ -34,21 +40,18 @@ class ColumnExtractor:
 
     def transform(self, values: Any, *, progress: bool = True) -> np.ndarray:
         """float32 (n, d) copy of ``values``."""
-        if self.out_dim is None:
-            raise ValueError("column extractor is not fitted: call fit() or load_state_dict()")
+        out_dim = require_fitted(self.out_dim, "column")
         x_ND = as_float_matrix(values, f"column {self.spec.column!r}")
-        if x_ND.shape[1] != self.out_dim:
+        if x_ND.shape[1] != out_dim:
             raise ValueError(
-                f"column {self.spec.column!r} has dim {x_ND.shape[1]}, fitted dim {self.out_dim}"
+                f"column {self.spec.column!r} has dim {x_ND.shape[1]}, fitted dim {out_dim}"
             )
         return np.array(x_ND, dtype=np.float32, copy=True)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``{"out_dim": int64 scalar}``."""
-        if self.out_dim is None:
-            raise ValueError("column extractor is not fitted")
-        return {"out_dim": np.asarray(self.out_dim, dtype=np.int64)}
+        return dim_state(self.out_dim, "column")
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore the dim from `state_dict`."""
-        self.out_dim = int(np.asarray(state["out_dim"]))
+        self.out_dim = dim_from_state(state)

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from workers.features.base import FeatureSpec, as_float_matrix, map_batches
+from workers.features.base import (
+    FeatureSpec,
+    as_float_matrix,
+    dim_from_state,
+    dim_state,
+    map_batches,
+    require_fitted,
+)
 
 __all__ = ["ModuleExtractor", "load_factory"]
 
@@ -50,7 +57,8 @@ class ModuleExtractor:
         if self._model is None:
             import torch
 
-            assert self.spec.module is not None  # FeatureSpec guarantees it for kind "module"
+            if self.spec.module is None:
+                raise ValueError(f"module extractor needs spec.module, got {self.spec!r}")
             model = load_factory(self.spec.module)()
             if not isinstance(model, torch.nn.Module):
                 raise ValueError(
@@ -88,22 +96,19 @@ class ModuleExtractor:
 
     def transform(self, values: Any, *, progress: bool = True) -> np.ndarray:
         """float32 (n, out_dim) module outputs, flattened per row."""
-        if self.out_dim is None:
-            raise ValueError("module extractor is not fitted: call fit() or load_state_dict()")
+        out_dim = require_fitted(self.out_dim, "module")
         arr = np.asarray(values)
         as_float_matrix(arr[:1], f"column {self.spec.column!r}")  # numeric check, cheap
         if not np.isfinite(np.asarray(arr, dtype=np.float32)).all():
             as_float_matrix(arr, f"column {self.spec.column!r}")  # raises naming the row
         return map_batches(
-            self._run, arr, self.out_dim, self.spec.batch_size, progress=progress, desc="module"
+            self._run, arr, out_dim, self.spec.batch_size, progress=progress, desc="module"
         )
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``{"out_dim": int64 scalar}`` (the weights come from the factory)."""
-        if self.out_dim is None:
-            raise ValueError("module extractor is not fitted")
-        return {"out_dim": np.asarray(self.out_dim, dtype=np.int64)}
+        return dim_state(self.out_dim, "module")
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore from `state_dict`."""
-        self.out_dim = int(np.asarray(state["out_dim"]))
+        self.out_dim = dim_from_state(state)

@@ -56,26 +56,30 @@ class PixelsExtractor:
         self.components_KD = np.ascontiguousarray(comps_KD)
         self.out_dim = out_dim
 
+    def _fitted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean (D,), std (D,), components (out_dim, D)); ValueError when not fitted."""
+        if self.mean_D is None or self.std_D is None or self.components_KD is None:
+            raise ValueError("pixels extractor is not fitted: call fit() or load_state_dict()")
+        return self.mean_D, self.std_D, self.components_KD
+
     def _project(self, batch: np.ndarray) -> np.ndarray:
-        assert self.mean_D is not None and self.std_D is not None
-        assert self.components_KD is not None
+        mean_D, std_D, comps_KD = self._fitted()
         x_BD = as_float_matrix(batch, f"column {self.spec.column!r}").astype(np.float64)
-        if x_BD.shape[1] != self.mean_D.shape[0]:
+        if x_BD.shape[1] != mean_D.shape[0]:
             raise ValueError(
                 f"column {self.spec.column!r} has {x_BD.shape[1]} values per row, "
-                f"the extractor was fitted on {self.mean_D.shape[0]}"
+                f"the extractor was fitted on {mean_D.shape[0]}"
             )
-        return (((x_BD - self.mean_D) / self.std_D) @ self.components_KD.T).astype(np.float32)
+        return (((x_BD - mean_D) / std_D) @ comps_KD.T).astype(np.float32)
 
     def transform(self, values: Any, *, progress: bool = True) -> np.ndarray:
         """float32 (n, out_dim) PCA features of ``values`` (n, ...)."""
-        if self.out_dim is None:
-            raise ValueError("pixels extractor is not fitted: call fit() or load_state_dict()")
+        out_dim = self._fitted()[2].shape[0]  # components (out_dim, D)
         arr = np.asarray(values)
         return map_batches(
             self._project,
             arr,
-            self.out_dim,
+            out_dim,
             self.spec.batch_size,
             progress=progress,
             desc="pixels",
@@ -83,9 +87,8 @@ class PixelsExtractor:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """``mean`` (D,), ``std`` (D,), ``components`` (out_dim, D), all float64."""
-        if self.components_KD is None or self.mean_D is None or self.std_D is None:
-            raise ValueError("pixels extractor is not fitted")
-        return {"mean": self.mean_D, "std": self.std_D, "components": self.components_KD}
+        mean_D, std_D, comps_KD = self._fitted()
+        return {"mean": mean_D, "std": std_D, "components": comps_KD}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore from `state_dict`."""

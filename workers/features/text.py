@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.features.base import FeatureSpec, map_batches
+from workers.features.base import FeatureSpec, dim_from_state, map_batches
 
 __all__ = ["TEXT_DIM", "TextExtractor", "load_text_model"]
 
@@ -101,7 +101,7 @@ class TextExtractor:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore from `state_dict`."""
-        dim = int(np.asarray(state["out_dim"]))
+        dim = dim_from_state(state)
         if dim != TEXT_DIM:
             raise ValueError(f"text state has out_dim {dim}, expected {TEXT_DIM}")
         self.out_dim = TEXT_DIM

@@ -47,7 +47,7 @@ def _machine() -> str:
 
 
 def bench_encode(
-    n: int, d: int, units: int, k: int, batch_size: int, repeats: int
+    n: int, d: int, units: int, k: int, batch_size: int, repeats: int, dtype: str = "float32"
 ) -> dict[str, float]:
     """Samples per second of `encode`: wall clock with torch's default threads (best and median
     over ``repeats`` passes), and per CPU-second of one thread (a figure that other processes on
@@ -55,6 +55,7 @@ def bench_encode(
     rng = np.random.default_rng(0)
     feats_ND = rng.normal(size=(n, d)).astype(np.float32)
     model = TopKSAE(d, units, k, seed=0).eval()
+    model.encode_dtype = dtype  # SAEConfig.encode_dtype of a fitted model
     encode(model, feats_ND[:batch_size], batch_size=batch_size)  # warm-up
     times = []
     for _ in range(repeats):
@@ -120,7 +121,9 @@ def bench_fit(fmnist_dir: str, dim: int) -> dict[str, object]:
     }
 
 
-def _report(args: argparse.Namespace, machine: str, enc: dict[str, float], fit: dict | None) -> str:
+def _report(
+    args: argparse.Namespace, machine: str, enc: dict[str, dict[str, float]], fit: dict | None
+) -> str:
     lines = [
         "# SAE benchmarks (CPU)",
         "",
@@ -135,17 +138,28 @@ def _report(args: argparse.Namespace, machine: str, enc: dict[str, float], fit: 
         f"M = {args.units}, k = {args.k}, batches of {args.batch_size} "
         "(matmul, torch.topk, float16 codes).",
         "",
-        "| pass | seconds | samples/s |",
-        "|---|---|---|",
-        f"| best | {enc['best_s']:.2f} | {enc['best_per_s']:,.0f} |",
-        f"| median | {enc['median_s']:.2f} | {enc['median_per_s']:,.0f} |",
+        "`encode_dtype` float32 is the training-time computation; bfloat16 runs the encoder "
+        "matmul in bf16 (AMX on this CPU), top-k ids agreeing with float32 for ~99% of entries "
+        "(`tests/unit/test_sae.py`).",
         "",
-        f"One thread, per CPU-second (unaffected by other load on the machine): "
-        f"{enc['per_cpu_s_1thread']:,.0f} samples/s; two cores give at most "
-        f"{2 * enc['per_cpu_s_1thread']:,.0f} samples/s.",
+        "| encode_dtype | best s | best samples/s | median samples/s | 1 thread, per CPU-s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for dtype, e in enc.items():
+        lines.append(
+            f"| {dtype} | {e['best_s']:.2f} | {e['best_per_s']:,.0f} | {e['median_per_s']:,.0f} "
+            f"| {e['per_cpu_s_1thread']:,.0f} |"
+        )
+    best_dtype = max(enc, key=lambda t: enc[t]["best_per_s"])
+    best = enc[best_dtype]["best_per_s"]
+    lines += [
+        "",
+        "The per-CPU-second figure is one thread's throughput per second of its own CPU time, "
+        "which other processes on the machine cannot distort; two idle cores give at most twice "
+        "it.",
         "",
         f"Target (DESIGN 8): >= {TARGET_PER_S:,} samples/s on 2 CPU cores: "
-        f"{'met' if enc['best_per_s'] >= TARGET_PER_S else 'NOT met'} (best pass).",
+        f"{'met' if best >= TARGET_PER_S else 'NOT met'} (best pass, {best_dtype}: {best:,.0f}).",
         "",
     ]
     if fit is not None:
@@ -195,12 +209,18 @@ def main() -> int:
 
     machine = _machine()
     print(f"machine: {machine}", flush=True)
-    enc = bench_encode(args.samples, args.d, args.units, args.k, args.batch_size, args.repeats)
-    print(
-        f"encode: {enc['best_per_s']:,.0f} samples/s best, {enc['median_per_s']:,.0f} median "
-        f"(target {TARGET_PER_S:,}); 1 thread: {enc['per_cpu_s_1thread']:,.0f} per CPU-second",
-        flush=True,
-    )
+    enc = {}
+    for dtype in ("float32", "bfloat16"):
+        e = bench_encode(
+            args.samples, args.d, args.units, args.k, args.batch_size, args.repeats, dtype
+        )
+        enc[dtype] = e
+        print(
+            f"encode {dtype}: {e['best_per_s']:,.0f} samples/s best, {e['median_per_s']:,.0f} "
+            f"median (target {TARGET_PER_S:,}); 1 thread: {e['per_cpu_s_1thread']:,.0f} per "
+            "CPU-second",
+            flush=True,
+        )
     fit = None
     if not args.skip_fit:
         fit = bench_fit(args.fmnist_dir, args.d)

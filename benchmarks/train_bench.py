@@ -964,6 +964,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     scored_keys = {r["key"] for r in read_results(args.out) if r.get("kind") == "scoring"}
+    anchor = None
+    if args.via == "http":
+        # The service drops a shared scoring when its last job is deleted; one idle job with the
+        # sweep's default data, feature and SAE spec keeps it for every run that deletes its own.
+        spec = todo[0].job_spec(task, data)
+        spec["name"] = f"{task.name}-scoring-anchor"
+        spec["policy"] = {"name": "full", "ratio": 1.0, "epochs": 1, "seed": 0, "params": {}}
+        spec.pop("scores", None)
+        anchor = selector.create_job(spec)["id"]
     try:
         for i, run in enumerate(todo):
             if args.limit is not None and i >= args.limit:
@@ -986,6 +995,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
     finally:
+        if anchor is not None:
+            selector.delete(anchor)
         selector.close()
         if server is not None:
             server.terminate()

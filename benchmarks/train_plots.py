@@ -2,14 +2,14 @@
 
     python benchmarks/train_plots.py --results results/train.jsonl --out docs/figures
 
-Per task:
-- ``train_<task>_acc_vs_samples.png``: final test accuracy against samples processed (share of
-  N E) for every policy, mean over seeds with a ±1 std bar; full data as a band.
-- ``train_<task>_learning_curves.png``: test accuracy per epoch of full data and of full data for
-  fewer epochs (mean over seeds): whether the regime still gains from more data and epochs.
-- ``train_<task>_coverage_usage.png``: coverage (share of samples seen so far) and the spread of
-  per-sample usage counts over epochs, ``factor`` vs ``rs2`` (mean over seeds).
-- ``train_<task>_lambda_RD.png``: lambda(t) with the mean R and D of each epoch's selection.
+Per task and path (``via``: http or inprocess), ``train_<task>_<via>_<kind>.png`` with kind:
+- ``acc_vs_samples``: final test accuracy against samples processed (share of N E) for every
+  policy, mean over seeds with a ±1 std bar; full data as a band.
+- ``learning_curves``: test accuracy per epoch of full data and of full data for fewer epochs
+  (mean over seeds): whether the regime still gains from more data and epochs.
+- ``coverage_usage``: coverage (share of samples seen so far) and the spread of per-sample usage
+  counts over epochs, ``factor`` vs ``rs2`` (mean over seeds).
+- ``lambda_RD``: lambda(t) with the mean R and D of each epoch's selection.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from benchmarks.train_bench import read_results
-from benchmarks.train_report import row_name, runs_of
+from benchmarks.train_report import row_name, runs_of, sections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,21 +186,18 @@ def plot_lambda_rd(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 
 def make_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Every figure for every task in ``records``; returns the files written."""
-    tasks: list[str] = []
-    for r in records:
-        if r.get("kind") == "run" and r["task"] not in tasks:
-            tasks.append(r["task"])
+    """Every figure for every (task, path) in ``records``; returns the files written."""
     written = []
-    for task in tasks:
-        runs = runs_of(records, task)
+    for task, via in sections(records):
+        runs = runs_of(records, task, via)
+        name = f"{task} ({via})"
         for suffix, fn, title in (
-            ("acc_vs_samples", plot_acc_vs_samples, f"{task}: accuracy vs samples processed"),
-            ("learning_curves", plot_learning_curves, f"{task}: full-data learning curves"),
-            ("coverage_usage", plot_coverage_usage, f"{task}: factor vs rs2"),
-            ("lambda_RD", plot_lambda_rd, f"{task}: lambda(t), mean R and D of the selection"),
+            ("acc_vs_samples", plot_acc_vs_samples, f"{name}: accuracy vs samples processed"),
+            ("learning_curves", plot_learning_curves, f"{name}: full-data learning curves"),
+            ("coverage_usage", plot_coverage_usage, f"{name}: factor vs rs2"),
+            ("lambda_RD", plot_lambda_rd, f"{name}: lambda(t), mean R and D of the selection"),
         ):
-            path = out / f"train_{task}_{suffix}.png"
+            path = out / f"train_{task}_{via}_{suffix}.png"
             if fn(runs, path, title):
                 written.append(path)
     return written

@@ -60,6 +60,7 @@ class SAEModel(_Strict):
     seed: int | None = Field(default=None, ge=0)
     device: str | None = None
     dead_steps: int | None = Field(default=None, ge=1)
+    encode_dtype: Literal["float32", "bfloat16"] | None = None
     normalize_decoder: bool | None = None
     remove_parallel_grad: bool | None = None
 

@@ -152,4 +152,5 @@ def train_sae_distributed(
     finally:
         if owned:
             shutil.rmtree(storage, ignore_errors=True)
+    model.encode_dtype = config.encode_dtype
     return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,29 @@ def test_default_units_and_validation() -> None:
         encode(model, bad)
     with pytest.raises(ValueError, match=r"\(B, 16\)"):
         model(torch.zeros(3, 17))
+
+
+def test_bfloat16_encode_keeps_k_ids_and_agrees_with_float32(
+    digits_features: np.ndarray, tmp_path: Path
+) -> None:
+    """The fast bf16 path: exactly k distinct ids, values >= 0, ids ~ those of float32, and the
+    choice survives save/load (it is part of the saved model)."""
+    cfg32 = SAEConfig(units=128, k=8, epochs=2, batch_size=512, seed=3)
+    cfg16 = dataclasses.replace(cfg32, encode_dtype="bfloat16")
+    m32 = fit_sae(digits_features, cfg32, progress=False).model
+    m16 = fit_sae(digits_features, cfg16, progress=False).model
+    assert m16.encode_dtype == "bfloat16" and m32.encode_dtype == "float32"
+    c32, c16 = encode(m32, digits_features), encode(m16, digits_features)
+    assert c16.ids.shape == c32.ids.shape == (digits_features.shape[0], 8)
+    assert all(len(set(row)) == 8 for row in c16.ids.tolist())
+    assert (c16.values >= 0).all()
+    same = np.mean(
+        [len(set(a) & set(b)) / 8 for a, b in zip(c32.ids.tolist(), c16.ids.tolist(), strict=True)]
+    )
+    assert same > 0.9, same  # same weights (same seed), only the compute dtype differs
+    save_sae(m16, tmp_path / "sae16", cfg16)
+    loaded = load_sae(tmp_path / "sae16")
+    assert loaded.encode_dtype == "bfloat16"
+    assert np.array_equal(encode(loaded, digits_features).ids, c16.ids)
+    with pytest.raises(ValueError, match="encode_dtype"):
+        SAEConfig(encode_dtype="float64")

@@ -318,8 +318,8 @@ def test_report_tables_from_tiny_jsonl(tmp_path: Path) -> None:
     twin[-1]["served_digest"] = ["ab", "ce"]  # one http run served other indices
     eq = train_report.equivalence_lines(twin)
     assert eq == [
-        "- 2 runs were recorded by both paths: 1 served identical indices in every epoch, "
-        "2 had identical accuracy curves; indices differ for rs2"
+        "- 2 runs were recorded by both paths: 2 had identical accuracy curves; of the 2 with "
+        "index digests on both sides, 1 served identical indices in every epoch"
     ]
     text = train_report.render(records)
     assert "| full |" in text and "91.00 ± 1.41 (2)" in text  # mean ± sample std of 0.90, 0.92
@@ -344,10 +344,10 @@ def test_plots_from_tiny_jsonl(tmp_path: Path) -> None:
     files = train_plots.make_plots(_tiny_results(), tmp_path)
     names = {p.name for p in files}
     assert names == {
-        "train_toy_acc_vs_samples.png",
-        "train_toy_learning_curves.png",
-        "train_toy_coverage_usage.png",
-        "train_toy_lambda_RD.png",
+        "train_toy_inprocess_acc_vs_samples.png",
+        "train_toy_inprocess_learning_curves.png",
+        "train_toy_inprocess_coverage_usage.png",
+        "train_toy_inprocess_lambda_RD.png",
     }
     for p in files:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -47,10 +47,14 @@ class FactorParams:
     """``topm`` (deterministic ranking) or ``gumbel`` (top m of s + tau Gumbel noise)."""
     tau: float = 0.1
     """Gumbel noise scale, >= 0."""
-    class_quotas: bool = False
-    """Keep every class's share of the data in every epoch (needs labels)."""
-    dynamic_coverage: bool = False
-    """Diversity prefers factors under-covered by the selections so far (needs codes and p)."""
+    class_quotas: bool | None = None
+    """Keep every class's share of the data in every epoch. None (default): on when the data has
+    labels; True: required (an error without labels); False: off (the paper's literal form)."""
+    dynamic_coverage: bool | None = None
+    """Diversity prefers factors under-covered by the selections so far. None (default): on when
+    the shards hold the codes and p; True: required; False: off (the paper's literal form).
+    The defaults come from the ablation in docs/benchmarks_train.md (quotas + dynamic coverage
+    was the best `factor` variant at r = 0.1 to 0.3 on Fashion-MNIST and digits)."""
     anneal_epochs: int = 0
     """The last anneal_epochs epochs select all N samples, >= 0."""
 
@@ -76,6 +80,9 @@ class FactorParams:
             raise ValueError(f"tau={self.tau} must be >= 0")
         if self.anneal_epochs < 0:
             raise ValueError(f"anneal_epochs={self.anneal_epochs} must be >= 0")
+        for name in ("class_quotas", "dynamic_coverage"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true, false or null")
 
 
 def _need(data: ShardData, names: tuple[str, ...], who: str) -> list[np.ndarray]:
@@ -141,10 +148,16 @@ class FactorPolicy(Policy):
         out = super().context(epoch, partials, ctx)
         out["lambda"] = lambda_at(epoch, self.config.epochs, self.schedule)
         out["anneal"] = self._annealing(epoch)
-        if self.params.class_quotas and not out["anneal"]:
+        quotas = self.params.class_quotas is not False and all(
+            "class_counts" in p for p in partials
+        )
+        if quotas and not out["anneal"]:
             counts = add_counts([p["class_counts"] for p in partials])
             out["quotas"] = largest_remainder(out["size"], counts).tolist()
-        if self.params.dynamic_coverage:
+        out["dynamic"] = self.params.dynamic_coverage is not False and all(
+            p.get("has_codes", False) for p in partials
+        )
+        if out["dynamic"]:
             out["coverage"] = self._coverage
             out["selected_total"] = self._selected_total
         return out
@@ -198,17 +211,19 @@ class FactorPolicy(Policy):
         _need(data, ("R", "D"), "policy 'factor'")
         if self.params.dynamic_coverage:
             _need(data, _CODES, "dynamic_coverage")
+        out: dict = {"has_codes": all(getattr(data, name) is not None for name in _CODES)}
         if self.params.class_quotas:
-            (labels,) = _need(data, ("labels",), "class_quotas")
-            return {"class_counts": np.bincount(labels)}
-        return {}
+            _need(data, ("labels",), "class_quotas")
+        if self.params.class_quotas is not False and data.labels is not None:
+            out["class_counts"] = np.bincount(data.labels)
+        return out
 
     def _diversity(self, ctx: dict, data: ShardData, idx: np.ndarray | None) -> np.ndarray:
         """D_i(t) for the local positions idx (all when None), float64."""
         (D_all,) = _need(data, ("D",), "policy 'factor'")
         D = D_all if idx is None else D_all[idx]
         total = ctx.get("selected_total", 0)
-        if not self.params.dynamic_coverage or not total or ctx.get("coverage") is None:
+        if not ctx.get("dynamic") or not total or ctx.get("coverage") is None:
             return D
         code_ids, code_values, p_M = _need(data, _CODES, "dynamic_coverage")
         ids = code_ids if idx is None else code_ids[idx]  # (n, k)

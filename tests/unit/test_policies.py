@@ -140,7 +140,14 @@ def test_factor_usage_frequencies_stay_within_the_penalty_bound(
     u_i - u_j <= t / gamma, so the gap never exceeds (T - 1) / gamma + 1)."""
     epochs = 12
     policy = make_policy(
-        PolicyConfig("factor", ratio, epochs, seed, {"gamma": gamma, "schedule": shape})
+        PolicyConfig(
+            "factor",
+            ratio,
+            epochs,
+            seed,
+            # the penalty alone (class quotas, on by default with labels, bound it per class)
+            {"gamma": gamma, "schedule": shape, "class_quotas": False, "dynamic_coverage": False},
+        )
     )
     sel = SingleProcessSelector(policy, make_data(n, seed))
     for t in range(1, epochs + 1):
@@ -207,8 +214,14 @@ def test_class_quotas_keep_class_shares() -> None:
         got = np.array(r.stats["class_counts"])
         assert np.array_equal(got, largest_remainder(m, counts))
         assert np.all(np.abs(got - m * counts / n) < 1)
-    _, free = run("factor", data, ratio=0.2)
+    _, free = run("factor", data, params={"class_quotas": False}, ratio=0.2)
     assert free[0].stats["class_counts"][4] > 2 * m * counts[4] / n
+    _, default = run("factor", data, ratio=0.2)  # default: quotas on because labels exist
+    for r in default:
+        assert np.array_equal(np.array(r.stats["class_counts"]), largest_remainder(m, counts))
+    no_labels = ShardData(0, n, R=R, D=data.D)
+    _, literal = run("factor", no_labels, ratio=0.2)  # default without labels: the literal form
+    assert set(literal[0].indices.tolist()) == set(np.argsort(-R)[:m].tolist())
 
 
 @settings(max_examples=40, deadline=None)
@@ -227,8 +240,10 @@ def test_largest_remainder_sums_and_bounds(counts: list[int], share: float) -> N
 
 def test_dynamic_coverage_changes_selection() -> None:
     data = make_data(400, 6, codes=True)
-    literal = run("factor", data, params={"gamma": 0.5})[1]
+    literal = run("factor", data, params={"gamma": 0.5, "dynamic_coverage": False})[1]
     dynamic = run("factor", data, params={"gamma": 0.5, "dynamic_coverage": True})[1]
+    auto = run("factor", data, params={"gamma": 0.5})[1]  # default: on, since codes are there
+    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(auto, dynamic, strict=True))
     assert np.array_equal(literal[0].indices, dynamic[0].indices)  # no selection yet: same D
     assert any(
         set(a.indices.tolist()) != set(b.indices.tolist())

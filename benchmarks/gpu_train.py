@@ -194,17 +194,7 @@ def score(train_images: np.ndarray, labels: np.ndarray, args: argparse.Namespace
             ),
             ScoreConfig(),
         )
-    n = sc.R.shape[0]
-    return ShardData(
-        lo=0,
-        hi=n,
-        R=sc.R,
-        D=sc.D,
-        labels=sc.labels,
-        code_ids=sc.codes.ids,
-        code_values=sc.codes.values,
-        p=sc.p,
-    )
+    return sc.shard_data()
 
 
 def plan_epochs(policy: str, ratio: float, seed: int, shard: ShardData, epochs: int) -> list:

@@ -21,7 +21,6 @@ from service.selection.engine import SingleProcessSelector
 from workers.features import FeatureSpec
 from workers.sae import SAEConfig
 from workers.scores import ScoreConfig
-from workers.selection_shard import ShardData
 
 
 @dataclass(frozen=True)
@@ -54,17 +53,7 @@ def simulate(
     sc = score_single_process(
         dataset_uri, feature, label_column, sae or SAEConfig(), scores or ScoreConfig()
     )
-    n = sc.R.shape[0]
-    data = ShardData(
-        lo=0,
-        hi=n,
-        R=sc.R,
-        D=sc.D,
-        labels=sc.labels,
-        code_ids=sc.codes.ids,
-        code_values=sc.codes.values,
-        p=sc.p,
-    )
+    data = sc.shard_data()
     engine = SingleProcessSelector(make_policy(policy), data)
     stats = [engine.step().stats for _ in range(policy.epochs)]
     rho = float(np.corrcoef(sc.R, sc.D)[0, 1])  # R, D are ranks already: Pearson = Spearman

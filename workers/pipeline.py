@@ -48,6 +48,7 @@ from workers.features import FeatureSpec, make_extractor
 from workers.sae import SAEConfig, encode, save_sae
 from workers.sae_train import train_sae_distributed
 from workers.scores import ScoreConfig, rank_normalize, score_codes
+from workers.selection_shard import ShardData
 from workers.shard_actor import (
     EXTRACTOR_FILE,
     FACTORS_FILE,
@@ -218,6 +219,19 @@ class SingleProcessScores(NamedTuple):
     """float64 (M,) factor frequencies."""
     timings: dict[str, float]
     """Seconds per phase (featurizing, training_sae, encoding, scoring)."""
+
+    def shard_data(self) -> ShardData:
+        """The whole dataset as one selection shard [0, N): R, D, labels, codes and p."""
+        return ShardData(
+            lo=0,
+            hi=int(self.R.shape[0]),
+            R=self.R,
+            D=self.D,
+            labels=self.labels,
+            code_ids=self.codes.ids,
+            code_values=self.codes.values,
+            p=self.p,
+        )
 
 
 def _sample_seed(seed: int, stream: int) -> int:

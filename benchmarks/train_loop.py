@@ -180,118 +180,85 @@ def train(
     # seed the fork from (seed, "dropout"), and restore the caller's state afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "dropout"))
-        return _train(
-            model=model,
-            x_train=x_train,
-            y_train=y_train,
-            x_test=x_test,
-            y_test=y_test,
-            selector=selector,
-            job=job,
-            epochs=epochs,
-            optim=optim,
-            augment=augment,
-            seed=seed,
-            send_feedback=send_feedback,
-            on_epoch=on_epoch,
+        t0 = time.perf_counter()
+        plan = selector.plan(job, 1)
+        select_s = time.perf_counter() - t0
+        per_rank = [int(e["per_rank"]) for e in plan["epochs"]]
+        if len(per_rank) != epochs:
+            raise ValueError(f"plan has {len(per_rank)} epochs, expected {epochs}")
+        planned_steps = sum(steps_per_epoch(per_rank, optim.batch_size))
+        initial_steps = planned_steps
+        weights_of = getattr(selector, "weights", None) if send_feedback else None
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=optim.lr,
+            momentum=optim.momentum,
+            nesterov=optim.momentum > 0,
+            weight_decay=optim.weight_decay,
         )
-
-
-def _train(
-    *,
-    model: torch.nn.Module,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    selector: Selector,
-    job: str,
-    epochs: int,
-    optim: OptimConfig,
-    augment: AugmentConfig | None,
-    seed: int,
-    send_feedback: bool,
-    on_epoch: Callable[[int, np.ndarray], None] | None,
-) -> TrainResult:
-    t0 = time.perf_counter()
-    plan = selector.plan(job, 1)
-    select_s = time.perf_counter() - t0
-    per_rank = [int(e["per_rank"]) for e in plan["epochs"]]
-    if len(per_rank) != epochs:
-        raise ValueError(f"plan has {len(per_rank)} epochs, expected {epochs}")
-    planned_steps = sum(steps_per_epoch(per_rank, optim.batch_size))
-    initial_steps = planned_steps
-    weights_of = getattr(selector, "weights", None) if send_feedback else None
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=optim.lr,
-        momentum=optim.momentum,
-        nesterov=optim.momentum > 0,
-        weight_decay=optim.weight_decay,
-    )
-    step = 0
-    train_s = eval_s = 0.0
-    acc_curve: list[float] = []
-    sizes: list[int] = []
-    served: list[np.ndarray] = []
-    lrs: list[float] = []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        if send_feedback and epoch > 0:
-            # Loss-based plans depend on the feedback: the schedule's length becomes the steps
-            # taken so far plus the re-planned rest, so it still ends where the run ends.
-            plan = selector.plan(job, 1)
-            rest = [int(e["per_rank"]) for e in plan["epochs"]][epoch:]
-            planned_steps = step + sum(steps_per_epoch(rest, optim.batch_size))
-        idx_n = np.asarray(selector.indices(job, epoch, 0, 1), dtype=np.int64)
-        w_n = weights_of(job, epoch) if weights_of is not None else None
-        select_s += time.perf_counter() - t0
-        sizes.append(int(idx_n.shape[0]))
-        served.append(idx_n)
-        gen = torch.Generator().manual_seed(derive_seed(seed, "augment", epoch))
-        losses_n = np.empty(idx_n.shape[0], dtype=np.float32)
-        idx_t = torch.from_numpy(idx_n)
-        t0 = time.perf_counter()
-        model.train()
-        for lo in range(0, idx_n.shape[0], optim.batch_size):
-            b = idx_t[lo : lo + optim.batch_size]
-            xb = x_train[b]
-            if augment is not None:
-                xb = augment_batch(xb, augment, gen)
-            lr = lr_at(step, planned_steps, peak=optim.lr, warmup_frac=optim.warmup_frac)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            lrs.append(lr)
-            loss_B = F.cross_entropy(
-                model(xb), y_train[b], reduction="none", label_smoothing=optim.label_smoothing
-            )
-            opt.zero_grad(set_to_none=True)
-            if w_n is not None:
-                w_B = torch.from_numpy(w_n[lo : lo + b.shape[0]]).to(loss_B.dtype)
-                (loss_B * w_B).mean().backward()
-            else:
-                loss_B.mean().backward()
-            opt.step()
-            losses_n[lo : lo + b.shape[0]] = loss_B.detach().numpy()
-            step += 1
-        train_s += time.perf_counter() - t0
-        if send_feedback:
+        step = 0
+        train_s = eval_s = 0.0
+        acc_curve: list[float] = []
+        sizes: list[int] = []
+        served: list[np.ndarray] = []
+        lrs: list[float] = []
+        for epoch in range(epochs):
             t0 = time.perf_counter()
-            selector.feedback(job, epoch, idx_n, losses_n)
+            if send_feedback and epoch > 0:
+                # Loss-based plans depend on the feedback: the schedule's length becomes the steps
+                # taken so far plus the re-planned rest, so it still ends where the run ends.
+                plan = selector.plan(job, 1)
+                rest = [int(e["per_rank"]) for e in plan["epochs"]][epoch:]
+                planned_steps = step + sum(steps_per_epoch(rest, optim.batch_size))
+            idx_n = np.asarray(selector.indices(job, epoch, 0, 1), dtype=np.int64)
+            w_n = weights_of(job, epoch) if weights_of is not None else None
             select_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        acc_curve.append(evaluate(model, x_test, y_test))
-        eval_s += time.perf_counter() - t0
-        if on_epoch is not None:
-            on_epoch(epoch, idx_n)
-    return TrainResult(
-        acc_curve=acc_curve,
-        epoch_sizes=sizes,
-        served=served,
-        total_steps=step,
-        planned_steps=initial_steps,
-        lr_trace=lrs,
-        train_s=train_s,
-        select_s=select_s,
-        eval_s=eval_s,
-    )
+            sizes.append(int(idx_n.shape[0]))
+            served.append(idx_n)
+            gen = torch.Generator().manual_seed(derive_seed(seed, "augment", epoch))
+            losses_n = np.empty(idx_n.shape[0], dtype=np.float32)
+            idx_t = torch.from_numpy(idx_n)
+            t0 = time.perf_counter()
+            model.train()
+            for lo in range(0, idx_n.shape[0], optim.batch_size):
+                b = idx_t[lo : lo + optim.batch_size]
+                xb = x_train[b]
+                if augment is not None:
+                    xb = augment_batch(xb, augment, gen)
+                lr = lr_at(step, planned_steps, peak=optim.lr, warmup_frac=optim.warmup_frac)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                lrs.append(lr)
+                loss_B = F.cross_entropy(
+                    model(xb), y_train[b], reduction="none", label_smoothing=optim.label_smoothing
+                )
+                opt.zero_grad(set_to_none=True)
+                if w_n is not None:
+                    w_B = torch.from_numpy(w_n[lo : lo + b.shape[0]]).to(loss_B.dtype)
+                    (loss_B * w_B).mean().backward()
+                else:
+                    loss_B.mean().backward()
+                opt.step()
+                losses_n[lo : lo + b.shape[0]] = loss_B.detach().numpy()
+                step += 1
+            train_s += time.perf_counter() - t0
+            if send_feedback:
+                t0 = time.perf_counter()
+                selector.feedback(job, epoch, idx_n, losses_n)
+                select_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            acc_curve.append(evaluate(model, x_test, y_test))
+            eval_s += time.perf_counter() - t0
+            if on_epoch is not None:
+                on_epoch(epoch, idx_n)
+        return TrainResult(
+            acc_curve=acc_curve,
+            epoch_sizes=sizes,
+            served=served,
+            total_steps=step,
+            planned_steps=initial_steps,
+            lr_trace=lrs,
+            train_s=train_s,
+            select_s=select_s,
+            eval_s=eval_s,
+        )

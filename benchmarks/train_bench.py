@@ -208,6 +208,33 @@ VARIANTS: dict[str, Variant] = {
     "quotas_dyncov": Variant(
         params={"class_quotas": True, "dynamic_coverage": True}, note="quotas + dynamic coverage"
     ),
+    "gamma10": Variant(params={"gamma": 10.0}, note="very strong penalty (near strict rotation)"),
+    "gamma20": Variant(params={"gamma": 20.0}, note="penalty dominates: strict rotation"),
+    "qd_gamma5": Variant(
+        params={"class_quotas": True, "dynamic_coverage": True, "gamma": 5.0},
+        note="quotas + dynamic coverage + strong penalty",
+    ),
+    "qd_gumbel0.5": Variant(
+        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 0.5},
+        note="quotas + dynamic coverage, sampled: top m of s + 0.5 Gumbel",
+    ),
+    "qd_gumbel1": Variant(
+        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 1.0},
+        note="quotas + dynamic coverage, sampled: top m of s + 1.0 Gumbel",
+    ),
+    "selfsup": Variant(
+        feature={"kind": "selfsup", "dim": 128},
+        note="features of a small conv encoder trained self-supervised (SimCLR) on the data",
+    ),
+    "qd_selfsup": Variant(
+        params={"class_quotas": True, "dynamic_coverage": True},
+        feature={"kind": "selfsup", "dim": 128},
+        note="quotas + dynamic coverage on self-supervised features",
+    ),
+    "qd_gamma10": Variant(
+        params={"class_quotas": True, "dynamic_coverage": True, "gamma": 10.0},
+        note="quotas + dynamic coverage + very strong penalty",
+    ),
 }
 """``--variants`` presets (apply to ``factor`` and ``factor_gumbel`` runs)."""
 
@@ -231,6 +258,9 @@ VARIANT_GROUPS: dict[str, tuple[str, ...]] = {
         "pca128",
     ),
     "beyond": ("dyncov", "quotas", "anneal2", "quotas_dyncov"),
+    "penalty": ("gamma10", "gamma20", "qd_gamma5", "qd_gamma10"),
+    "soft": ("qd_gumbel0.5", "qd_gumbel1"),
+    "features": ("selfsup", "qd_selfsup"),
 }
 """Named lists usable in ``--variants`` (e.g. ``--variants default,ablation``)."""
 

@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--params", default=None, help="policy params as JSON, e.g. '{\"gamma\": 0.5}'"
     )
-    sim.add_argument("--feature", default="pixels", help="feature kind: pixels, column, text")
+    sim.add_argument(
+        "--feature", default="pixels", help="feature kind: pixels, selfsup, column, text"
+    )
     sim.add_argument("--column", default="image")
     sim.add_argument("--dim", type=int, default=64)
     sim.add_argument("--label", default="label")

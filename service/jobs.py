@@ -425,14 +425,23 @@ class JobManager:
                 self.store.storage.delete(f"scoring/{key}")  # no other job uses this scoring
 
 
+LATE_FEATURE_FIELDS = ("image_shape",)
+"""FeatureSpec fields added after stores existed: `scoring_key` leaves them out while None."""
+
+
 def scoring_key(spec: JobSpec) -> str:
     """Content key of a job's scoring: dataset, features, labels, SAE and score config.
 
     The policy is not part of it: jobs that A/B policies on the same data share one scoring.
     """
+    feature = dataclasses.asdict(spec.dataset.feature)
+    # fields added later enter the key only when set, so existing stores keep their keys
+    for late in LATE_FEATURE_FIELDS:
+        if feature[late] is None:
+            del feature[late]
     doc = {
         "uri": spec.dataset.uri,
-        "feature": dataclasses.asdict(spec.dataset.feature),
+        "feature": feature,
         "label": spec.dataset.label_column,
         "sae": {k: v for k, v in dataclasses.asdict(spec.sae).items() if k != "device"},
         "scores": dataclasses.asdict(spec.scores),

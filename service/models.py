@@ -3,7 +3,7 @@ and in settings; the core works on the frozen dataclasses of ``service.specs``."
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,13 +17,22 @@ class _Strict(BaseModel):
 class FeatureModel(_Strict):
     """How to turn a row into a feature vector (``workers.features.FeatureSpec``)."""
 
-    kind: Literal["column", "pixels", "text", "module"]
+    kind: Literal["column", "pixels", "selfsup", "text", "module"]
     column: str = Field(min_length=1, description="source column in the Parquet data")
-    dim: int | None = Field(default=None, ge=1, description="pixels: PCA output dim")
+    dim: int | None = Field(
+        default=None, ge=1, description="pixels: PCA output dim; selfsup: encoder output dim"
+    )
     module: str | None = Field(
         None, description="module kind: 'pkg.mod:factory' returning an nn.Module (allow-listed)"
     )
     batch_size: int = Field(default=1024, ge=1)
+    image_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description="selfsup kind: (C, H, W) of the flattened channel-first images; "
+        "default (1, s, s) or (3, s, s) from the row length",
+    )
 
 
 class DatasetModel(_Strict):

@@ -340,6 +340,16 @@ def test_report_tables_from_tiny_jsonl(tmp_path: Path) -> None:
     assert train_report.main(["--results", str(path), "--doc", str(doc)]) == 0
 
 
+def test_targets_check_factors_current_default_when_recorded() -> None:
+    records = _tiny_results()
+    literal = "\n".join(train_report.target_checks(train_report.runs_of(records, "toy")))
+    assert "- r = 0.2: factor 90.20%" in literal
+    records += [_record("factor", 0.2, s, 0.909, 0.2, variant="service_default") for s in (0, 1)]
+    current = "\n".join(train_report.target_checks(train_report.runs_of(records, "toy")))
+    assert "- r = 0.2: factor[service_default] 90.90% vs full 91.00%" in current
+    assert "gap +0.10 points; target <= 0.20): met" in current
+
+
 def test_plots_from_tiny_jsonl(tmp_path: Path) -> None:
     files = train_plots.make_plots(_tiny_results(), tmp_path)
     names = {p.name for p in files}

@@ -21,18 +21,21 @@ from workers.features.base import (
 from workers.features.column import ColumnExtractor
 from workers.features.module import ModuleExtractor
 from workers.features.pixels import PixelsExtractor
+from workers.features.selfsup import SELFSUP_DIM, SelfSupExtractor
 from workers.features.text import TEXT_DIM, TextExtractor
 
 __all__ = [
     "DEFAULT_PIXELS_DIM",
     "EXTRACTORS",
     "KINDS",
+    "SELFSUP_DIM",
     "TEXT_DIM",
     "ColumnExtractor",
     "Extractor",
     "FeatureSpec",
     "ModuleExtractor",
     "PixelsExtractor",
+    "SelfSupExtractor",
     "TextExtractor",
     "as_float_matrix",
     "column_to_numpy",
@@ -42,6 +45,7 @@ __all__ = [
 EXTRACTORS: dict[str, type] = {
     "column": ColumnExtractor,
     "pixels": PixelsExtractor,
+    "selfsup": SelfSupExtractor,
     "text": TextExtractor,
     "module": ModuleExtractor,
 }

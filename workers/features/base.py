@@ -30,7 +30,7 @@ __all__ = [
     "require_fitted",
 ]
 
-KINDS = ("column", "pixels", "text", "module")
+KINDS = ("column", "pixels", "selfsup", "text", "module")
 """Extractor kinds (the registry `workers.features.EXTRACTORS` has one class per kind)."""
 DEFAULT_PIXELS_DIM = 256
 """PCA output dim of the ``pixels`` extractor when the spec gives none."""
@@ -44,17 +44,22 @@ class FeatureSpec:
     """
 
     kind: str
-    """Extractor: ``column`` (vectors as stored), ``pixels`` (standardize + PCA), ``text``
-    (MiniLM-L6 sentence embedding, 384-d) or ``module`` (a user's torch module)."""
+    """Extractor: ``column`` (vectors as stored), ``pixels`` (standardize + PCA), ``selfsup``
+    (a small conv encoder trained contrastively on the fit sample), ``text`` (MiniLM-L6 sentence
+    embedding, 384-d) or ``module`` (a user's torch module)."""
     column: str
     """Source column in the Parquet data."""
     dim: int | None = None
     """Output dim. ``pixels``: PCA components (default 256, capped at the input dim and the fit
-    sample size); ``column``/``module``/``text``: if given, the output dim must equal it."""
+    sample size); ``selfsup``: encoder features (default 128); ``column``/``module``/``text``: if
+    given, the output dim must equal it."""
     module: str | None = None
     """``module`` only: ``"pkg.mod:factory"``, a callable returning an ``nn.Module``."""
     batch_size: int = 1024
     """Rows per transform batch."""
+    image_shape: tuple[int, int, int] | None = None
+    """``selfsup`` only: (C, H, W) of the images, each row being the flattened channel-first
+    array; None infers (1, s, s) from s^2 values per row or (3, s, s) from 3 s^2."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +70,22 @@ class FeatureSpec:
             raise ValueError(f"feature dim must be None or >= 1, got {self.dim!r}")
         if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
             raise ValueError(f"feature batch_size must be >= 1, got {self.batch_size!r}")
+        if self.image_shape is not None:
+            shape = self.image_shape
+            if (
+                not isinstance(shape, tuple | list)
+                or len(shape) != 3
+                or not all(
+                    isinstance(v, int | np.integer) and not isinstance(v, bool) for v in shape
+                )
+                or min(shape) < 1
+            ):
+                raise ValueError(
+                    f"image_shape must be None or 3 ints >= 1 (C, H, W), got {shape!r}"
+                )
+            if self.kind != "selfsup":
+                raise ValueError(f"image_shape applies to kind 'selfsup' only, not {self.kind!r}")
+            object.__setattr__(self, "image_shape", tuple(int(v) for v in shape))  # list -> tuple
         if self.kind == "module":
             if not self.module or ":" not in self.module:
                 raise ValueError(

@@ -10,6 +10,8 @@ Per task and path (``via``: http or inprocess), ``train_<task>_<via>_<kind>.png`
 - ``coverage_usage``: coverage (share of samples seen so far) and the spread of per-sample usage
   counts over epochs, ``factor`` vs ``rs2`` (mean over seeds).
 - ``lambda_RD``: lambda(t) with the mean R and D of each epoch's selection.
+- ``ablation``: every ``factor`` variant per ratio, sorted, against ``rs2`` and full data for
+  fewer epochs (ratios where at least three variants ran).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from benchmarks.train_bench import read_results
 from benchmarks.train_report import row_name, runs_of, sections
 
 REPO = Path(__file__).resolve().parents[1]
+SHOWN_VARIANTS = frozenset({"service_default"})
+"""factor variants drawn with the policies in ``acc_vs_samples`` (its current defaults)."""
 
 
 def plot_acc_vs_samples(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
@@ -41,8 +45,8 @@ def plot_acc_vs_samples(runs: list[dict[str, Any]], path: Path, title: str) -> b
     ablation table); False when there is nothing to plot."""
     by: dict[str, dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        if "[" in row_name(r):  # ablation variants have their own table
-            continue
+        if "[" in row_name(r) and r.get("variant") not in SHOWN_VARIANTS:
+            continue  # the other variants have the ablation figure and table
         by[row_name(r)][float(r["ratio"])].append((r["sample_fraction"], r["final_acc"]))
     if not by:
         return False
@@ -185,6 +189,60 @@ def plot_lambda_rd(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
+def plot_ablation(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """One panel per ratio: every factor variant's final accuracy (mean, ±1 std over seeds),
+    sorted, with rs2 and full data for fewer epochs at that ratio as reference lines; False
+    when no ratio has at least three variants."""
+    acc: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    frac: dict[tuple[float, str], list[float]] = defaultdict(list)
+    for r in runs:
+        if r["policy"] == "factor":
+            key = (float(r["ratio"]), str(r.get("variant", "default")))
+            acc[key[0]][key[1]].append(100 * r["final_acc"])
+            frac[key].append(float(r["sample_fraction"]))
+        elif r["policy"] in ("rs2", "full_fewer"):
+            acc[float(r["ratio"])]["@" + r["policy"]].append(100 * r["final_acc"])
+    ratios = [ratio for ratio in sorted(acc) if sum(not v.startswith("@") for v in acc[ratio]) >= 3]
+    if not ratios:
+        return False
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 7), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios, strict=True):
+        variants = {v: xs for v, xs in acc[ratio].items() if not v.startswith("@")}
+        refs = {v[1:]: xs for v, xs in acc[ratio].items() if v.startswith("@")}
+        order = sorted(variants, key=lambda v: float(np.mean(variants[v])))
+        means = [float(np.mean(variants[v])) for v in order]
+        ys = np.arange(len(order))
+        ax.barh(
+            ys,
+            means,
+            xerr=[float(np.std(variants[v])) for v in order],
+            color=["tab:green" if v == "service_default" else "tab:blue" for v in order],
+            alpha=0.8,
+            capsize=2,
+        )
+        labels = []
+        for v in order:
+            f = float(np.mean(frac[(ratio, v)]))
+            budget = f" [samples {f:.2f}]" if abs(f - ratio) > 0.005 else ""
+            labels.append(f"{v} ({len(variants[v])}){budget}")
+        ax.set_yticks(ys, labels, fontsize=7)
+        for (name, xs), style in zip(sorted(refs.items()), ("--", ":"), strict=True):
+            ax.axvline(float(np.mean(xs)), color="k", ls=style, label=f"{name} ({len(xs)})")
+        lo = min([*means, *(float(np.mean(xs)) for xs in refs.values())])
+        ax.set_xlim(lo - 2.0, max([*means, *(float(np.mean(xs)) for xs in refs.values())]) + 1.0)
+        ax.set_xlabel("final test accuracy (%)")
+        ax.set_title(f"r = {ratio:g}")
+        ax.grid(axis="x", alpha=0.3)
+        if refs:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def make_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
     """Every figure for every (task, path) in ``records``; returns the files written."""
     written = []
@@ -196,6 +254,7 @@ def make_plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
             ("learning_curves", plot_learning_curves, f"{name}: full-data learning curves"),
             ("coverage_usage", plot_coverage_usage, f"{name}: factor vs rs2"),
             ("lambda_RD", plot_lambda_rd, f"{name}: lambda(t), mean R and D of the selection"),
+            ("ablation", plot_ablation, f"{name}: factor variants (green: current defaults)"),
         ):
             path = out / f"train_{task}_{via}_{suffix}.png"
             if fn(runs, path, title):

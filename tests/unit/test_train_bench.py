@@ -127,6 +127,15 @@ def test_variants_expand_and_reach_the_job_spec() -> None:
     spec = train_bench.RunSpec("fmnist", "factor_gumbel", 0.2, 1, 20, "pca64").job_spec(task, data)
     assert spec["policy"]["name"] == "factor" and spec["policy"]["params"]["sampling"] == "gumbel"
     assert spec["dataset"]["feature"]["dim"] == 64
+    ss = train_bench.RunSpec("fmnist", "factor", 0.1, 0, 20, "qd_selfsup").job_spec(task, data)
+    assert ss["dataset"]["feature"] == {"kind": "selfsup", "column": "image", "dim": 128}
+    assert ss["policy"]["params"]["class_quotas"] is True
+    soft = train_bench.RunSpec("fmnist", "factor", 0.1, 0, 20, "qd_gumbel0.5").job_spec(task, data)
+    assert (
+        soft["policy"]["params"]["sampling"] == "gumbel" and soft["policy"]["params"]["tau"] == 0.5
+    )
+    for group in ("penalty", "soft", "features"):  # every preset of a group is a known variant
+        assert train_bench.expand_variants([group]) == list(train_bench.VARIANT_GROUPS[group])
     fewer = train_bench.RunSpec("fmnist", "full_fewer", 0.3, 0, 20, "-").job_spec(task, data)
     assert fewer["policy"] == {"name": "full", "ratio": 1.0, "epochs": 6, "seed": 0, "params": {}}
 
@@ -362,3 +371,13 @@ def test_plots_from_tiny_jsonl(tmp_path: Path) -> None:
     for p in files:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.dumps(_tiny_results())  # the records are plain JSON
+
+
+def test_ablation_plot_needs_three_variants(tmp_path: Path) -> None:
+    records = _tiny_results()
+    path = tmp_path / "ablation.png"
+    runs = train_report.runs_of(records, "toy")
+    assert not train_plots.plot_ablation(runs, path, "toy")  # default + gamma0 only
+    records += [_record("factor", 0.2, s, 0.91, 0.2, variant="service_default") for s in (0, 1)]
+    assert train_plots.plot_ablation(train_report.runs_of(records, "toy"), path, "toy")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

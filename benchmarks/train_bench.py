@@ -231,6 +231,22 @@ VARIANTS: dict[str, Variant] = {
         feature={"kind": "selfsup", "dim": 128},
         note="quotas + dynamic coverage on self-supervised features",
     ),
+    "sched_early": Variant(
+        params={"schedule": {"shape": "sigmoid", "center": 0.25}},
+        note="timing: sigmoid lambda(t) centred at a quarter of the run",
+    ),
+    "sched_late": Variant(
+        params={"schedule": {"shape": "sigmoid", "center": 0.75}},
+        note="timing: sigmoid lambda(t) centred at three quarters of the run",
+    ),
+    "sched_warmup5": Variant(
+        params={"schedule": {"shape": "cosine", "warmup_epochs": 5}},
+        note="timing: representativeness only for 5 epochs, then cosine",
+    ),
+    "sched_reverse": Variant(
+        params={"schedule": {"shape": "cosine", "lambda_min": 1.0, "lambda_max": 0.0}},
+        note="timing reversed: diversity first, representativeness last",
+    ),
     "qd_gamma10": Variant(
         params={"class_quotas": True, "dynamic_coverage": True, "gamma": 10.0},
         note="quotas + dynamic coverage + very strong penalty",
@@ -261,6 +277,7 @@ VARIANT_GROUPS: dict[str, tuple[str, ...]] = {
     "penalty": ("gamma10", "gamma20", "qd_gamma5", "qd_gamma10"),
     "soft": ("qd_gumbel0.5", "qd_gumbel1"),
     "features": ("selfsup", "qd_selfsup"),
+    "timing": ("sched_early", "sched_late", "sched_warmup5", "sched_reverse"),
 }
 """Named lists usable in ``--variants`` (e.g. ``--variants default,ablation``)."""
 

@@ -222,6 +222,14 @@ VARIANTS: dict[str, Variant] = {
         params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 1.0},
         note="quotas + dynamic coverage, sampled: top m of s + 1.0 Gumbel",
     ),
+    "qd_gumbel2": Variant(
+        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 2.0},
+        note="quotas + dynamic coverage, sampled: top m of s + 2.0 Gumbel",
+    ),
+    "qd_gumbel5": Variant(
+        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 5.0},
+        note="quotas + dynamic coverage, sampled: top m of s + 5.0 Gumbel (nearly uniform)",
+    ),
     "selfsup": Variant(
         feature={"kind": "selfsup", "dim": 128},
         note="features of a small conv encoder trained self-supervised (SimCLR) on the data",
@@ -275,7 +283,7 @@ VARIANT_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "beyond": ("dyncov", "quotas", "anneal2", "quotas_dyncov"),
     "penalty": ("gamma10", "gamma20", "qd_gamma5", "qd_gamma10"),
-    "soft": ("qd_gumbel0.5", "qd_gumbel1"),
+    "soft": ("qd_gumbel0.5", "qd_gumbel1", "qd_gumbel2", "qd_gumbel5"),
     "features": ("selfsup", "qd_selfsup"),
     "timing": ("sched_early", "sched_late", "sched_warmup5", "sched_reverse"),
 }

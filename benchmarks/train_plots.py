@@ -36,8 +36,11 @@ from benchmarks.train_bench import read_results
 from benchmarks.train_report import row_name, runs_of, sections
 
 REPO = Path(__file__).resolve().parents[1]
-SHOWN_VARIANTS = frozenset({"service_default"})
-"""factor variants drawn with the policies in ``acc_vs_samples`` (its current defaults)."""
+SHOWN_VARIANTS = frozenset({"service_default", "qd_gumbel1", "quotas_dyncov"})
+"""factor variants drawn with the policies in ``acc_vs_samples``: the current defaults (spelled
+out: ``qd_gumbel1``) and the previous ones (``quotas_dyncov``)."""
+DEFAULT_VARIANTS = frozenset({"service_default", "qd_gumbel1"})
+"""Variants that are factor's current defaults (green in the ablation figure)."""
 
 
 def plot_acc_vs_samples(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
@@ -216,7 +219,7 @@ def plot_ablation(runs: list[dict[str, Any]], path: Path, title: str) -> bool:
             ys,
             means,
             xerr=[float(np.std(variants[v])) for v in order],
-            color=["tab:green" if v == "service_default" else "tab:blue" for v in order],
+            color=["tab:green" if v in DEFAULT_VARIANTS else "tab:blue" for v in order],
             alpha=0.8,
             capsize=2,
         )

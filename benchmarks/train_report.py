@@ -42,7 +42,7 @@ POLICY_ORDER = (
 )
 TARGET_RATIOS = (0.1, 0.2, 0.3)
 TARGET_GAP = 0.002  # 0.2 points of accuracy
-TARGET_ROWS = ("factor[service_default]", "factor")
+TARGET_ROWS = ("factor[service_default]", "factor[qd_gumbel1]", "factor")
 """Rows the targets are checked on (first recorded wins): the defaults, else the literal form."""
 
 

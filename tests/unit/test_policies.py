@@ -146,7 +146,13 @@ def test_factor_usage_frequencies_stay_within_the_penalty_bound(
             epochs,
             seed,
             # the penalty alone (class quotas, on by default with labels, bound it per class)
-            {"gamma": gamma, "schedule": shape, "class_quotas": False, "dynamic_coverage": False},
+            {
+                "gamma": gamma,
+                "schedule": shape,
+                "class_quotas": False,
+                "dynamic_coverage": False,
+                "sampling": "topm",  # the hard bound is a property of the ranking
+            },
         )
     )
     sel = SingleProcessSelector(policy, make_data(n, seed))
@@ -158,7 +164,7 @@ def test_factor_usage_frequencies_stay_within_the_penalty_bound(
 
 
 def test_factor_without_penalty_and_constant_schedule_is_static() -> None:
-    params = {"gamma": 0.0, "schedule": "constant"}
+    params = {"gamma": 0.0, "schedule": "constant", "sampling": "topm"}
     _, results = run("factor", make_data(300, 4), params=params, epochs=5)
     first = np.sort(results[0].indices)
     for r in results[1:]:
@@ -180,7 +186,7 @@ def test_schedule_moves_selection_from_representative_to_diverse(correlation: st
         else rng.random(n)
     )
     data = ShardData(0, n, R=R, D=D)
-    _, results = run("factor", data, params={"gamma": 0.0}, epochs=8)
+    _, results = run("factor", data, params={"gamma": 0.0, "sampling": "topm"}, epochs=8)
     mean_r = [r.stats["mean_R"] for r in results]
     mean_d = [r.stats["mean_D"] for r in results]
     assert _monotone_trend(mean_r, -1.0) and _monotone_trend(mean_d, +1.0)
@@ -194,7 +200,7 @@ def test_gumbel_sampling_is_seeded_and_differs_from_ranking() -> None:
     a = run("factor", data, params=g, seed=1)[1]
     b = run("factor", data, params=g, seed=1)[1]
     c = run("factor", data, params=g, seed=2)[1]
-    plain = run("factor", data, seed=1)[1]
+    plain = run("factor", data, params={"sampling": "topm"}, seed=1)[1]
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(x.indices, y.indices)
     assert set(a[0].indices.tolist()) != set(plain[0].indices.tolist())
@@ -214,13 +220,14 @@ def test_class_quotas_keep_class_shares() -> None:
         got = np.array(r.stats["class_counts"])
         assert np.array_equal(got, largest_remainder(m, counts))
         assert np.all(np.abs(got - m * counts / n) < 1)
-    _, free = run("factor", data, params={"class_quotas": False}, ratio=0.2)
+    _, free = run("factor", data, params={"class_quotas": False, "sampling": "topm"}, ratio=0.2)
     assert free[0].stats["class_counts"][4] > 2 * m * counts[4] / n
     _, default = run("factor", data, ratio=0.2)  # default: quotas on because labels exist
     for r in default:
         assert np.array_equal(np.array(r.stats["class_counts"]), largest_remainder(m, counts))
     no_labels = ShardData(0, n, R=R, D=data.D)
-    _, literal = run("factor", no_labels, ratio=0.2)  # default without labels: the literal form
+    # without labels the quotas switch off: the ranking's first epoch is the top-R samples
+    _, literal = run("factor", no_labels, params={"sampling": "topm"}, ratio=0.2)
     assert set(literal[0].indices.tolist()) == set(np.argsort(-R)[:m].tolist())
 
 

@@ -59,7 +59,14 @@ def test_serve_jobs_lifecycle_and_clean_stop(tmp_path: Path) -> None:
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        client = SelectionClient(url, retries=60, backoff=0.5, max_backoff=1.0)
+        # a cold start (torch + Ray import, ray.init, the actor) takes ~10 s on an idle machine
+        # and several times that on a loaded one: wait up to ~3 minutes
+        client = SelectionClient(url, retries=180, backoff=0.5, max_backoff=1.0)
+        try:
+            client.healthz()
+        except Exception:
+            server.kill()
+            raise AssertionError(f"saelect serve never answered:\n{server.communicate()[0]}")
         assert client.healthz()["status"] == "ok"
         rc, out, err = _jobs(url, "create", str(spec_path))
         assert rc == 0, err

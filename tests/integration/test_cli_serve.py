@@ -64,9 +64,10 @@ def test_serve_jobs_lifecycle_and_clean_stop(tmp_path: Path) -> None:
         client = SelectionClient(url, retries=180, backoff=0.5, max_backoff=1.0)
         try:
             client.healthz()
-        except Exception:
+        except Exception as exc:
             server.kill()
-            raise AssertionError(f"saelect serve never answered:\n{server.communicate()[0]}")
+            log = server.communicate()[0]
+            raise AssertionError(f"saelect serve never answered:\n{log}") from exc
         assert client.healthz()["status"] == "ok"
         rc, out, err = _jobs(url, "create", str(spec_path))
         assert rc == 0, err

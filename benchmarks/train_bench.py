@@ -222,22 +222,6 @@ VARIANTS: dict[str, Variant] = {
         params={"class_quotas": True, "dynamic_coverage": True, "gamma": 5.0},
         note="quotas + dynamic coverage + strong penalty",
     ),
-    "qd_gumbel0.5": Variant(
-        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 0.5},
-        note="quotas + dynamic coverage, sampled: top m of s + 0.5 Gumbel",
-    ),
-    "qd_gumbel1": Variant(
-        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 1.0},
-        note="quotas + dynamic coverage, sampled: top m of s + 1.0 Gumbel",
-    ),
-    "qd_gumbel2": Variant(
-        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 2.0},
-        note="quotas + dynamic coverage, sampled: top m of s + 2.0 Gumbel",
-    ),
-    "qd_gumbel5": Variant(
-        params={"class_quotas": True, "dynamic_coverage": True, "sampling": "gumbel", "tau": 5.0},
-        note="quotas + dynamic coverage, sampled: top m of s + 5.0 Gumbel (nearly uniform)",
-    ),
     "selfsup": Variant(
         feature={"kind": "selfsup", "dim": 128},
         note="features of a small conv encoder trained self-supervised (SimCLR) on the data",
@@ -268,6 +252,20 @@ VARIANTS: dict[str, Variant] = {
         note="quotas + dynamic coverage + very strong penalty",
     ),
 }
+VARIANTS.update(
+    {
+        f"qd_gumbel{tau:g}": Variant(
+            params={
+                "class_quotas": True,
+                "dynamic_coverage": True,
+                "sampling": "gumbel",
+                "tau": tau,
+            },
+            note=f"quotas + dynamic coverage, sampled: top m of s + {tau:g} Gumbel",
+        )
+        for tau in (0.5, 1.0, 2.0, 5.0)  # qd_gumbel1 = factor's current defaults
+    }
+)
 """``--variants`` presets (apply to ``factor`` and ``factor_gumbel`` runs)."""
 
 VARIANT_GROUPS: dict[str, tuple[str, ...]] = {

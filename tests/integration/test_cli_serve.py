@@ -63,12 +63,12 @@ def test_serve_jobs_lifecycle_and_clean_stop(tmp_path: Path) -> None:
         # and several times that on a loaded one: wait up to ~3 minutes
         client = SelectionClient(url, retries=180, backoff=0.5, max_backoff=1.0)
         try:
-            client.healthz()
+            health = client.healthz()
         except Exception as exc:
             server.kill()
             log = server.communicate()[0]
             raise AssertionError(f"saelect serve never answered:\n{log}") from exc
-        assert client.healthz()["status"] == "ok"
+        assert health["status"] == "ok"
         rc, out, err = _jobs(url, "create", str(spec_path))
         assert rc == 0, err
         job = json.loads(out)["id"]

@@ -55,19 +55,6 @@ POLICIES = [
 QUIET = {"progress_bar": False}
 
 
-def _reference_data(ref: SingleProcessScores) -> ShardData:
-    return ShardData(
-        0,
-        ref.R.shape[0],
-        R=ref.R,
-        D=ref.D,
-        labels=ref.labels,
-        code_ids=ref.codes.ids,
-        code_values=ref.codes.values,
-        p=ref.p,
-    )
-
-
 @pytest.fixture(scope="module")
 def digits(digits_uri: str) -> tuple[str, SingleProcessScores]:
     """The digits dataset as Parquet and its single-process scores."""
@@ -110,7 +97,7 @@ def _assert_same_selections(result: Any, ref: SingleProcessScores) -> None:
         result.attach_selection(make_policy(config))
         # small bins and cap force several histogram rounds and the tie refinement
         engine = SelectionEngine(make_policy(config), result.broadcast(), bins=8, cap=16)
-        single = SingleProcessSelector(make_policy(config), _reference_data(ref))
+        single = SingleProcessSelector(make_policy(config), ref.shard_data())
         for _ in range(config.epochs):
             got, want = engine.step(), single.step()
             np.testing.assert_array_equal(got.indices, want.indices)

@@ -281,16 +281,21 @@ class FactorPolicy(Policy):
     ) -> np.ndarray:
         if stage.key == "all":
             return np.zeros(data.n)
-        s, pen = self._parts(epoch, ctx, data, counters, None)
+        idx: np.ndarray | None = None  # a class stage scores only its class's positions
+        if stage.key.startswith("class:"):
+            (labels,) = _need(data, ("labels",), "class_quotas")
+            idx = np.flatnonzero(labels == int(stage.key.split(":", 1)[1]))
+        s, pen = self._parts(epoch, ctx, data, counters, idx)
         if pen is not None:
             s -= pen
         if self.params.sampling == "gumbel" and self.params.tau > 0:
-            gidx = np.arange(data.lo, data.hi, dtype=np.int64)
+            gidx = np.arange(data.lo, data.hi, dtype=np.int64) if idx is None else idx + data.lo
             s += self.params.tau * gumbel(self.config.seed, epoch, STREAM_GUMBEL, gidx)
-        if stage.key.startswith("class:"):
-            (labels,) = _need(data, ("labels",), "class_quotas")
-            s[labels != int(stage.key.split(":", 1)[1])] = -np.inf
-        return s
+        if idx is None:
+            return s
+        out = np.full(data.n, -np.inf)
+        out[idx] = s
+        return out
 
     def _unit_counts(self, data: ShardData, selected_local: np.ndarray) -> dict:
         if data.code_ids is None or data.code_values is None or data.p is None:

@@ -58,6 +58,19 @@ def top_m(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
         raise ValueError(f"m={m} outside [0, {n}]")
     if m == 0:
         return np.empty(0, dtype=np.int64)
+    eligible = scores > -np.inf  # (N,); NaN compares False and is caught below when kept
+    n_eligible = int(np.count_nonzero(eligible))
+    if n_eligible < m:
+        raise ValueError(f"m={m} exceeds the {n_eligible} eligible samples")
+    if 2 * n_eligible <= n and not np.isnan(scores).any():
+        # mostly ineligible (a class stage): select among the eligible positions only;
+        # sub is ascending, so "position asc" among ties is kept
+        sub = np.flatnonzero(eligible)  # (n_eligible,)
+
+        def sub_tiebreak(p: np.ndarray) -> np.ndarray:
+            return _tiebreak_at(tiebreak, sub[p])
+
+        return sub[top_m(scores[sub], sub_tiebreak, m)]
     kth = n - m
     part = np.argpartition(scores, kth)  # (N,): part[kth:] holds the m largest
     v = scores[part[kth]]  # the m-th largest score

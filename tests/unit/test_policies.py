@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.policies import POLICIES, PolicyConfig, make_policy
+from service.policies.base import Stage
 from service.policies.factor import largest_remainder
 from service.policies.rs2 import round_length
 from service.selection.engine import EpochResult, SingleProcessSelector
@@ -368,3 +369,23 @@ def test_json_numbers_are_coerced() -> None:
     policy = make_policy(PolicyConfig("factor", 0.5, 3, 0, {"gamma": 1, "anneal_epochs": 1.0}))
     assert policy.params.gamma == 1.0 and isinstance(policy.params.gamma, float)
     assert policy.params.anneal_epochs == 1
+
+
+@pytest.mark.parametrize("params", [{}, {"penalty": "multiplicative", "tau": 0.5}])
+def test_class_stage_scores_equal_the_masked_full_scores(params: dict) -> None:
+    """A class stage scores only its class's positions; the values are bit-identical to the
+    whole-shard scores with the other classes masked to -inf (the selection cannot change)."""
+    data = make_data(400, 3, classes=5, codes=True)
+    policy = make_policy(PolicyConfig("factor", 0.3, 6, 7, params))
+    sel = SingleProcessSelector(policy, data)
+    for _ in range(3):  # usage and coverage counters become non-trivial
+        sel.step()
+    epoch = 3
+    shard = sel.shard
+    ctx = policy.context(epoch, [shard.begin_epoch(epoch)], None)
+    assert ctx["dynamic"] and "quotas" in ctx
+    full = policy.local_scores(Stage("main", 1), epoch, ctx, data, shard.counters)
+    for c in range(5):
+        got = policy.local_scores(Stage(f"class:{c}", 1), epoch, ctx, data, shard.counters)
+        expect = np.where(data.labels == c, full, -np.inf)
+        assert np.array_equal(got, expect)

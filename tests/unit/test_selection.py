@@ -84,6 +84,9 @@ def scored(draw: Any) -> tuple[np.ndarray, np.ndarray, int]:
     else:
         seed = draw(st.integers(0, 2**31))
         scores = np.random.default_rng(seed).normal(size=n).round(draw(st.integers(0, 3)))
+    if draw(st.booleans()):  # mostly ineligible, like a class stage: top_m's subset path
+        mask_seed = draw(st.integers(0, 2**31))
+        scores[np.random.default_rng(mask_seed).random(n) < 0.8] = -np.inf
     tb_mod = draw(st.sampled_from([2, 5, 2**64]))  # small moduli force tie-break collisions
     tb = hash_u64(draw(st.integers(0, 99)), 0, STREAM_TIEBREAK, np.arange(n))
     if tb_mod < 2**64:
@@ -106,6 +109,8 @@ def test_top_m_equals_full_sort(case: tuple[np.ndarray, np.ndarray, int]) -> Non
 def test_top_m_refuses_too_few_eligible() -> None:
     with pytest.raises(ValueError, match="m=3"):
         top_m(np.array([1.0, -np.inf, 2.0]), np.zeros(3, dtype=np.uint64), 3)
+    with pytest.raises(ValueError, match="m=2 exceeds the 1 eligible"):
+        top_m(np.array([-np.inf, -np.inf, 2.0, -np.inf]), np.zeros(4, dtype=np.uint64), 2)
     with pytest.raises(ValueError, match="m=-1"):
         top_m(np.zeros(3), np.zeros(3, dtype=np.uint64), -1)
 

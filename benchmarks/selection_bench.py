@@ -220,6 +220,18 @@ def write_doc(rows: list[Row], skipped: list[str], path: Path, command: str, plo
         "The sharded rows run the histogram-threshold protocol (1024 bins, boundary cap 65536) "
         "over in-process shards and were checked to give exactly the single-process epochs; "
         "over Ray each protocol round is one `ray.get` over the shard actors.",
+        "",
+        "What the forms cost. The DESIGN 8 target is about one pass over the scores (the "
+        "`literal` row). Gumbel sampling adds one counter-based hash per sample. Class quotas "
+        "run one top-m stage per class; a stage scores only its class's positions and selects "
+        "among them, but each stage still makes a few O(N) passes over the shard (the class "
+        "mask, the eligibility mask), so the cost grows with the number of classes. Dynamic "
+        "coverage gathers the coverage weight of each sample's k active units every epoch (O(N "
+        "k), float16 codes converted on the fly): the bulk of the `default+labels+codes` row. "
+        "These are per-shard costs, so S shard actors divide them; where one epoch's selection "
+        "must stay under a second on 10M samples per core pair, set `dynamic_coverage: false` "
+        "(and `class_quotas: false`), at the accuracy cost measured in "
+        "docs/benchmarks_train.md.",
     ]
     if plotted:
         lines += ["", "![selection time](figures/selection_time.png)"]

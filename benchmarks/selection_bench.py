@@ -1,6 +1,6 @@
 """Per-epoch selection time of ``factor`` (DESIGN 8: N = 10M in <= 1 s on 2 cores, linear in N).
 
-Measures, on synthetic R and D in [0, 1] (r = 0.3, cosine schedule, additive penalty), in three
+Measures, on synthetic R and D in [0, 1] (r = 0.3, cosine schedule, additive penalty), in four
 forms of the policy (``--forms``):
 
 * ``literal``: the paper's ranking (``sampling="topm"``, no quotas, no dynamic coverage);

@@ -58,25 +58,23 @@ def top_m(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
         raise ValueError(f"m={m} outside [0, {n}]")
     if m == 0:
         return np.empty(0, dtype=np.int64)
-    eligible = scores > -np.inf  # (N,); NaN compares False and is caught below when kept
+    eligible = scores != -np.inf  # (N,); NaN counts here and is refused at the boundary
     n_eligible = int(np.count_nonzero(eligible))
     if n_eligible < m:
         raise ValueError(f"m={m} exceeds the {n_eligible} eligible samples")
-    if 2 * n_eligible <= n and not np.isnan(scores).any():
-        # mostly ineligible (a class stage): select among the eligible positions only;
-        # sub is ascending, so "position asc" among ties is kept
-        sub = np.flatnonzero(eligible)  # (n_eligible,)
+    if 2 * n_eligible > n:
+        return _partition_top(scores, tiebreak, m)
+    # mostly ineligible (a class stage): select among the eligible positions only; sub is
+    # ascending, so "position asc" among ties is kept
+    sub = np.flatnonzero(eligible)  # (n_eligible,)
+    return sub[_partition_top(scores[sub], lambda p: _tiebreak_at(tiebreak, sub[p]), m)]
 
-        def sub_tiebreak(p: np.ndarray) -> np.ndarray:
-            return _tiebreak_at(tiebreak, sub[p])
 
-        return sub[top_m(scores[sub], sub_tiebreak, m)]
-    kth = n - m
+def _partition_top(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
+    """top_m's core for 1 <= m <= eligible: argpartition, then order only the boundary ties."""
+    kth = scores.shape[0] - m
     part = np.argpartition(scores, kth)  # (N,): part[kth:] holds the m largest
-    v = scores[part[kth]]  # the m-th largest score
-    if v == -np.inf:
-        eligible = int(np.count_nonzero(scores > -np.inf))
-        raise ValueError(f"m={m} exceeds the {eligible} eligible samples")
+    v = scores[part[kth]]  # the m-th largest score, finite or +inf as m <= eligible
     if np.isnan(v):
         raise ValueError("scores contain NaN")
     head = part[kth:]  # (m,)

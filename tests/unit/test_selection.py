@@ -115,6 +115,13 @@ def test_top_m_refuses_too_few_eligible() -> None:
         top_m(np.zeros(3), np.zeros(3, dtype=np.uint64), -1)
 
 
+@pytest.mark.parametrize("scores", [[np.nan, 1.0], [np.nan, -np.inf, -np.inf, -np.inf]])
+def test_top_m_refuses_nan(scores: list[float]) -> None:
+    """NaN is refused on both paths (mostly eligible, mostly ineligible)."""
+    with pytest.raises(ValueError, match="NaN"):
+        top_m(np.array(scores), np.zeros(len(scores), dtype=np.uint64), 1)
+
+
 def test_score_keys_preserve_order() -> None:
     values = np.array([-np.inf, -1e300, -2.5, -1e-300, 0.0, 1e-300, 3.0, 1e300, np.inf])
     keys = score_keys(values)

@@ -4,8 +4,9 @@ The class is plain Python (`SelectionActorImpl`); `selection_actor_class()` wrap
 ``ray.remote`` (``num_cpus=0``, restarted by Ray after a crash). Its constructor schedules, on the
 actor's own event loop, the resume of every stored job and a uvicorn server running the FastAPI
 app, so a restarted actor serves again on the same port from the same store with no call from
-outside. Ray Train workers inside the cluster may call the actor's methods directly (the same
-answers as HTTP, without the HTTP hop).
+outside. `service.server.start_service` pins it to one node, so a restart binds the same node's
+port again, and the URL it reports (``Settings.public_url``) stays valid. Ray Train workers inside
+the cluster may call the actor's methods directly (the same answers as HTTP, without the HTTP hop).
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ class SelectionActorImpl:
                 raise RuntimeError("uvicorn stopped before it started")
             await asyncio.sleep(0.02)
         port = self._server.servers[0].sockets[0].getsockname()[1]
-        host = self.settings.host
-        self._url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        log.info("saelect serving on %s", self._url)
+        self._url = self.settings.public_url(port, _node_ip())
+        app.state.public_url = self._url  # /healthz reports it
+        log.info("saelect serving on %s (bound to %s:%d)", self._url, self.settings.host, port)
         return self._url
 
     async def url(self) -> str:
@@ -87,9 +88,17 @@ class SelectionActorImpl:
         return await asyncio.shield(self._started)
 
     async def info(self) -> dict[str, Any]:
-        """``{"url", "pid", "jobs"}`` of this actor instance (a restarted one has a new pid)."""
+        """``{"url", "pid", "node_id", "jobs"}`` of this actor instance.
+
+        A restarted actor has a new pid; ``node_id`` (None outside Ray) stays the pinned node's.
+        """
         url = await asyncio.shield(self._started)
-        return {"url": url, "pid": os.getpid(), "jobs": len(await self.manager.list_jobs())}
+        return {
+            "url": url,
+            "pid": os.getpid(),
+            "node_id": _node_id(),
+            "jobs": len(await self.manager.list_jobs()),
+        }
 
     async def shutdown(self) -> None:
         """Stop serving and kill the jobs' shard actors (the store keeps everything)."""
@@ -150,6 +159,25 @@ class SelectionActorImpl:
     async def delete_job(self, job_id: str) -> None:
         await asyncio.shield(self._started)
         await self.manager.delete_job(job_id)
+
+
+def _node_ip() -> str | None:
+    """This process's Ray node IP (None outside a Ray worker)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except Exception:  # pragma: no cover - the URL falls back to loopback
+        log.warning("no Ray node IP; reporting a loopback URL", exc_info=True)
+    return None
+
+
+def _node_id() -> str | None:
+    """This process's Ray node id (None outside a Ray worker)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def selection_actor_class(max_restarts: int = -1) -> Any:

@@ -17,6 +17,24 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+def default_url() -> str:
+    """The service URL `saelect jobs` uses without ``--url``.
+
+    ``SAELECT_URL`` when set, else the URL file `saelect serve` wrote (``SAELECT_URL_FILE`` or
+    ``~/.saelect/url``), else ``http://127.0.0.1:8000``.
+    """
+    env = os.environ.get("SAELECT_URL", "").strip()
+    if env:
+        return env
+    from service.settings import url_file_path
+
+    try:
+        written = Path(url_file_path()).read_text().strip()
+    except OSError:
+        written = ""
+    return written or DEFAULT_URL
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from workers.datasets import write_image_parquet
 
@@ -29,11 +47,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve_forever
     from service.settings import Settings
 
-    overrides: dict[str, Any] = {"host": args.host, "port": args.port, "insecure": args.insecure}
-    if args.store:
-        overrides["store"] = args.store
-    if args.address:
-        overrides["ray_address"] = args.address
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "insecure": args.insecure,
+        "store": args.store,
+        "ray_address": args.address,
+        "advertise_url": args.advertise_url,
+        "pin_resource": args.pin_resource,
+        "url_file": args.url_file,
+    }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     return serve_forever(settings)
 
@@ -41,7 +64,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from client import SelectionClient
 
-    return SelectionClient(args.url, token=os.environ.get("SAELECT_API_TOKEN"))
+    return SelectionClient(args.url or default_url(), token=os.environ.get("SAELECT_API_TOKEN"))
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
@@ -109,12 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="allow a non-loopback bind without token",
     )
+    serve.add_argument(
+        "--advertise-url",
+        default=None,
+        help="URL reported to clients (default: http://<node IP>:<port> of the service's node)",
+    )
+    serve.add_argument(
+        "--pin-resource",
+        default=None,
+        help="custom Ray resource of the node to run on (default: the node of this process)",
+    )
+    serve.add_argument(
+        "--url-file",
+        default=None,
+        help="where to write the URL for saelect jobs (default: SAELECT_URL_FILE, ~/.saelect/url)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     jobs = sub.add_parser("jobs", help="create, list, inspect and delete jobs over HTTP")
     jobs.add_argument("action", choices=["create", "list", "status", "delete"])
     jobs.add_argument("target", nargs="?", help="SPEC.json for create, a job id for status/delete")
-    jobs.add_argument("--url", default=os.environ.get("SAELECT_URL", DEFAULT_URL))
+    jobs.add_argument(
+        "--url",
+        default=None,
+        help="service URL (default: SAELECT_URL, else the URL file saelect serve wrote, "
+        f"else {DEFAULT_URL})",
+    )
     jobs.set_defaults(func=_cmd_jobs)
 
     sim = sub.add_parser("simulate", help="preview a policy's epochs in-process (no training)")

@@ -1,16 +1,23 @@
 """Start the service: Ray (embedded or a cluster), the SelectionActor, its HTTP server.
 
-Embedded default (DESIGN 3.6): with no address and no ``RAY_ADDRESS``, a private local Ray starts
-on loopback; with ``--address``/``RAY_ADDRESS``/``SAELECT_RAY_ADDRESS`` the same code joins a
-cluster.
+Embedded default: with no address and no ``RAY_ADDRESS``, a private local Ray starts on loopback;
+with ``--address``/``RAY_ADDRESS``/``SAELECT_RAY_ADDRESS`` the same code joins a cluster.
+
+The SelectionActor runs uvicorn, so the node it runs on is where the port must be reachable. It is
+pinned (`actor_placement`): to the node that declares the custom resource ``pin_resource``, or by
+default to the node of the process that starts the service, with a hard node affinity that also
+holds for the actor's restarts. `serve_forever` prints the advertised URL and writes it to the URL
+file that `saelect jobs` reads (deploy/README.md).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from service.actor import ACTOR_NAME, NAMESPACE, selection_actor_class
@@ -67,6 +74,46 @@ class ServiceHandle:
             ray.kill(self.actor, no_restart=True)
 
 
+def actor_placement(settings: Settings) -> dict[str, Any]:
+    """The ``.options(...)`` that pin the SelectionActor to its node (Ray must be initialized).
+
+    ``settings.pin_resource`` set: ask for 1 unit of that custom resource, so the actor (and every
+    restart) lands on the node started with ``--resources='{"<name>": 1}'``. Otherwise a hard
+    ``NodeAffinitySchedulingStrategy`` to this process's node: the service's port is published
+    where it was started.
+
+    Raises
+    ------
+    ValueError
+        When no node of the cluster declares ``pin_resource``.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = settings.pin_resource
+    if name:
+        total = ray.cluster_resources().get(name, 0.0)
+        if total < 1:
+            raise ValueError(
+                f"no node of the Ray cluster declares the custom resource {name!r} (found "
+                f"{total}); start the service's node with ray start --resources='{{\"{name}\": 1}}'"
+            )
+        return {"resources": {name: 1}}
+    node_id = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+
+
+def write_url_file(url: str, path: str) -> Path:
+    """Write ``url`` (one line) to ``path`` atomically, creating its directory; returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".url-", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
+    os.replace(tmp, target)
+    return target
+
+
 def start_service(
     settings: Settings,
     *,
@@ -84,12 +131,20 @@ def start_service(
         ``workers.pipeline.PipelineOptions`` for every job.
     name:
         Actor name in the ``saelect`` namespace (None: anonymous, e.g. several in one test).
+    max_restarts:
+        Ray restarts of the actor after a crash (-1: always); each restart lands on the same node
+        (`actor_placement`) and binds the same port.
+
+    Raises
+    ------
+    ValueError
+        A non-loopback bind without a token, or a ``pin_resource`` no node declares.
     """
     import ray
 
     settings.check_bind()
     cls = selection_actor_class(max_restarts=max_restarts)
-    opts: dict[str, Any] = {"namespace": NAMESPACE}
+    opts: dict[str, Any] = {"namespace": NAMESPACE, **actor_placement(settings)}
     if name:
         opts.update(name=name, get_if_exists=False)
     actor = cls.options(**opts).remote(settings, pipeline_options)
@@ -102,11 +157,25 @@ def serve_forever(settings: Settings) -> int:
     started_local = init_ray(settings.ray_address)
     handle = start_service(settings)
     where = "embedded local Ray" if started_local else "Ray cluster"
+    url_file = write_url_file(handle.url, settings.url_path)
     print(f"saelect serving on {handle.url} (store {settings.store}, {where}); Ctrl-C stops it")
+    print(f"URL written to {url_file} (the default --url of saelect jobs)")
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     print("stopping")
-    handle.stop()
+    try:
+        handle.stop()
+    finally:
+        _remove_url_file(url_file, handle.url)
     return 0
+
+
+def _remove_url_file(path: Path, url: str) -> None:
+    """Remove the URL file if it still names ``url`` (another service may have replaced it)."""
+    try:
+        if path.read_text().strip() == url:
+            path.unlink()
+    except OSError:
+        pass

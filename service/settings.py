@@ -1,17 +1,25 @@
 """Service settings from the environment (prefix ``SAELECT_``), e.g. ``SAELECT_API_TOKEN``.
 
 List values are JSON in the environment: ``SAELECT_ALLOWED_ROOTS='["/data", "s3://bucket/ds"]'``.
+Where the service runs and the URL it reports are settings too (deploy/README.md): the
+SelectionActor is pinned to one node (``pin_resource``, or the node of the process that starts
+it), and ``advertise_url`` overrides the URL built from that node's IP.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATASET_ROOT = "/usr/share/datasets"
+DEFAULT_URL_FILE = "~/.saelect/url"
+"""Where `saelect serve` writes the URL it serves on, and where `saelect jobs` reads it."""
+_RESOURCE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 
 
 def store_data_dir(store: str) -> str:
@@ -19,6 +27,16 @@ def store_data_dir(store: str) -> str:
     if "://" in store:
         return store.rstrip("/") + "/data"
     return os.path.join(os.path.abspath(store), "data")
+
+
+def url_file_path(path: str | None = None) -> str:
+    """The URL file: ``path``, else ``SAELECT_URL_FILE``, else ``~/.saelect/url`` (expanded)."""
+    return os.path.expanduser(path or os.environ.get("SAELECT_URL_FILE") or DEFAULT_URL_FILE)
+
+
+def is_wildcard(host: str) -> bool:
+    """True for the bind-everything addresses ``0.0.0.0``, ``::`` and the empty host."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")
 
 
 def is_loopback(host: str) -> bool:
@@ -56,11 +74,45 @@ class Settings(BaseSettings):
     allowed_modules: list[str] = Field(default_factory=list)
     """Import paths (``pkg.mod:factory`` or a module prefix ``pkg.mod``) a ``module`` feature
     extractor may load; empty refuses every ``module`` feature."""
+    advertise_url: str | None = None
+    """The URL clients are told to use (printed, in ``/healthz``, in the URL file), e.g. a load
+    balancer's ``https://saelect.example.com``. None: ``http://<node IP>:<port>`` of the node the
+    SelectionActor runs on (the bind host itself when it is neither loopback nor a wildcard)."""
+    pin_resource: str | None = None
+    """A custom Ray resource that marks the node the SelectionActor must run on (the node was
+    started with ``ray start --resources='{"<name>": 1}'``); the actor asks for 1 of it, so its
+    restarts land on that node again. None: pinned to the node of the process that starts the
+    service (``NodeAffinitySchedulingStrategy``, not soft)."""
+    url_file: str | None = None
+    """Where `saelect serve` writes the advertised URL (None: ``SAELECT_URL_FILE`` or
+    ``~/.saelect/url``); `saelect jobs` reads it as its default ``--url``."""
 
     @field_validator("api_token")
     @classmethod
     def _empty_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
         return None if v is None or not v.get_secret_value() else v
+
+    @field_validator("advertise_url", "pin_resource", "url_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return None if v is None or not str(v).strip() else str(v).strip()
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"advertise_url must be an http(s) URL with a host, got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("pin_resource")
+    @classmethod
+    def _check_resource(cls, v: str | None) -> str | None:
+        if v is not None and not _RESOURCE_NAME.match(v):
+            raise ValueError(f"pin_resource must be a Ray resource name, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _default_roots(self) -> Settings:
@@ -73,6 +125,29 @@ class Settings(BaseSettings):
     def data_dir(self) -> str:
         """The store's data dir, ``{store}/data``: an allowed dataset root by default."""
         return store_data_dir(self.store)
+
+    @property
+    def url_path(self) -> str:
+        """The URL file's path (``url_file``, ``SAELECT_URL_FILE`` or ``~/.saelect/url``)."""
+        return url_file_path(self.url_file)
+
+    def public_url(self, port: int, node_ip: str | None = None) -> str:
+        """The URL to report for a server bound to ``host:port`` on a node with IP ``node_ip``.
+
+        ``advertise_url`` when set; otherwise the bind host, except that a wildcard bind
+        (``0.0.0.0``, ``::``) reports ``node_ip`` (loopback when unknown).
+
+        Example:
+            >>> Settings(host="0.0.0.0", insecure=True).public_url(8000, "10.0.0.7")
+            'http://10.0.0.7:8000'
+        """
+        if self.advertise_url:
+            return self.advertise_url
+        host = self.host
+        if is_wildcard(host):
+            host = node_ip or "127.0.0.1"
+        host = host.strip("[]")
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     @property
     def token(self) -> str | None:

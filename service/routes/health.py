@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service.models import HealthModel
 
@@ -21,7 +21,18 @@ def _version() -> str:
 VERSION = _version()
 
 
-@router.get("/healthz", response_model=HealthModel)
-async def healthz() -> HealthModel:
-    """Liveness: answers while the event loop runs."""
-    return HealthModel(version=VERSION)
+class ServedHealthModel(HealthModel):
+    """``/healthz`` answer: status, version, and the URL clients should use."""
+
+    url: str | None = None
+    """The advertised URL (``Settings.public_url``); None before the server listens."""
+
+
+@router.get("/healthz", response_model=ServedHealthModel)
+async def healthz(request: Request) -> ServedHealthModel:
+    """Liveness: answers while the event loop runs, with the URL clients should use.
+
+    ``url`` is the advertised URL the server set on ``app.state.public_url`` once it listens
+    (None for an app not served by the SelectionActor, e.g. in route tests).
+    """
+    return ServedHealthModel(version=VERSION, url=getattr(request.app.state, "public_url", None))

@@ -6,7 +6,8 @@ One prepared script for one device call (fits a 10-minute limit on an H200 with 
    the GPU once as uint8; augmentation (random crop after 4-pixel padding, horizontal flip) runs
    on the GPU from a generator seeded by (seed, epoch).
 2. Scoring once, with the same pure functions as the service: pixels standardized and PCA'd to
-   ``--pca-dim``, TopK SAE fitted on the GPU, R and D (`workers.pipeline.score_single_process`).
+   ``--pca-dim``, TopK SAE fitted on the GPU, R and D
+   (`workers.scoring_local.score_single_process`).
 3. For each ratio r and policy, a run of ``--epochs`` epochs whose indices come from the
    selection engine (`service.selection.engine.SingleProcessSelector`, the code the service runs),
    with a warm-up + cosine learning rate over the run's actual steps (from the plan); the
@@ -180,7 +181,7 @@ def score(train_images: np.ndarray, labels: np.ndarray, args: argparse.Namespace
     """R, D (and codes) with the service's pure scoring functions, the SAE on ``args.device``."""
     import pyarrow.parquet as pq
 
-    from workers.pipeline import score_single_process
+    from workers.scoring_local import score_single_process
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.parquet"

@@ -529,16 +529,16 @@ class ScoredData:
 
 
 def score_in_process(spec: dict[str, Any], cache_dir: Path | None) -> ScoredData:
-    """Score a job's dataset with ``workers.pipeline.score_single_process``, cached on disk.
+    """Score a job's dataset with ``workers.scoring_local.score_single_process``, cached on disk.
 
     The pipeline's own single-process reference (the same samples, extractor fit, SAE and
     score functions as the distributed scoring), so in-process runs select what the service
     would select.
     """
     from workers.features import FeatureSpec
-    from workers.pipeline import score_single_process
     from workers.sae import SAEConfig
     from workers.scores import ScoreConfig
+    from workers.scoring_local import score_single_process
 
     key = scoring_key(spec)
     path = None if cache_dir is None else cache_dir / f"scores_{key}.npz"

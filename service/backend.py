@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 PHASES: tuple[str, ...] = (
     "pending",
+    "queued",
     "featurizing",
     "training_sae",
     "encoding",
@@ -52,6 +53,8 @@ class JobStatus:
     """Number of epochs selected and committed so far."""
     error: str | None = None
     """Why the job failed (phase ``failed``), else None."""
+    reason: str | None = None
+    """Why the job waits (phase ``queued``): what it needs and what the cluster has free."""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:

@@ -264,7 +264,6 @@ def plot_demo(results: dict[str, dict[str, Any]], num_samples: int, path: Path) 
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     """Run the demo end to end; returns per-policy results (history, times)."""
     from client import SelectionClient
-    from workers.pipeline import PipelineOptions
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -280,10 +279,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         store=str(store.resolve()),
         allowed_roots=[str(cfg.out_dir.resolve())],
     )
-    # shard actors reserve little CPU so that the Ray Train workers can be scheduled next to them
-    service = start_service(
-        settings, pipeline_options=PipelineOptions(cpus_per_shard=0.01), name=None
-    )
+    # scoring reserves the CPUs only while it runs, so the Ray Train workers find them free
+    service = start_service(settings, name=None)
     print(f"service: {service.url}  (API docs at {service.url}/docs)")
     client = SelectionClient(service.url)
     results: dict[str, dict[str, Any]] = {}

@@ -1,8 +1,12 @@
 """The job manager: the `Backend` the HTTP routes call, implemented over Ray shard actors.
 
-One `JobManager` owns every job of a store. A new job is stored, then scored on the cluster by
-``workers.pipeline.run_scoring`` (in a thread, so the event loop keeps serving); when scoring is
-done a `SelectionEngine` drives the job's policy over the shard actors. Epochs are computed in
+One `JobManager` owns every job of a store. A new job is stored, then, when its policy reads
+scores, scored on the cluster by ``workers.pipeline.run_scoring`` (in a thread, so the event loop
+keeps serving; the scoring reserves GPUs or CPUs only while it runs, and a job whose scoring
+cannot be placed yet is ``queued`` with the reason). A policy that reads no scores skips the
+scoring: its job is ready once the row count (and labels) are known. A ready job's selection
+state lives in ``workers.selection_state`` actors that reserve no CPU or GPU, and a
+`SelectionEngine` drives the job's policy over them. Epochs are computed in
 order, stored (DESIGN 7) and then committed; a served epoch is read back from memory or the store,
 so the same request always gets the same answer.
 
@@ -58,7 +62,11 @@ class Job:
     num_samples: int | None = None
     error: str | None = None
     scoring: Any = None
-    """`workers.pipeline.ScoringResult` once scored."""
+    """`workers.pipeline.ScoringResult` once scored (None for a policy that reads no scores)."""
+    shards: Any = None
+    """`workers.selection_state.SelectionShards`: the job's state actors once ready."""
+    reason: str | None = None
+    """Why the job waits (phase ``queued``)."""
     engine: SelectionEngine | None = None
     epochs: dict[int, np.ndarray] = field(default_factory=dict)
     """Served epochs: int64 (size,) indices in serving order."""
@@ -78,6 +86,7 @@ class Job:
             num_samples=self.num_samples,
             epochs_committed=committed,
             error=self.error,
+            reason=self.reason if self.phase == "queued" else None,
         )
 
 
@@ -149,44 +158,91 @@ class JobManager:
         return job.status()
 
     async def close(self) -> None:
-        """Stop every job's shard actors (the store keeps everything)."""
+        """Stop every job's state actors (the store keeps everything)."""
         for job in list(self._jobs.values()):
             if job.task is not None and not job.task.done():
                 job.task.cancel()
-            if job.scoring is not None:
-                await asyncio.to_thread(job.scoring.shutdown)
+            if job.shards is not None:
+                await asyncio.to_thread(job.shards.shutdown)
 
     # -- scoring -----------------------------------------------------------------------------
     def _on_progress(self, job: Job, phase: str, done: int, total: int) -> None:
         job.phase = phase
         job.progress = Progress(done, total)
 
+    def _on_wait(self, job: Job, reason: str | None) -> None:
+        job.reason = reason
+        if reason is not None:
+            job.phase = "queued"
+
     async def _score(self, job: Job) -> None:
+        """Score the job (if its policy reads scores), start its state actors, replay."""
         from workers.pipeline import run_scoring
+        from workers.selection_state import SelectionShards
+        from workers.shard_plan import plan_shards
 
         spec = job.spec
-        key = scoring_key(spec)
         try:
-            async with self._scoring_locks.setdefault(key, asyncio.Lock()):
-                result = await asyncio.to_thread(
-                    run_scoring,
-                    self.scoring_storage(key),
+            storage = None
+            if needs_scores(spec):
+                key = scoring_key(spec)
+                lock = self._scoring_locks.setdefault(key, asyncio.Lock())
+                if lock.locked():
+                    others = [
+                        j.id
+                        for j in self._jobs.values()
+                        if j is not job
+                        and j.phase not in ("ready", "failed")
+                        and scoring_key(j.spec) == key
+                    ]
+                    self._on_wait(
+                        job,
+                        f"waits for the scoring it shares with {others or 'another job'}"
+                        " (same data, features and SAE)",
+                    )
+                async with lock:
+                    self._on_wait(job, None)
+                    result = await asyncio.to_thread(
+                        run_scoring,
+                        self.scoring_storage(key),
+                        spec.dataset.uri,
+                        spec.dataset.feature,
+                        spec.dataset.label_column,
+                        spec.sae,
+                        spec.scores,
+                        resources=spec.scoring,
+                        on_progress=lambda ph, d, t: self._on_progress(
+                            job, _scoring_phase(ph), d, t
+                        ),
+                        on_wait=lambda reason: self._on_wait(job, reason),
+                        progress_bar=self.progress_bar,
+                        allowed_roots=self.allowed_roots,
+                        options=self.pipeline_options,
+                        reservation_name=f"saelect-scoring-{key}",
+                    )
+                job.scoring = result
+                plan, storage = result.plan, result.storage
+            else:
+                label = spec.dataset.label_column
+                plan = await asyncio.to_thread(
+                    plan_shards,
                     spec.dataset.uri,
-                    spec.dataset.feature,
-                    spec.dataset.label_column,
-                    spec.sae,
-                    spec.scores,
-                    on_progress=lambda ph, d, t: self._on_progress(job, _scoring_phase(ph), d, t),
-                    progress_bar=self.progress_bar,
+                    None,
+                    columns=[label] if label else [],
                     allowed_roots=self.allowed_roots,
-                    options=self.pipeline_options,
+                    num_cpus=_cluster_cpus(),
                 )
             if job.deleted:
-                await asyncio.to_thread(result.shutdown)
                 return
-            job.scoring = result
-            job.num_samples = int(result.num_samples)
-            engine = await asyncio.to_thread(self._build_engine, job, result)
+            job.num_samples = int(plan.num_rows)
+            k = spec.sae.k if storage is not None else None
+            job.shards = await asyncio.to_thread(
+                SelectionShards.start, plan, storage, spec.dataset.label_column, k=k
+            )
+            if job.deleted:
+                await asyncio.to_thread(job.shards.shutdown)
+                return
+            engine = await asyncio.to_thread(self._build_engine, job)
             job.engine = engine
             self._on_progress(job, "ready", 1, 1)
             self._write_state(job)
@@ -199,11 +255,11 @@ class JobManager:
             if not job.deleted:
                 self._write_state(job)
 
-    def _build_engine(self, job: Job, result: Any) -> SelectionEngine:
+    def _build_engine(self, job: Job) -> SelectionEngine:
         """Attach the policy to the shards, then replay stored epochs and feedback in order."""
         policy = make_policy(job.spec.policy)
-        result.attach_selection(policy)
-        engine = SelectionEngine(policy, result.broadcast())
+        job.shards.attach(policy)
+        engine = SelectionEngine(policy, job.shards.broadcast())
         feedback = self._feedback_log(job.id)
         job.feedback_seq = len(feedback)
         for epoch in self.store.committed_epochs(job.id):
@@ -261,10 +317,9 @@ class JobManager:
 
     async def shard_info(self, job_id: str) -> list[dict[str, Any]]:
         """Per shard of a ready job: shard id, index range, Ray node and process id."""
-        import ray
 
         job = self._ready(job_id)
-        return await asyncio.to_thread(ray.get, [a.info.remote() for a in job.scoring.actors])
+        return await asyncio.to_thread(job.shards.info)
 
     async def list_jobs(self) -> list[JobStatus]:
         return [j.status() for j in self._jobs.values() if not j.deleted]
@@ -310,7 +365,7 @@ class JobManager:
             return fn(job.engine)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             log.warning("job %s: shard actor failure (%s); rebuilding its engine", job.id, exc)
-            job.engine = self._build_engine(job, job.scoring)
+            job.engine = self._build_engine(job)
             return fn(job.engine) if retry else None  # type: ignore[return-value]
 
     def _next_epoch(self, job: Job) -> None:
@@ -416,8 +471,8 @@ class JobManager:
         async with job.lock:
             if job.task is not None and not job.task.done():
                 job.task.cancel()
-            if job.scoring is not None:
-                await asyncio.to_thread(job.scoring.shutdown)
+            if job.shards is not None:
+                await asyncio.to_thread(job.shards.shutdown)
             self.store.delete_job(job_id)
             self._jobs.pop(job_id, None)
             key = scoring_key(job.spec)
@@ -448,6 +503,21 @@ def scoring_key(spec: JobSpec) -> str:
     }
     blob = json.dumps(doc, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+SCORED_POLICIES = frozenset({"factor"})
+"""Policies that read R, D or codes: only their jobs are scored."""
+
+
+def needs_scores(spec: JobSpec) -> bool:
+    """Whether the job's policy reads scores (R, D, codes), so the job must be scored first."""
+    return spec.policy.name in SCORED_POLICIES
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
 
 
 def _scoring_phase(phase: str) -> str:

@@ -82,6 +82,21 @@ class ScoresModel(_Strict):
     quantile: float | None = Field(default=None, gt=0.0, lt=1.0)
 
 
+class ScoringModel(_Strict):
+    """What the scoring may reserve on the cluster; every field optional."""
+
+    gpus: int | None = Field(
+        default=None, ge=0, description="GPUs to score on (a worker each); null: the cluster's"
+    )
+    cpu_workers: int | None = Field(
+        default=None, ge=1, description="CPU workers when scoring without GPUs; null: one per CPU"
+    )
+    cpus_per_worker: float | None = Field(default=None, gt=0.0)
+    placement_timeout_s: float | None = Field(
+        default=None, gt=0.0, description="seconds to wait for the resources before failing"
+    )
+
+
 class JobSpecModel(_Strict):
     """Body of ``POST /v1/jobs``."""
 
@@ -112,6 +127,7 @@ class JobSpecModel(_Strict):
     policy: PolicyModel
     sae: SAEModel = Field(default_factory=lambda: SAEModel())
     scores: ScoresModel = Field(default_factory=lambda: ScoresModel())
+    scoring: ScoringModel = Field(default_factory=lambda: ScoringModel())
 
 
 class FeedbackModel(_Strict):
@@ -135,9 +151,19 @@ class JobStatusModel(BaseModel):
     id: str
     name: str
     phase: Literal[
-        "pending", "featurizing", "training_sae", "encoding", "scoring", "ready", "failed"
+        "pending",
+        "queued",
+        "featurizing",
+        "training_sae",
+        "encoding",
+        "scoring",
+        "ready",
+        "failed",
     ]
     progress: ProgressModel
+    reason: str | None = Field(
+        default=None, description="why the job waits (queued): the resources it needs, what is free"
+    )
     num_samples: int | None
     epochs_committed: int
     error: str | None

@@ -48,7 +48,7 @@ def simulate(
 
     Loss-based policies get no feedback here (their epochs then follow their no-loss fallback).
     """
-    from workers.pipeline import score_single_process
+    from workers.scoring_local import score_single_process
 
     sc = score_single_process(
         dataset_uri, feature, label_column, sae or SAEConfig(), scores or ScoreConfig()

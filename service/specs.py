@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidRequest
 from service.policies import PolicyConfig, make_policy
+from workers.admission import ScoringResources
 from workers.features import FeatureSpec
 from workers.sae import SAEConfig
 from workers.scores import ScoreConfig
@@ -67,6 +68,8 @@ class JobSpec:
     """Sparse autoencoder config (used by the ``factor`` policy's scoring)."""
     scores: ScoreConfig = field(default_factory=ScoreConfig)
     """How representativeness R and diversity D are computed from the codes."""
+    scoring: ScoringResources = field(default_factory=ScoringResources)
+    """What the scoring may reserve on the cluster (GPUs, CPU workers) and how long it waits."""
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -84,6 +87,7 @@ class JobSpec:
             "policy": dataclasses.asdict(self.policy),
             "sae": dataclasses.asdict(self.sae),
             "scores": dataclasses.asdict(self.scores),
+            "scoring": dataclasses.asdict(self.scoring),
         }
 
     @classmethod
@@ -136,9 +140,15 @@ def _build(d: Mapping[str, Any]) -> JobSpec:
         raise InvalidRequest(f"policy.params: {exc}") from exc
     sae = _construct("sae", SAEConfig, _section(d, "sae"))
     scores = _construct("scores", ScoreConfig, _section(d, "scores"))
+    scoring = _construct("scoring", ScoringResources, _section(d, "scoring"))
     try:
         return JobSpec(
-            name=str(d.get("name", "")), dataset=dataset, policy=policy, sae=sae, scores=scores
+            name=str(d.get("name", "")),
+            dataset=dataset,
+            policy=policy,
+            sae=sae,
+            scores=scores,
+            scoring=scoring,
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
@@ -253,8 +263,9 @@ SAE_NULLABLE = frozenset({"units", "aux_k", "max_train_samples"})
 
 def job_spec_from_model(model: JobSpecModel, settings: Settings) -> JobSpec:
     """Convert the validated pydantic body of ``POST /v1/jobs`` into a ``JobSpec``."""
-    d = model.model_dump(exclude={"sae", "scores"})
+    d = model.model_dump(exclude={"sae", "scores", "scoring"})
     d["scores"] = {k: v for k, v in model.scores.model_dump().items() if v is not None}
+    d["scoring"] = {k: v for k, v in model.scoring.model_dump().items() if v is not None}
     # null means "default" except where None is itself a setting (units, aux_k, max_train_samples)
     d["sae"] = {
         k: v

@@ -1,23 +1,28 @@
-"""The scoring pipeline on Ray: shard plan, shard actors, features, SAE, codes, p, R and D.
+"""The scoring pipeline on Ray: dataset -> features -> SAE -> codes -> p -> R and D.
 
-`run_scoring` drives one job's scoring over `ShardActor`s (DESIGN section 3):
+`run_scoring` scores one dataset with Ray tasks that reserve GPUs or CPUs only while they run
+(docs/architecture.md, "Ray scoring"):
 
-1. **plan**: `plan_shards` cuts the Parquet dataset into S contiguous ranges (S from the
-   cluster's resources unless given); one actor per shard, spread over the nodes;
-2. **featurizing**: the extractor is fitted once on a global sample gathered from the shards
-   (the rows with the smallest counter-based keys, so the sample does not depend on S), then
-   every shard extracts its features with the shipped state;
-3. **training_sae**: the SAE is trained on a sample of at most ``sae.max_train_samples`` rows
-   (one worker, or Ray Train data-parallel, see `workers.sae_train`);
-4. **encoding**: every shard encodes its rows and counts factor activations, in parallel; the
-   counts are summed into the global frequencies p;
-5. **scoring**: every shard computes raw R and D and its sorted copies; global rank
-   normalization merges them exactly, so the result equals `score_single_process`.
+0. **queued**: the run's workers (`workers.admission.ScoringResources`: a GPU each, or CPUs) are
+   reserved as one placement group; while the cluster cannot place it, ``on_wait(reason)`` says
+   what the run waits for, and past ``placement_timeout_s`` the run fails naming the resource;
+1. **featurizing**: `plan_shards` cuts the Parquet data into S contiguous ranges; the extractor
+   is fitted once on a global sample (rows with the smallest counter-based keys, the same for
+   any S), in a task;
+2. **training_sae**: the shards featurize the SAE's training sample, one task trains the SAE;
+3. **encoding**: one task per shard reads its rows, featurizes and encodes them batch by batch
+   (features are never stored), and stores codes, labels and factor counts; the counts are
+   summed into p;
+4. **scoring**: per shard raw R and D; exact global ranks by a sample sort
+   (`workers.ranks`: O(N / S) values per task), stored as ``scores.npz``.
 
-Each phase reports ``on_progress(phase, done, total)`` (samples done, or SAE steps) and shows a
-tqdm bar. Outputs persist below the job storage (docs/architecture.md, "Scoring pipeline
-outputs"); a rerun skips every output that exists, so a crashed run resumes. A failure that
-cannot be retried raises `ScoringError` (and ``pipeline.json`` records it).
+When the run ends, the placement group is removed: a scored job holds no CPU or GPU. The
+selection state of a ready job lives in `workers.selection_state` actors, which reserve none.
+
+Outputs persist below the job storage; a rerun skips every output that exists (a killed task is
+retried by Ray and redoes only its unfinished shard), and a fully scored storage is re-attached
+without reserving anything. A failure that retries do not fix raises `ScoringError` and
+``pipeline.json`` records it.
 
 Example
 -------
@@ -30,38 +35,37 @@ Example
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
+from workers import ranks, scoring_steps, shard_scoring
+from workers.admission import (
+    PlacementTimeoutError,
+    Reservation,
+    ScoringResources,
+    plan_request,
+    reserve,
+)
 from workers.codes import SparseCodes
-from workers.factors import factor_counts, factor_frequencies
-from workers.features import FeatureSpec, make_extractor
-from workers.sae import SAEConfig, encode, save_sae
-from workers.sae_train import train_sae_distributed
-from workers.scores import ScoreConfig, rank_normalize, score_codes
-from workers.selection_shard import ShardData
-from workers.shard_actor import (
+from workers.factors import factor_frequencies
+from workers.features import FeatureSpec
+from workers.sae import SAEConfig
+from workers.scores import ScoreConfig
+from workers.shard_plan import ShardPlan, ShardSpec, plan_shards
+from workers.shard_scoring import (
+    ENCODING_RECORD,
     EXTRACTOR_FILE,
     FACTORS_FILE,
     SAE_DIR,
     SAE_FILES,
     ShardConfig,
-    actor_broadcast,
-    column_values,
-    concat_values,
-    remote_shard_actor,
-    sae_from_files,
+    shard_dir,
 )
-from workers.shard_plan import ShardPlan, plan_shards, read_shard, row_keys
 from workers.storage import Storage
 
 __all__ = [
@@ -69,21 +73,20 @@ __all__ = [
     "PipelineOptions",
     "ScoringError",
     "ScoringResult",
-    "SingleProcessScores",
     "run_scoring",
-    "score_single_process",
 ]
 
-PHASES = ("featurizing", "training_sae", "encoding", "scoring", "ready")
+PHASES = ("queued", "featurizing", "training_sae", "encoding", "scoring", "ready")
 """The pipeline's phases in order (the job status adds ``pending`` and ``failed``)."""
 STATE_FILE = "pipeline.json"
 """Pipeline state below the job storage: fingerprint, shard boundaries, phases done, error."""
+RANK_SAMPLE = 1024
+"""Values each shard contributes to the choice of the rank splitters."""
 
 ProgressFn = Callable[[str, int, int], None]
 """on_progress(phase, done, total)."""
-
-_FIT_STREAM = 1  # sample stream of the extractor fit
-_SAE_STREAM = 2  # sample stream of the SAE training set
+WaitFn = Callable[[str | None], None]
+"""on_wait(reason): what the run waits for, None once it runs."""
 
 
 class ScoringError(RuntimeError):
@@ -111,23 +114,18 @@ class PipelineOptions:
     extractor_fit_samples: int = 20_000
     """Rows of the global sample the extractor is fitted on (pixels: standardize + PCA)."""
     sae_workers: int = 1
-    """SAE training workers: 1 trains in the driver, more use Ray Train data-parallel."""
+    """SAE training workers: 1 trains in one scoring task, more use Ray Train data-parallel
+    (its workers reserve their own resources, outside the scoring reservation)."""
     sae_cpus_per_worker: float = 1.0
     """CPUs each Ray Train worker reserves (CPU clusters)."""
-    use_gpu: bool | None = None
-    """Shard actors and SAE workers on GPUs; None: when the cluster has GPUs."""
-    cpus_per_shard: float = 0.25
-    """CPUs a shard actor reserves on a CPU cluster."""
-    max_restarts: int = 3
-    """How often Ray restarts a shard actor that died."""
     max_task_retries: int = 3
-    """How often a task on a restarted actor is retried."""
+    """How often Ray retries a scoring task whose worker died."""
     encode_batch_size: int = 8192
-    """Rows per SAE encode batch on the shards."""
+    """Rows featurized and encoded at a time on a shard."""
     encode_pause_s: float = 0.0
     """Pause after each encode batch (tests interrupt encoding with it)."""
-    actor_name_prefix: str | None = None
-    """Name the shard actors ``{prefix}-{s:05d}`` (found again with ``ray.get_actor``)."""
+    poll_s: float = 0.5
+    """How often a waiting run re-checks its placement and reports why it waits."""
 
     def __post_init__(self) -> None:
         if self.extractor_fit_samples < 1:
@@ -138,27 +136,27 @@ class PipelineOptions:
             raise ValueError(f"sae_workers must be >= 1, got {self.sae_workers}")
         if self.sae_cpus_per_worker <= 0:
             raise ValueError(f"sae_cpus_per_worker must be > 0, got {self.sae_cpus_per_worker}")
-        if self.cpus_per_shard <= 0:
-            raise ValueError(f"cpus_per_shard must be > 0, got {self.cpus_per_shard}")
-        if self.max_restarts < -1 or self.max_task_retries < -1:
-            raise ValueError(
-                f"max_restarts={self.max_restarts}, max_task_retries={self.max_task_retries}: "
-                "each must be >= -1 (-1 = unlimited)"
-            )
+        if self.max_task_retries < -1:
+            raise ValueError(f"max_task_retries must be >= -1, got {self.max_task_retries}")
         if self.encode_batch_size < 1:
             raise ValueError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
         if self.encode_pause_s < 0:
             raise ValueError(f"encode_pause_s must be >= 0, got {self.encode_pause_s}")
+        if self.poll_s <= 0:
+            raise ValueError(f"poll_s must be > 0, got {self.poll_s}")
 
 
 @dataclass
 class ScoringResult:
-    """A scored dataset: the live shard actors and the global quantities."""
+    """A scored dataset: the plan, the global quantities, and where the per-shard outputs are.
+
+    Holds no Ray resource: the outputs are in the storage, read back on demand.
+    """
 
     plan: ShardPlan
     """The shard plan (S shards over N rows)."""
-    actors: list[Any]
-    """Ray handles of the `ShardActor`s, in shard order."""
+    storage: Storage
+    """The scoring storage (``shards/{s:05d}/scores.npz``, ``codes.npz``...)."""
     num_samples: int
     """N."""
     p: np.ndarray
@@ -166,197 +164,154 @@ class ScoringResult:
     counts: np.ndarray
     """int64 (M,) global factor counts."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase."""
-
-    def broadcast(self) -> Callable[..., list[Any]]:
-        """A `service.selection.threshold` broadcast over the actors' attached selection."""
-        return actor_broadcast(self.actors)
-
-    def attach_selection(self, policy: Any, *, with_codes: bool = True) -> None:
-        """Give every shard a fresh `SelectionShard` driven by ``policy``."""
-        import ray
-
-        policy_ref = ray.put(policy)  # one copy in the object store for every shard
-        ray.get([a.attach_selection.remote(policy_ref, with_codes) for a in self.actors])
+    """Seconds per phase (``queued`` is the wait for resources)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """What the run reserved while it scored (empty when it re-attached to stored outputs)."""
 
     def scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rank-normalized R and D over [0, N), float64 (N,) each (gathered from the shards)."""
-        import ray
-
-        parts = ray.get([a.scores.remote() for a in self.actors])
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        """Rank-normalized R and D over [0, N), float64 (N,) each."""
+        ids = [s.shard_id for s in self.plan.shards]
+        parts = [shard_scoring.load_shard_scores(self.storage, i) for i in ids]
+        return np.concatenate([r for r, _ in parts]), np.concatenate([d for _, d in parts])
 
     def labels(self) -> np.ndarray | None:
         """int64 (N,) labels, or None without a label column."""
-        import ray
+        ids = [s.shard_id for s in self.plan.shards]
+        parts = [shard_scoring.load_shard_labels(self.storage, i) for i in ids]
+        return None if parts[0] is None else np.concatenate(parts)  # type: ignore[arg-type]
 
-        parts = ray.get([a.labels.remote() for a in self.actors])
-        return None if parts[0] is None else np.concatenate(parts)
-
-    def shutdown(self) -> None:
-        """Kill the shard actors."""
-        import ray
-
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
-
-
-class SingleProcessScores(NamedTuple):
-    """The single-process reference: everything the pipeline computes, in one process."""
-
-    R: np.ndarray
-    """float64 (N,) rank-normalized representativeness."""
-    D: np.ndarray
-    """float64 (N,) rank-normalized diversity."""
-    labels: np.ndarray | None
-    """int64 (N,) labels or None."""
-    codes: SparseCodes
-    """Sparse codes of all rows."""
-    counts: np.ndarray
-    """int64 (M,) factor counts."""
-    p: np.ndarray
-    """float64 (M,) factor frequencies."""
-    timings: dict[str, float]
-    """Seconds per phase (featurizing, training_sae, encoding, scoring)."""
-
-    def shard_data(self) -> ShardData:
-        """The whole dataset as one selection shard [0, N): R, D, labels, codes and p."""
-        return ShardData(
-            lo=0,
-            hi=int(self.R.shape[0]),
-            R=self.R,
-            D=self.D,
-            labels=self.labels,
-            code_ids=self.codes.ids,
-            code_values=self.codes.values,
-            p=self.p,
+    def codes(self) -> SparseCodes:
+        """Sparse codes of all rows (ids int32 (N, k), values float16 (N, k))."""
+        return SparseCodes.concat(
+            [shard_scoring.load_shard_codes(self.storage, s.shard_id) for s in self.plan.shards]
         )
 
-
-def _sample_seed(seed: int, stream: int) -> int:
-    return seed * 1_000_003 + stream
-
-
-def _sample_indices(num_rows: int, count: int, seed: int) -> np.ndarray:
-    """Sorted int64 global indices of the ``count`` rows with the smallest keys."""
-    keys = row_keys(seed, 0, num_rows)
-    if count >= num_rows:
-        return np.arange(num_rows, dtype=np.int64)
-    return np.sort(np.argpartition(keys, count - 1)[:count]).astype(np.int64)
-
-
-def _sae_train_count(config: SAEConfig, num_rows: int) -> int:
-    limit = getattr(config, "max_train_samples", None)
-    return num_rows if limit is None else min(num_rows, int(limit))
-
-
-def _fit_extractor(spec: FeatureSpec, sample: Any) -> dict[str, np.ndarray]:
-    extractor = make_extractor(spec)
-    extractor.fit(sample)
-    return {k: np.asarray(v) for k, v in extractor.state_dict().items()}
-
-
-def _sae_to_files(model: Any, config: SAEConfig) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory(prefix="saelect-sae-") as tmp:
-        save_sae(model, tmp, config)
-        out = {}
-        for name in SAE_FILES:
-            with open(os.path.join(tmp, name), "rb") as f:
-                out[name] = f.read()
+    def encoding_records(self) -> list[dict[str, Any]]:
+        """Per shard, the last encode attempt's record (attempt, interrupted, pid, node, device)."""
+        out = []
+        for s in self.plan.shards:
+            sd = self.storage.child(shard_dir(s.shard_id))
+            out.append(sd.read_json(ENCODING_RECORD) if sd.exists(ENCODING_RECORD) else {})
         return out
 
 
-def score_single_process(
-    dataset_uri: str,
-    feature_spec: FeatureSpec,
-    label_column: str | None,
-    sae_config: SAEConfig,
-    score_config: ScoreConfig,
-    *,
-    options: PipelineOptions | None = None,
-) -> SingleProcessScores:
-    """Score a dataset in this process with the same pure functions and samples as the pipeline.
+# ---------------------------------------------------------------------------- Ray tasks
+# Plain functions; `_remote` wraps them with ray.remote when the pipeline first runs, and every
+# call places them in the run's reservation.
 
-    The reference the distributed pipeline is tested against; also the ``S = 1, no Ray`` path
-    of the benchmarks.
-    """
-    opts = options or PipelineOptions()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    columns = [feature_spec.column] + ([label_column] if label_column else [])
-    plan = plan_shards(dataset_uri, 1, columns=columns)
-    table = read_shard(plan.shards[0], columns)
-    values = column_values(table, feature_spec)
-    n = plan.num_rows
-    fit_idx = _sample_indices(
-        n, opts.extractor_fit_samples, _sample_seed(sae_config.seed, _FIT_STREAM)
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _task_take_raw(spec: ShardSpec, feature: FeatureSpec, idx: np.ndarray) -> Any:
+    return shard_scoring.take_raw(spec, feature, idx)
+
+
+def _task_fit_extractor(feature: FeatureSpec, *parts: Any) -> dict[str, np.ndarray]:
+    return scoring_steps.fit_extractor_state(feature, shard_scoring.concat_values(parts))
+
+
+def _task_sample_features(
+    spec: ShardSpec, feature: FeatureSpec, state: dict[str, np.ndarray], idx: np.ndarray
+) -> np.ndarray:
+    values = shard_scoring.take_raw(spec, feature, idx)
+    if len(values) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    extractor = shard_scoring.extractor_from_state(feature, state)
+    return np.asarray(extractor.transform(values, progress=False), dtype=np.float32)
+
+
+def _task_train_sae(config: SAEConfig, *parts: np.ndarray) -> dict[str, bytes]:
+    feats = np.concatenate([p for p in parts if p.shape[0]])
+    return scoring_steps.train_sae_files(feats, config)
+
+
+def _task_encode(
+    spec: ShardSpec,
+    storage: Storage,
+    config: ShardConfig,
+    state: dict[str, np.ndarray],
+    sae_files: dict[str, bytes],
+) -> np.ndarray:
+    return shard_scoring.encode_shard(spec, storage, config, state, sae_files, node_id=_node_id())
+
+
+def _task_raw_scores(
+    storage: Storage, shard_id: int, p: np.ndarray, score_config: ScoreConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    raw_r, raw_d = shard_scoring.raw_shard_scores(storage, shard_id, p, score_config)
+    return (
+        ranks.value_sample(np.sort(raw_r), RANK_SAMPLE),
+        ranks.value_sample(np.sort(raw_d), RANK_SAMPLE),
     )
-    state = _fit_extractor(feature_spec, _take(values, fit_idx))
-    extractor = make_extractor(feature_spec)
-    extractor.load_state_dict(state)
-    feats = np.asarray(extractor.transform(values, progress=False), dtype=np.float32)  # (N, d)
-    timings["featurizing"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sae_idx = _sample_indices(
-        n, _sae_train_count(sae_config, n), _sample_seed(sae_config.seed, _SAE_STREAM)
-    )
-    model = train_sae_distributed(feats[sae_idx], sae_config, num_workers=1, progress=False)
-    model = sae_from_files(_sae_to_files(model, sae_config))  # the same round trip the shards see
-    timings["training_sae"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bs = opts.encode_batch_size
-    parts = [encode(model, feats[s : s + bs], batch_size=bs) for s in range(0, n, bs)]
-    codes = SparseCodes.concat(parts)
-    counts = factor_counts(codes, model.units)
-    p = factor_frequencies(counts, n)
-    timings["encoding"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    raw_r, raw_d = score_codes(codes, p, score_config)
-    labels = None
-    if label_column:
-        labels = np.asarray(table[label_column].to_numpy(), dtype=np.int64)
-    r, d = rank_normalize(raw_r), rank_normalize(raw_d)
-    timings["scoring"] = time.perf_counter() - t0
-    return SingleProcessScores(r, d, labels, codes, counts, p, timings)
 
 
-def _take(values: Any, idx: np.ndarray) -> Any:
-    if isinstance(values, np.ndarray):
-        return values[idx]
-    return [values[int(i)] for i in idx]
-
-
-def _fingerprint(
-    plan: ShardPlan,
-    feature_spec: FeatureSpec,
-    label_column: str | None,
-    sae_config: SAEConfig,
+def _task_split(
+    storage: Storage,
+    shard_id: int,
     score_config: ScoreConfig,
-    opts: PipelineOptions,
-) -> str:
-    doc = {
-        "uri": plan.uri,
-        "files": list(plan.files),
-        "row_groups": [list(r) for r in plan.row_group_rows],
-        "feature": dataclasses.asdict(feature_spec),
-        "label": label_column,
-        "sae": {k: v for k, v in dataclasses.asdict(sae_config).items() if k != "device"},
-        "score": dataclasses.asdict(score_config),
-        "fit_samples": opts.extractor_fit_samples,
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+    split_r: np.ndarray,
+    split_d: np.ndarray,
+) -> tuple[Any, ...]:
+    """(sizes_r, sizes_d, *R parts, *D parts): the shard's sorted raw scores cut into buckets."""
+    raw_r, raw_d = shard_scoring.raw_shard_scores(storage, shard_id, np.zeros(0), score_config)
+    parts_r, sizes_r = ranks.split_sorted(np.sort(raw_r), split_r)
+    parts_d, sizes_d = ranks.split_sorted(np.sort(raw_d), split_d)
+    return (sizes_r, sizes_d, *parts_r, *parts_d)
 
 
-def _error_message(exc: BaseException) -> str:
-    """The user-facing message of an exception, unwrapping Ray's task errors."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and cause is not exc:
-        return _error_message(cause)
-    if isinstance(exc, ScoringError):
-        return exc.message
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, ValueError) else text
+def _task_bucket(offset: int, total: int, *parts: np.ndarray) -> Any:
+    out = ranks.bucket_ranks(parts, offset, total)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _task_write_scores(
+    storage: Storage, shard_id: int, score_config: ScoreConfig, num_buckets: int, *parts: Any
+) -> int:
+    raw_r, raw_d = shard_scoring.raw_shard_scores(storage, shard_id, np.zeros(0), score_config)
+    r = ranks.scatter_ranks(raw_r, parts[:num_buckets])
+    d = ranks.scatter_ranks(raw_d, parts[num_buckets:])
+    shard_scoring.write_shard_scores(storage, shard_id, r, d)
+    return int(raw_r.shape[0])
+
+
+_REMOTE: dict[str, Any] = {}
+
+
+def _remote(fn: Callable[..., Any], reservation: Reservation, retries: int, **kw: Any) -> Any:
+    import ray
+
+    if fn.__name__ not in _REMOTE:
+        _REMOTE[fn.__name__] = ray.remote(fn)
+    gpu = kw.pop("gpu", False)
+    return _REMOTE[fn.__name__].options(max_retries=retries, **reservation.options(gpu=gpu), **kw)
+
+
+# ---------------------------------------------------------------------------- driver
+class _State:
+    """``pipeline.json``: fingerprint, shard boundaries, phases done, failure, attempts."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.doc: dict[str, Any] = (
+            storage.read_json(STATE_FILE) if storage.exists(STATE_FILE) else {}
+        )
+
+    def save(self) -> None:
+        self.storage.write_json(STATE_FILE, self.doc)
+
+    def done(self, phase: str) -> None:
+        phases = self.doc.setdefault("phases_done", [])
+        if phase not in phases:
+            phases.append(phase)
+        self.doc["failed"] = None
+        self.save()
+
+    def is_done(self, phase: str) -> bool:
+        return phase in self.doc.get("phases_done", [])
 
 
 class _Progress:
@@ -371,7 +326,7 @@ class _Progress:
     def __call__(self, phase: str, done: int, total: int) -> None:
         if self.on_progress is not None:
             self.on_progress(phase, done, total)
-        if not self.bar_enabled or phase == "ready":
+        if not self.bar_enabled or phase in ("ready", "queued"):
             return
         from tqdm.auto import tqdm
 
@@ -406,24 +361,15 @@ def _wait_all(refs: Sequence[Any], weights: Sequence[int], report: Callable[[int
     return ray.get(list(refs))
 
 
-class _State:
-    """``pipeline.json``: fingerprint, shard boundaries, phases done, failure."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-        self.doc: dict[str, Any] = (
-            storage.read_json(STATE_FILE) if storage.exists(STATE_FILE) else {}
-        )
-
-    def save(self) -> None:
-        self.storage.write_json(STATE_FILE, self.doc)
-
-    def done(self, phase: str) -> None:
-        phases = self.doc.setdefault("phases_done", [])
-        if phase not in phases:
-            phases.append(phase)
-        self.doc["failed"] = None
-        self.save()
+def _error_message(exc: BaseException) -> str:
+    """The user-facing message of an exception, unwrapping Ray's task errors."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _error_message(cause)
+    if isinstance(exc, ScoringError | PlacementTimeoutError):
+        return exc.message
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, ValueError) else text
 
 
 def _reset_outputs(storage: Storage) -> None:
@@ -431,11 +377,26 @@ def _reset_outputs(storage: Storage) -> None:
         storage.delete(rel)
 
 
-def _cluster_resources() -> tuple[float, float]:
-    import ray
+def _split(global_idx: np.ndarray, plan: ShardPlan) -> list[np.ndarray]:
+    """Sorted global indices split by shard (one array per shard, in shard order)."""
+    cuts = np.searchsorted(global_idx, plan.boundaries()[1:-1])
+    return np.split(global_idx, cuts)
 
-    res = ray.cluster_resources()
-    return float(res.get("CPU", 1.0)), float(res.get("GPU", 0.0))
+
+def _reservation_name(storage: Storage) -> str:
+    digest = hashlib.sha256(storage.path().encode()).hexdigest()[:16]
+    return f"saelect-scoring-{digest}"
+
+
+def _all_scored(storage: Storage, plan: ShardPlan) -> bool:
+    return storage.exists(FACTORS_FILE) and all(
+        storage.child(shard_dir(s.shard_id)).exists("scores.npz") for s in plan.shards
+    )
+
+
+def _global_counts(storage: Storage, plan: ShardPlan) -> np.ndarray:
+    counts = [storage.child(shard_dir(s.shard_id)).read_npy("counts.npy") for s in plan.shards]
+    return np.sum(np.stack(counts), axis=0).astype(np.int64)
 
 
 def run_scoring(
@@ -447,48 +408,56 @@ def run_scoring(
     score_config: ScoreConfig,
     *,
     num_shards: int | None = None,
+    resources: ScoringResources | None = None,
     on_progress: ProgressFn | None = None,
+    on_wait: WaitFn | None = None,
     progress_bar: bool = True,
     allowed_roots: Sequence[str] | None = None,
     options: PipelineOptions | None = None,
+    reservation_name: str | None = None,
 ) -> ScoringResult:
     """Score a Parquet dataset on the connected Ray cluster (``ray.init`` done by the caller).
 
     Parameters
     ----------
-    job_storage: the job's storage root; outputs go below it and make reruns resume.
+    job_storage: the scoring's storage root; outputs go below it and make reruns resume.
     dataset_uri: Parquet file or directory (local path or pyarrow filesystem URI).
     feature_spec, label_column: how rows become features; the class-label column or None.
     sae_config, score_config: the SAE and the R/D forms.
-    num_shards: S; None: the stored plan's S on a rerun, else a few per GPU/CPU of the cluster.
+    num_shards: S; None: the stored plan's S on a rerun, else two per scoring GPU (or CPU).
+    resources: what the scoring may reserve and how long it may wait for it.
     on_progress: called as ``on_progress(phase, done, total)``.
+    on_wait: called with the reason while the run waits for resources, None once placed.
     progress_bar: show a tqdm bar per phase.
     allowed_roots: when given, the URI must lie under one of them.
     options: `PipelineOptions`.
+    reservation_name: the placement group's name (default from the storage path).
 
     Returns
     -------
-    `ScoringResult` with the live shard actors (kill them with ``shutdown()``).
+    `ScoringResult`: plan, N, p and the stored outputs; no Ray resource stays held.
 
     Raises
     ------
     ScoringError: bad input (missing path, non-Parquet file, missing/ragged column, empty
-        dataset, URI outside the allowed roots) or any failure that retries did not fix;
+        dataset, URI outside the allowed roots), resources not placed in time (phase
+        ``queued``, the message names the resource), or any failure that retries did not fix;
         ``pipeline.json`` then records ``{"failed": {"phase", "error"}}``.
     """
     import ray
 
     opts = options or PipelineOptions()
+    res = resources or ScoringResources()
     state = _State(job_storage)
     progress = _Progress(on_progress, progress_bar)
     phase = "pending"
-    actors: list[Any] = []
+    reservation: Reservation | None = None
     timings: dict[str, float] = {}
     try:
         if not ray.is_initialized():
             raise ValueError("Ray is not initialized: call ray.init() before run_scoring")
-        cpus, gpus = _cluster_resources()
-        use_gpu = gpus > 0 if opts.use_gpu is None else opts.use_gpu
+        cluster = ray.cluster_resources()
+        gpus = float(cluster.get("GPU", 0.0)) if res.gpus is None else float(res.gpus)
         if num_shards is None and state.doc.get("num_shards"):
             num_shards = int(state.doc["num_shards"])
         columns = [feature_spec.column] + ([label_column] if label_column else [])
@@ -497,115 +466,189 @@ def run_scoring(
             num_shards,
             columns=columns,
             allowed_roots=allowed_roots,
-            num_cpus=cpus,
-            num_gpus=gpus if use_gpu else 0.0,
+            num_cpus=float(cluster.get("CPU", 1.0)),
+            num_gpus=gpus,
         )
         n = plan.num_rows
-        fp = _fingerprint(plan, feature_spec, label_column, sae_config, score_config, opts)
+        fp = scoring_steps.fingerprint(
+            plan, feature_spec, label_column, sae_config, score_config, opts.extractor_fit_samples
+        )
         if state.doc.get("fingerprint") != fp or state.doc.get("boundaries") != plan.boundaries():
             _reset_outputs(job_storage)
             state.doc = {"fingerprint": fp, "boundaries": plan.boundaries(), "phases_done": []}
         state.doc.update(num_shards=plan.num_shards, num_samples=n, failed=None)
         state.save()
 
-        actor_cls = remote_shard_actor(
-            use_gpu=use_gpu,
-            num_cpus=opts.cpus_per_shard,
-            max_restarts=opts.max_restarts,
-            max_task_retries=opts.max_task_retries,
+        if state.is_done("ready") and _all_scored(job_storage, plan):  # re-attach, reserve nothing
+            counts = _global_counts(job_storage, plan)
+            p = job_storage.read_npy(FACTORS_FILE)
+            progress("ready", n, n)
+            return ScoringResult(plan, job_storage, n, p, counts, timings)
+
+        # --- queued: reserve the run's workers --------------------------------------------
+        phase = "queued"
+        t0 = time.perf_counter()
+        request = plan_request(res, cluster, plan.num_shards)
+        progress("queued", 0, request.workers)
+        reservation = reserve(
+            request,
+            name=reservation_name or _reservation_name(job_storage),
+            timeout_s=res.placement_timeout_s,
+            on_wait=on_wait,
+            poll_s=opts.poll_s,
         )
-        shard_config = ShardConfig(
-            feature=feature_spec,
-            label_column=label_column,
-            encode_batch_size=opts.encode_batch_size,
-            device="cuda" if use_gpu else "cpu",
-            encode_pause_s=opts.encode_pause_s,
-        )
-        actors = [
-            actor_cls.options(**_actor_name(opts, spec.shard_id)).remote(
-                spec, job_storage, shard_config
-            )
-            for spec in plan.shards
-        ]
+        timings["queued"] = time.perf_counter() - t0
+        state.doc["resources"] = request.total()
+        retries = opts.max_task_retries
+        use_gpu = request.gpus > 0
+
+        def task(fn: Callable[..., Any], *, gpu: bool = False, **kw: Any) -> Any:
+            assert reservation is not None
+            return _remote(fn, reservation, retries, gpu=gpu and use_gpu, **kw)
+
         sizes = [s.num_rows for s in plan.shards]
 
-        # --- featurizing --------------------------------------------------------------------
+        # --- featurizing: fit the extractor on a global sample -----------------------------
         phase = "featurizing"
         t0 = time.perf_counter()
+        fit_count = min(opts.extractor_fit_samples, n)
+        progress("featurizing", 0, fit_count)
         if job_storage.exists(EXTRACTOR_FILE):
             extractor_state = job_storage.read_npz(EXTRACTOR_FILE)
         else:
-            fit_idx = _gather_indices(
-                actors, opts.extractor_fit_samples, _sample_seed(sae_config.seed, _FIT_STREAM)
+            seed = scoring_steps.sample_seed(sae_config.seed, scoring_steps.FIT_STREAM)
+            fit_idx = scoring_steps.sample_indices(n, fit_count, seed)
+            raw = [
+                task(_task_take_raw).remote(spec, feature_spec, ix)
+                for spec, ix in zip(plan.shards, _split(fit_idx, plan), strict=True)
+            ]
+            extractor_state = ray.get(
+                task(_task_fit_extractor, gpu=True).remote(feature_spec, *raw)
             )
-            per_shard = zip(actors, _split(fit_idx, plan), strict=True)
-            sample = concat_values(ray.get([a.take_raw.remote(ix) for a, ix in per_shard]))
-            extractor_state = _fit_extractor(feature_spec, sample)
             job_storage.write_npz(EXTRACTOR_FILE, **extractor_state)
-        state_ref = ray.put(extractor_state)
-        _wait_all(
-            [a.featurize.remote(state_ref) for a in actors],
-            sizes,
-            lambda done: progress("featurizing", done, n),
-        )
+        progress("featurizing", fit_count, fit_count)
         timings["featurizing"] = time.perf_counter() - t0
         state.done(phase)
 
-        # --- training_sae -------------------------------------------------------------------
+        # --- training_sae -----------------------------------------------------------------
         phase = "training_sae"
         t0 = time.perf_counter()
         progress("training_sae", 0, 1)
         if all(job_storage.exists(f"{SAE_DIR}/{name}") for name in SAE_FILES):
             sae_files = {name: job_storage.read_bytes(f"{SAE_DIR}/{name}") for name in SAE_FILES}
         else:
-            sae_idx = _gather_indices(
-                actors, _sae_train_count(sae_config, n), _sample_seed(sae_config.seed, _SAE_STREAM)
+            state_ref = ray.put(extractor_state)
+            seed = scoring_steps.sample_seed(sae_config.seed, scoring_steps.SAE_STREAM)
+            sae_idx = scoring_steps.sample_indices(
+                n, scoring_steps.sae_train_count(sae_config, n), seed
             )
-            per_shard = zip(actors, _split(sae_idx, plan), strict=True)
-            feats = np.concatenate(ray.get([a.take_features.remote(ix) for a, ix in per_shard]))
-            model = train_sae_distributed(
-                feats,
-                sae_config,
-                num_workers=opts.sae_workers,
-                use_gpu=use_gpu,
-                cpus_per_worker=opts.sae_cpus_per_worker,
-                progress=False,
-            )
-            sae_files = _sae_to_files(model, sae_config)
-            # the weights first, the config last: sae.json existing means the SAE is complete.
+            feats = [
+                task(_task_sample_features, gpu=True).remote(spec, feature_spec, state_ref, ix)
+                for spec, ix in zip(plan.shards, _split(sae_idx, plan), strict=True)
+            ]
+            if opts.sae_workers > 1:
+                from workers.sae_train import train_sae_distributed
+
+                parts = [f for f in ray.get(feats) if f.shape[0]]
+                model = train_sae_distributed(
+                    np.concatenate(parts),
+                    sae_config,
+                    num_workers=opts.sae_workers,
+                    use_gpu=use_gpu,
+                    cpus_per_worker=opts.sae_cpus_per_worker,
+                    progress=False,
+                )
+                sae_files = scoring_steps.sae_to_files(model, sae_config)
+            else:
+                sae_files = ray.get(task(_task_train_sae, gpu=True).remote(sae_config, *feats))
+            # the weights first, the config last: sae.json existing means the SAE is complete
             for name in SAE_FILES:
                 job_storage.write_bytes(f"{SAE_DIR}/{name}", sae_files[name])
         progress("training_sae", 1, 1)
         timings["training_sae"] = time.perf_counter() - t0
         state.done(phase)
 
-        # --- encoding -----------------------------------------------------------------------
+        # --- encoding: featurize + encode every shard, batch by batch ----------------------
         phase = "encoding"
         t0 = time.perf_counter()
-        sae_ref = ray.put(sae_files)
+        shard_config = ShardConfig(
+            feature=feature_spec,
+            label_column=label_column,
+            encode_batch_size=opts.encode_batch_size,
+            encode_pause_s=opts.encode_pause_s,
+        )
+        state_ref, sae_ref = ray.put(extractor_state), ray.put(sae_files)
         shard_counts = _wait_all(
-            [a.encode.remote(sae_ref) for a in actors],
+            [
+                task(_task_encode, gpu=True).remote(
+                    spec, job_storage, shard_config, state_ref, sae_ref
+                )
+                for spec in plan.shards
+            ],
             sizes,
             lambda done: progress("encoding", done, n),
         )
         counts = np.sum(np.stack(shard_counts), axis=0).astype(np.int64)  # (M,)
         p = np.asarray(factor_frequencies(counts, n), dtype=np.float64)
         job_storage.write_npy(FACTORS_FILE, p)
+        records = ScoringResult(plan, job_storage, n, p, counts).encoding_records()
+        state.doc["encoding"] = {
+            "attempts": [int(r.get("attempt", 0)) for r in records],
+            "interrupted_at": [list(r.get("interrupted", [])) for r in records],
+            "nodes": sorted({str(r["node_id"]) for r in records if r.get("node_id")}),
+            "devices": sorted({str(r["device"]) for r in records if r.get("device")}),
+        }
         timings["encoding"] = time.perf_counter() - t0
         state.done(phase)
 
-        # --- scoring ------------------------------------------------------------------------
+        # --- scoring: raw R, D, then exact global ranks by a sample sort --------------------
         phase = "scoring"
         t0 = time.perf_counter()
         progress("scoring", 0, n)
         p_ref = ray.put(p)
-        sorted_refs = [
-            a.compute_scores.options(num_returns=2).remote(p_ref, score_config) for a in actors
+        S = plan.num_shards
+        samples = ray.get(
+            [
+                task(_task_raw_scores).remote(job_storage, s.shard_id, p_ref, score_config)
+                for s in plan.shards
+            ]
+        )
+        split_r = ranks.choose_splitters([r for r, _ in samples], S)
+        split_d = ranks.choose_splitters([d for _, d in samples], S)
+        br, bd = split_r.shape[0] + 1, split_d.shape[0] + 1
+        cut = [
+            task(_task_split, num_returns=2 + br + bd).remote(
+                job_storage, s.shard_id, score_config, split_r, split_d
+            )
+            for s in plan.shards
         ]
-        r_refs = [r for r, _ in sorted_refs]
-        d_refs = [d for _, d in sorted_refs]
+        size_r = ray.get([c[0] for c in cut])
+        size_d = ray.get([c[1] for c in cut])
+        off_r, off_d = ranks.bucket_offsets(size_r), ranks.bucket_offsets(size_d)
+
+        def ranked(first: int, num: int, offsets: np.ndarray) -> list[list[Any]]:
+            """Per bucket: the S refs of its ranked parts (one per shard)."""
+            out = []
+            for b in range(num):
+                refs = task(_task_bucket, num_returns=S).remote(
+                    int(offsets[b]), n, *[c[first + b] for c in cut]
+                )
+                out.append([refs] if S == 1 else list(refs))
+            return out
+
+        rank_r, rank_d = ranked(2, br, off_r), ranked(2 + br, bd, off_d)
         _wait_all(
-            [a.finalize_scores_refs.remote(n, len(actors), *r_refs, *d_refs) for a in actors],
+            [
+                task(_task_write_scores).remote(
+                    job_storage,
+                    s.shard_id,
+                    score_config,
+                    br,
+                    *[rank_r[b][i] for b in range(br)],
+                    *[rank_d[b][i] for b in range(bd)],
+                )
+                for i, s in enumerate(plan.shards)
+            ],
             sizes,
             lambda done: progress("scoring", done, n),
         )
@@ -613,39 +656,14 @@ def run_scoring(
         state.done(phase)
         progress("ready", n, n)
         state.done("ready")
+        return ScoringResult(plan, job_storage, n, p, counts, timings, request.total())
     except Exception as exc:
         message = _error_message(exc)
         state.doc["failed"] = {"phase": phase, "error": message}
         with contextlib.suppress(Exception):  # the original error matters more
             state.save()
-        for a in actors:
-            ray.kill(a, no_restart=True)
         raise ScoringError(message, phase) from exc
     finally:
+        if reservation is not None:
+            reservation.release()
         progress.close()
-    return ScoringResult(plan, actors, n, p, counts, timings)
-
-
-def _actor_name(opts: PipelineOptions, shard_id: int) -> dict[str, str]:
-    if opts.actor_name_prefix is None:
-        return {}
-    return {"name": f"{opts.actor_name_prefix}-{shard_id:05d}"}
-
-
-def _gather_indices(actors: Sequence[Any], count: int, seed: int) -> np.ndarray:
-    """Sorted global indices of the ``count`` rows with the smallest keys over all shards."""
-    import ray
-
-    parts = ray.get([a.sample_keys.remote(count, seed) for a in actors])
-    keys = np.concatenate([k for k, _ in parts])
-    idx = np.concatenate([i for _, i in parts])
-    if count < keys.shape[0]:
-        keep = np.argpartition(keys, count - 1)[:count]
-        idx = idx[keep]
-    return np.sort(idx)
-
-
-def _split(global_idx: np.ndarray, plan: ShardPlan) -> list[np.ndarray]:
-    """Sorted global indices split by shard (one array per shard, in shard order)."""
-    cuts = np.searchsorted(global_idx, plan.boundaries()[1:-1])
-    return np.split(global_idx, cuts)

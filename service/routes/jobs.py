@@ -39,6 +39,7 @@ def status_model(s: JobStatus) -> JobStatusModel:
         num_samples=s.num_samples,
         epochs_committed=s.epochs_committed,
         error=s.error,
+        reason=s.reason,
     )
 
 

@@ -20,7 +20,6 @@ from client import SelectionClient
 from service.server import ServiceHandle, start_service
 from service.settings import Settings
 from workers.datasets import write_image_parquet
-from workers.pipeline import PipelineOptions
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,9 +45,7 @@ def service(ray_local: None, subset: Path) -> Iterator[ServiceHandle]:
         store=str(subset.parent / "store"),
         allowed_roots=[str(subset.parent)],
     )
-    handle = start_service(
-        settings, pipeline_options=PipelineOptions(cpus_per_shard=0.01), name=None
-    )
+    handle = start_service(settings, name=None)
     yield handle
     handle.stop()
 

@@ -1,7 +1,8 @@
-"""Distributed scoring on local Ray: shards equal the single-process core, protocol, faults.
+"""Distributed scoring on local Ray: shards equal the single-process walk and the formulas,
+resources are released, the protocol over state actors, faults, admission.
 
 One local Ray (2 CPUs) for the whole module (`ray_local` in conftest.py). The two-node cluster
-lives in test_two_node_ray.py, which needs its own Ray instance.
+lives in test_two_node_ray.py, the logical-GPU clusters in test_gpu_resources.py.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -27,20 +29,17 @@ from service.policies.base import Stage
 from service.selection.engine import SelectionEngine, SingleProcessSelector
 from service.selection.threshold import global_top_m
 from service.selection.topk import top_m
+from workers.admission import ScoringResources
 from workers.features import FeatureSpec
-from workers.pipeline import (
-    PipelineOptions,
-    ScoringError,
-    SingleProcessScores,
-    run_scoring,
-    score_single_process,
-)
+from workers.pipeline import PipelineOptions, ScoringError, run_scoring
 from workers.sae import SAEConfig, init_sae
 from workers.sae_train import global_batches, train_sae_distributed
 from workers.scores import ScoreConfig
+from workers.scoring_local import SingleProcessScores, score_single_process
 from workers.selection_shard import SelectionShard, ShardData
-from workers.shard_actor import ShardActor, ShardConfig, remote_shard_actor, shard_dir
+from workers.selection_state import SelectionShards, SelectionStateActor
 from workers.shard_plan import plan_shards
+from workers.shard_scoring import shard_dir
 from workers.storage import Storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
@@ -80,8 +79,17 @@ def digits_job(
         on_progress=lambda *a: seen.append(a),
         **QUIET,
     )
-    yield storage, result, seen
-    result.shutdown()
+    return storage, result, seen
+
+
+def _wait_released(timeout: float = 10.0) -> dict[str, float]:
+    """Ray's free resources once every CPU is back (placement group removal is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        free = ray.available_resources()
+        if free.get("CPU", 0.0) >= ray.cluster_resources()["CPU"] or time.monotonic() > deadline:
+            return free
+        time.sleep(0.1)
 
 
 def _assert_same_scores(result: Any, ref: SingleProcessScores) -> None:
@@ -93,16 +101,20 @@ def _assert_same_scores(result: Any, ref: SingleProcessScores) -> None:
 
 
 def _assert_same_selections(result: Any, ref: SingleProcessScores) -> None:
-    for config in POLICIES:
-        result.attach_selection(make_policy(config))
-        # small bins and cap force several histogram rounds and the tie refinement
-        engine = SelectionEngine(make_policy(config), result.broadcast(), bins=8, cap=16)
-        single = SingleProcessSelector(make_policy(config), ref.shard_data())
-        for _ in range(config.epochs):
-            got, want = engine.step(), single.step()
-            np.testing.assert_array_equal(got.indices, want.indices)
-            assert got.stats["coverage"] == want.stats["coverage"]
-            assert got.stats["class_counts"] == want.stats["class_counts"]
+    shards = SelectionShards.start(result.plan, result.storage, "label", k=SAE.k)
+    try:
+        for config in POLICIES:
+            shards.attach(make_policy(config))
+            # small bins and cap force several histogram rounds and the tie refinement
+            engine = SelectionEngine(make_policy(config), shards.broadcast(), bins=8, cap=16)
+            single = SingleProcessSelector(make_policy(config), ref.shard_data())
+            for _ in range(config.epochs):
+                got, want = engine.step(), single.step()
+                np.testing.assert_array_equal(got.indices, want.indices)
+                assert got.stats["coverage"] == want.stats["coverage"]
+                assert got.stats["class_counts"] == want.stats["class_counts"]
+    finally:
+        shards.shutdown()
 
 
 def test_four_shards_equal_single_process_on_digits(
@@ -112,23 +124,88 @@ def test_four_shards_equal_single_process_on_digits(
     storage, result, seen = digits_job
     assert result.plan.num_shards == 4 and result.num_samples == ref.R.shape[0]
     _assert_same_scores(result, ref)
-    codes = ray.get([a.codes.remote() for a in result.actors])
-    np.testing.assert_array_equal(np.concatenate([c.ids for c in codes]), ref.codes.ids)
+    np.testing.assert_array_equal(result.codes().ids, ref.codes.ids)
     _assert_same_selections(result, ref)
     # progress: phases in order, each ending at done == total
     phases = [p for p, _, _ in seen]
-    order = ["featurizing", "training_sae", "encoding", "scoring", "ready"]
+    order = ["queued", "featurizing", "training_sae", "encoding", "scoring", "ready"]
     assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == order
-    for phase in order:
+    for phase in order[1:]:
         last = [(d, t) for p, d, t in seen if p == phase][-1]
         assert last[0] == last[1] > 0
-    # outputs per docs/architecture.md
+    # outputs per docs/architecture.md; no features are stored
     for s in range(4):
-        assert sorted(storage.list_dir(shard_dir(s))) == ["codes.npz", "counts.npy", "scores.npz"]
+        assert sorted(storage.list_dir(shard_dir(s))) == [
+            "codes.npz",
+            "counts.npy",
+            "encoding.json",
+            "labels.npy",
+            "scores.npz",
+        ]
     assert storage.exists("factors.npy") and storage.exists("features/extractor.npz")
     assert sorted(storage.list_dir("sae")) == ["sae.json", "sae.safetensors"]
     state = storage.read_json("pipeline.json")
-    assert state["phases_done"] == order and state["failed"] is None
+    assert state["phases_done"] == order[1:] and state["failed"] is None
+    # the run reserved two 1-CPU workers while it scored, and gave them back
+    assert result.resources == {"CPU": 2.0}
+    assert state["encoding"]["attempts"] == [1, 1, 1, 1]
+    assert state["encoding"]["devices"] == ["cpu"]
+    assert _wait_released()["CPU"] == ray.cluster_resources()["CPU"]
+
+
+def _rank01(x: np.ndarray) -> np.ndarray:
+    """Mean 0-based rank / (N - 1), ties sharing the mean: written out with argsort."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.shape[0], dtype=np.float64)
+    xs = x[order]
+    start = 0
+    while start < xs.shape[0]:
+        stop = start
+        while stop + 1 < xs.shape[0] and xs[stop + 1] == xs[start]:
+            stop += 1
+        ranks[order[start : stop + 1]] = (start + stop) / 2.0
+        start = stop + 1
+    return ranks / (x.shape[0] - 1)
+
+
+def test_sharded_scores_follow_the_documented_formulas(
+    digits_job: tuple[Storage, Any, list],
+) -> None:
+    """R and D of the S = 4 run against docs/architecture.md's formulas, computed here per row
+    from the stored codes: p_j, profiles a_i over alive units, R_i = sum a_ij p_j / max p,
+    D_i = sum a_ij w_j with w_j = log(1/p_j) min-max scaled, then average ranks."""
+    _, result, _ = digits_job
+    codes = result.codes()
+    ids, vals = codes.ids, codes.values.astype(np.float64)
+    n, units = ids.shape[0], SAE.units
+    counts = np.zeros(units, dtype=np.int64)
+    for i in range(n):
+        for j, v in zip(ids[i], vals[i], strict=True):
+            if v > 0:
+                counts[j] += 1
+    p = counts / n
+    np.testing.assert_array_equal(result.p, p)
+    alive = p > 0
+    logw = np.where(alive, -np.log(np.where(alive, p, 1.0)), 0.0)
+    lo, hi = logw[alive].min(), logw[alive].max()
+    w = np.where(alive, (logw - lo) / (hi - lo), 0.0)
+    raw_r, raw_d = np.zeros(n), np.zeros(n)
+    for i in range(n):
+        mass = sum(v for j, v in zip(ids[i], vals[i], strict=True) if v > 0 and alive[j])
+        for j, v in zip(ids[i], vals[i], strict=True):
+            if v > 0 and alive[j] and mass > 0:
+                raw_r[i] += v / mass * p[j] / p.max()
+                raw_d[i] += v / mass * w[j]
+    r, d = result.scores()
+    # the per-row sums above add in another order than the vectorized code: compare the raw
+    # scores to float tolerance, the ranks of the stored raw scores exactly
+    stored_raw = [result.storage.child(shard_dir(s)).read_npz("scores.npz") for s in range(4)]
+    np.testing.assert_allclose(np.concatenate([z["R_raw"] for z in stored_raw]), raw_r, rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate([z["D_raw"] for z in stored_raw]), raw_d, rtol=1e-12)
+    np.testing.assert_array_equal(r, _rank01(np.concatenate([z["R_raw"] for z in stored_raw])))
+    np.testing.assert_array_equal(d, _rank01(np.concatenate([z["D_raw"] for z in stored_raw])))
+    # and the ranks track the hand-computed scores: a higher raw score never ranks lower
+    assert np.all(np.diff(r[np.argsort(raw_r, kind="stable")]) >= -1e-12)
 
 
 def test_four_shards_equal_single_process_on_fashion_mnist(fmnist_uri: str, tmp_path: Path) -> None:
@@ -137,15 +214,12 @@ def test_four_shards_equal_single_process_on_fashion_mnist(fmnist_uri: str, tmp_
     result = run_scoring(
         Storage(str(tmp_path / "job")), uri, FEATURE, "label", SAE, SCORE, num_shards=4, **QUIET
     )
-    try:
-        assert result.plan.num_shards == 4
-        _assert_same_scores(result, ref)
-        _assert_same_selections(result, ref)
-    finally:
-        result.shutdown()
+    assert result.plan.num_shards == 4
+    _assert_same_scores(result, ref)
+    _assert_same_selections(result, ref)
 
 
-def test_threshold_protocol_over_actors_equals_argpartition(tmp_path: Path) -> None:
+def test_threshold_protocol_over_state_actors_equals_argpartition(tmp_path: Path) -> None:
     """S = 1..8 actors, heavy ties (4 distinct R and D values), several m, tiny bins and cap."""
     rng = np.random.default_rng(7)
     n = 8 * 37 + 5
@@ -158,11 +232,10 @@ def test_threshold_protocol_over_actors_equals_argpartition(tmp_path: Path) -> N
         storage.child(shard_dir(s.shard_id)).write_npz(
             "scores.npz", R=r_all[s.lo : s.hi], D=d_all[s.lo : s.hi], labels=np.empty(0)
         )
-    cls = remote_shard_actor(num_cpus=0.01)
-    config = ShardConfig(FeatureSpec("column", "x"))
-    actors = [cls.remote(s, storage, config) for s in plan.shards]
+    shards = SelectionShards.start(plan, storage, None)
+    actors = shards.actors
     policy = make_policy(PolicyConfig("factor", 0.5, 2, seed=3))
-    ray.get([a.attach_selection.remote(policy, False) for a in actors])
+    shards.attach(policy, with_codes=False)
     try:
         for num in range(1, 9):
             part = actors[:num]
@@ -187,51 +260,51 @@ def test_threshold_protocol_over_actors_equals_argpartition(tmp_path: Path) -> N
                 np.testing.assert_array_equal(got, want)
                 assert trace.taken == m
     finally:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        shards.shutdown()
 
 
-def test_killed_shard_actor_mid_encoding_gives_the_same_result(
+def test_scoring_worker_killed_mid_encoding_is_retried_and_gives_the_same_result(
     digits: tuple[str, SingleProcessScores], tmp_path: Path
 ) -> None:
+    """SIGKILL the process encoding shard 1 once it has encoded 128 of its rows (a point read
+    from its attempt record, not a sleep); Ray retries the task, and the job's record shows the
+    interrupted attempt and the second one."""
     uri, ref = digits
-    prefix = f"kill-{uuid.uuid4().hex[:8]}"
-    victim_name = f"{prefix}-00001"
-    pids: dict[str, int] = {}
-    killed = threading.Event()
-
-    def on_progress(phase: str, done: int, total: int) -> None:
-        if phase == "training_sae" and done == 0:  # actors idle: note the victim's pid
-            pids["before"] = ray.get(ray.get_actor(victim_name).info.remote())["pid"]
-        if phase == "encoding" and done == 0 and not killed.is_set():
-            time.sleep(0.4)  # the encode tasks are running (15 batches x 0.1 s each)
-            ray.kill(ray.get_actor(victim_name), no_restart=False)
-            killed.set()
-
-    opts = PipelineOptions(
-        encode_batch_size=64, encode_pause_s=0.1, actor_name_prefix=prefix, max_restarts=2
-    )
     storage = Storage(str(tmp_path / "job"))
-    result = run_scoring(
-        storage,
-        uri,
-        FEATURE,
-        "label",
-        SAE,
-        SCORE,
-        num_shards=2,
-        on_progress=on_progress,
-        options=opts,
-        **QUIET,
-    )
-    try:
-        assert killed.is_set()
-        after = ray.get(result.actors[1].info.remote())["pid"]
-        assert after != pids["before"]  # the victim was restarted
-        _assert_same_scores(result, ref)
-        assert storage.read_json("pipeline.json")["failed"] is None
-    finally:
-        result.shutdown()
+    record = storage.child(shard_dir(1))
+    opts = PipelineOptions(encode_batch_size=64, encode_pause_s=0.05, max_task_retries=2)
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = run_scoring(
+                storage, uri, FEATURE, "label", SAE, SCORE, num_shards=2, options=opts, **QUIET
+            )
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        if record.exists("encoding.json"):
+            rec = record.read_json("encoding.json")
+            if rec["attempt"] == 1 and rec["rows_done"] >= 128 and not rec["done"]:
+                victim = rec["pid"]
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.01)
+    thread.join(timeout=300)
+    assert victim is not None, "shard 1 was never seen mid-encoding"
+    assert "error" not in out, out.get("error")
+    result = out["result"]
+    state = storage.read_json("pipeline.json")
+    assert state["failed"] is None
+    assert state["encoding"]["attempts"][1] == 2  # interrupted once, then resumed to the end
+    (interrupted,) = state["encoding"]["interrupted_at"][1]
+    assert 128 <= interrupted < result.plan.shards[1].num_rows
+    assert result.encoding_records()[1]["pid"] != victim
+    _assert_same_scores(result, ref)
 
 
 def test_rerun_skips_done_shards_and_ignores_half_written_files(
@@ -250,13 +323,67 @@ def test_rerun_skips_done_shards_and_ignores_half_written_files(
     storage.child(shard_dir(3)).delete("scores.npz")
     stamp = os.stat(root / shard_dir(0) / "codes.npz").st_mtime_ns
     result = run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, **QUIET)
+    assert result.plan.num_shards == 4  # the stored plan is reused
+    _assert_same_scores(result, ref)
+    assert os.stat(root / shard_dir(0) / "codes.npz").st_mtime_ns == stamp  # not recomputed
+    assert {"codes.npz", "counts.npy", "scores.npz"} <= set(shard1.list_dir())
+    assert storage.read_json("pipeline.json")["encoding"]["attempts"] == [1, 2, 1, 1]
+
+
+def test_a_fully_scored_storage_reattaches_without_reserving(
+    digits: tuple[str, SingleProcessScores], digits_job: tuple[Storage, Any, list], tmp_path: Path
+) -> None:
+    """A restarted service re-attaches to stored scores even when the cluster is full."""
+    uri, ref = digits
+    src, _, _ = digits_job
+    shutil.copytree(src.path(), tmp_path / "job")
+    hog = ray.util.placement_group([{"CPU": 2.0}])  # every CPU of the cluster
+    ray.get(hog.ready())
     try:
-        assert result.plan.num_shards == 4  # the stored plan is reused
-        _assert_same_scores(result, ref)
-        assert os.stat(root / shard_dir(0) / "codes.npz").st_mtime_ns == stamp  # not recomputed
-        assert sorted(shard1.list_dir()) == ["codes.npz", "counts.npy", "scores.npz"]
+        seen: list[str] = []
+        result = run_scoring(
+            Storage(str(tmp_path / "job")),
+            uri,
+            FEATURE,
+            "label",
+            SAE,
+            SCORE,
+            on_progress=lambda ph, d, t: seen.append(ph),
+            resources=ScoringResources(placement_timeout_s=1),
+            **QUIET,
+        )
     finally:
-        result.shutdown()
+        ray.util.remove_placement_group(hog)
+    assert seen == ["ready"] and result.resources == {}
+    _assert_same_scores(result, ref)
+
+
+def test_unplaceable_scoring_fails_in_time_naming_the_resource(
+    digits: tuple[str, SingleProcessScores], tmp_path: Path
+) -> None:
+    """4 GPUs asked of a cluster without any: queued with the reason, then a clear failure."""
+    uri, _ = digits
+    storage = Storage(str(tmp_path / "job"))
+    reasons: list[str | None] = []
+    t0 = time.monotonic()
+    with pytest.raises(ScoringError, match=r"GPU: needs 4, the cluster has 0") as info:
+        run_scoring(
+            storage,
+            uri,
+            FEATURE,
+            "label",
+            SAE,
+            SCORE,
+            resources=ScoringResources(gpus=4, placement_timeout_s=2),
+            on_wait=reasons.append,
+            options=PipelineOptions(poll_s=0.2),
+            **QUIET,
+        )
+    assert time.monotonic() - t0 < 30
+    assert info.value.phase == "queued"
+    assert reasons and "4 x {CPU: 0.25, GPU: 1}" in str(reasons[0])
+    assert storage.read_json("pipeline.json")["failed"]["phase"] == "queued"
+    assert _wait_released()["CPU"] == ray.cluster_resources()["CPU"]
 
 
 def _write_ragged(path: Path) -> str:
@@ -278,6 +405,7 @@ def test_unretriable_failure_marks_the_pipeline_failed(tmp_path: Path) -> None:
     state = storage.read_json("pipeline.json")
     assert state["failed"]["phase"] == "featurizing" and "ragged" in state["failed"]["error"]
     assert not storage.exists("features/extractor.npz")
+    assert _wait_released()["CPU"] == ray.cluster_resources()["CPU"]  # the failure frees it all
     assert not any(storage.child("shards").list_dir(d) for d in storage.list_dir("shards"))
     # the error survives pickling (it crosses process boundaries)
     again = ray.get(ray.put(info.value))
@@ -313,22 +441,29 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     )
 
 
-def test_shard_actor_works_without_ray(
+def test_state_actor_works_without_ray(
     digits: tuple[str, SingleProcessScores], digits_job: tuple[Storage, Any, list]
 ) -> None:
     """The plain class answers from the stored outputs (what a restarted actor does)."""
     _, ref = digits
     storage, result, _ = digits_job
     spec = result.plan.shards[1]
-    actor = ShardActor(spec, storage, ShardConfig(FEATURE, "label"))
-    r, _ = actor.scores()
-    np.testing.assert_array_equal(r, ref.R[spec.lo : spec.hi])
-    np.testing.assert_array_equal(actor.labels(), ref.labels[spec.lo : spec.hi])
-    assert actor.encode().sum() > 0  # loads counts, recomputes nothing
-    assert actor.attach_selection(make_policy(POLICIES[0])) == spec.num_rows
+    actor = SelectionStateActor(spec, storage, "label")
+    data = actor.shard_data()
+    np.testing.assert_array_equal(data.R, ref.R[spec.lo : spec.hi])
+    np.testing.assert_array_equal(data.labels, ref.labels[spec.lo : spec.hi])
+    np.testing.assert_array_equal(data.code_ids, ref.codes.ids[spec.lo : spec.hi])
+    with pytest.raises(ValueError, match="no selection state"):
+        actor.call("info")
+    assert actor.attach(make_policy(POLICIES[0])) == spec.num_rows
     assert actor.call("info") == (spec.lo, spec.hi)
+    assert actor.memory_bytes()["R"] == 8 * spec.num_rows
     with pytest.raises(ValueError, match="private"):
         actor.call("_window", 0, 1)
+    # a policy that reads no scores: labels straight from the dataset, no storage
+    bare = SelectionStateActor(spec, None, "label").shard_data()
+    assert bare.R is None and bare.code_ids is None
+    np.testing.assert_array_equal(bare.labels, ref.labels[spec.lo : spec.hi])
 
 
 def test_sae_data_parallel_on_two_workers(digits: tuple[str, SingleProcessScores]) -> None:

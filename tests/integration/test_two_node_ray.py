@@ -15,9 +15,11 @@ import ray
 from ray.cluster_utils import Cluster
 
 from workers.features import FeatureSpec
-from workers.pipeline import run_scoring, score_single_process
+from workers.pipeline import run_scoring
 from workers.sae import SAEConfig
 from workers.scores import ScoreConfig
+from workers.scoring_local import score_single_process
+from workers.selection_state import SelectionShards
 from workers.storage import Storage
 
 pytestmark = pytest.mark.ray
@@ -44,7 +46,7 @@ def two_nodes() -> Iterator[Cluster]:
     cluster.shutdown()
 
 
-def test_shards_spread_over_both_nodes_and_match_single_process(
+def test_scoring_and_state_spread_over_both_nodes_and_match_single_process(
     two_nodes: Cluster, digits_uri: str, tmp_path: Path
 ) -> None:
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
@@ -59,12 +61,16 @@ def test_shards_spread_over_both_nodes_and_match_single_process(
         num_shards=4,
         progress_bar=False,
     )
+    # the scoring's encode tasks ran on both raylets, and nothing stays reserved
+    state = result.storage.read_json("pipeline.json")
+    assert len(state["encoding"]["nodes"]) == 2
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+    r, d = result.scores()
+    np.testing.assert_allclose(r, ref.R, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d, ref.D, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(result.counts, ref.counts)
+    shards = SelectionShards.start(result.plan, result.storage, "label", k=SAE.k)
     try:
-        nodes = {info["node_id"] for info in ray.get([a.info.remote() for a in result.actors])}
-        assert len(nodes) == 2
-        r, d = result.scores()
-        np.testing.assert_allclose(r, ref.R, rtol=0, atol=1e-12)
-        np.testing.assert_allclose(d, ref.D, rtol=0, atol=1e-12)
-        np.testing.assert_array_equal(result.counts, ref.counts)
+        assert len({info["node_id"] for info in shards.info()}) == 2
     finally:
-        result.shutdown()
+        shards.shutdown()

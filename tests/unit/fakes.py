@@ -62,7 +62,9 @@ class FakeBackend:
         if not 0 <= epoch < epochs:
             raise EpochOutOfRange(f"epoch {epoch} outside [0, {epochs})")
 
-    def set_phase(self, job_id: str, phase: str, error: str | None = None) -> None:
+    def set_phase(
+        self, job_id: str, phase: str, error: str | None = None, *, reason: str | None = None
+    ) -> None:
         """Move a job to ``phase`` (tests drive the lifecycle by hand)."""
         job = self._job(job_id)
         job.status = JobStatus(
@@ -73,6 +75,7 @@ class FakeBackend:
             num_samples=self.num_samples,
             epochs_committed=job.status.epochs_committed,
             error=error,
+            reason=reason,
         )
 
     def size(self, spec: JobSpec) -> int:

@@ -19,7 +19,9 @@ from service import errors
 from service.app import create_app
 from service.backend import Backend
 from service.settings import Settings
+from service.specs import JobSpec
 from tests.unit.fakes import FakeBackend
+from workers.admission import ScoringResources
 
 N = 1000
 SPEC: dict[str, Any] = {
@@ -117,6 +119,14 @@ def test_metrics_count_requests_indices_and_phases(tmp_path: Path) -> None:
 # --- jobs ---------------------------------------------------------------------------------
 
 
+def test_scoring_section_reaches_the_spec(tmp_path: Path) -> None:
+    client, backend = make_client(tmp_path, backend=FakeBackend(N, ready=False))
+    body = {**SPEC, "scoring": {"gpus": 2, "placement_timeout_s": 30}}
+    spec = backend.jobs[client.post("/v1/jobs", json=body).json()["id"]].spec
+    assert spec.scoring == ScoringResources(gpus=2, placement_timeout_s=30.0)
+    assert JobSpec.from_dict(spec.to_dict()) == spec
+
+
 def test_job_lifecycle(tmp_path: Path) -> None:
     client, backend = make_client(tmp_path, backend=FakeBackend(N, ready=False))
     r = client.post("/v1/jobs", json=SPEC)
@@ -128,6 +138,7 @@ def test_job_lifecycle(tmp_path: Path) -> None:
     created = backend.jobs[job].spec
     assert created.dataset.uri == str(tmp_path / "data" / "train.parquet")  # canonical path
     assert created.policy.ratio == 0.3 and created.sae.units == 64 and created.sae.k == 8
+    assert created.scoring == ScoringResources()  # no scoring section: the defaults
 
     assert_error(client.get(f"/v1/jobs/{job}/plan"), 409, "job_not_ready")
     assert_error(client.get(f"/v1/jobs/{job}/epochs/0/indices"), 409, "job_not_ready")
@@ -141,6 +152,7 @@ def test_job_lifecycle(tmp_path: Path) -> None:
         "num_samples": N,
         "epochs_committed": 0,
         "error": None,
+        "reason": None,
     }
     assert [j["id"] for j in client.get("/v1/jobs").json()["jobs"]] == [job]
     client.get(f"/v1/jobs/{job}/epochs/2/indices")
@@ -156,6 +168,9 @@ def test_job_lifecycle(tmp_path: Path) -> None:
 def test_failed_job_reports_its_error(tmp_path: Path) -> None:
     client, backend = make_client(tmp_path)
     job = create(client)
+    backend.set_phase(job, "queued", reason="waits for 2 x {CPU: 1} to score")
+    body = client.get(f"/v1/jobs/{job}").json()
+    assert body["phase"] == "queued" and body["reason"] == "waits for 2 x {CPU: 1} to score"
     backend.set_phase(job, "failed", "dataset path does not exist")
     body = client.get(f"/v1/jobs/{job}").json()
     assert body["phase"] == "failed" and body["error"] == "dataset path does not exist"
@@ -176,6 +191,9 @@ def test_failed_job_reports_its_error(tmp_path: Path) -> None:
         (lambda s: s["sae"].update(k=0), "sae.k"),
         (lambda s: s.update(extra_field=1), "extra_field"),
         (lambda s: s.update(name=""), "name"),
+        (lambda s: s.update(scoring={"gpus": -1}), "scoring.gpus"),
+        (lambda s: s.update(scoring={"placement_timeout_s": 0}), "scoring.placement_timeout_s"),
+        (lambda s: s.update(scoring={"nodes": 3}), "nodes"),
     ],
 )
 def test_invalid_specs_are_400(tmp_path: Path, mutate: Any, fragment: str) -> None:

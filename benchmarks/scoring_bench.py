@@ -1,12 +1,16 @@
-"""Scoring throughput on Fashion-MNIST vs shard actors, Ray overhead, memory per sample.
+"""Scoring throughput on Fashion-MNIST vs shard count, Ray overhead, memory per sample.
 
 Runs the whole scoring (pixels PCA features, TopK SAE fit, encode, p, global R/D) once in a
 single process (`score_single_process`, no Ray) and once per shard count S on a private local
-Ray (`run_scoring`), and reports samples/s end to end and per phase. The Ray overhead is
-``time(S=2) / time(single process) - 1``. Memory per sample is what the shard actors hold once
-scoring is done and the selection state is attached (R, D, labels, codes, usage counters), and
-at the peak of scoring (raw rows + features). The results go to a generated block of
-docs/scaling.md (between markers; the hand-written sections stay) and, with --json, to a file.
+Ray (`run_scoring`: tasks in a placement group), and reports samples/s end to end and per
+phase. The Ray overhead is ``time(S=2) / time(single process) - 1``. Memory per sample is what
+the state actors hold once the selection state is attached (R, D, labels, codes, usage
+counters), and what an encode task holds at its peak (its stored rows, one batch of features,
+its codes). The results go to a generated block of docs/scaling.md (between markers; the
+hand-written sections stay) and, with --json, to a file.
+
+``--baseline-json`` adds the rows of an earlier design's run (the same script's JSON, for example
+from the shard-actor design at an older commit, run on the same data) to the table.
 
     .venv/bin/python benchmarks/scoring_bench.py                  # 60k rows, S = 1, 2, 4
     .venv/bin/python benchmarks/scoring_bench.py --n 10000 --shards 2 --no-doc   # quick look
@@ -78,7 +82,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     from service.policies import PolicyConfig, make_policy
-    from workers.pipeline import PipelineOptions, run_scoring, score_single_process
+    from workers.pipeline import PipelineOptions, run_scoring
+    from workers.scoring_local import score_single_process
+    from workers.selection_state import SelectionShards
     from workers.storage import Storage
 
     feature, sae, score = _configs(args)
@@ -89,10 +95,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # BLAS start-up are paid here, by neither of the timed paths
         os.makedirs(os.path.join(tmp, "warm"))
         warm = _prepare(min(args.n, 2000), Path(tmp) / "warm")
-        score_single_process(warm, feature, "label", sae, score, options=opts)
+        score_single_process(
+            warm, feature, "label", sae, score, extractor_fit_samples=args.fit_samples
+        )
         load_before = os.getloadavg()
         t0 = time.perf_counter()
-        ref = score_single_process(uri, feature, "label", sae, score, options=opts)
+        ref = score_single_process(
+            uri, feature, "label", sae, score, extractor_fit_samples=args.fit_samples
+        )
         single_s = time.perf_counter() - t0
         print(f"single process: {single_s:.2f} s, {args.n / single_s:,.0f} samples/s", flush=True)
 
@@ -121,9 +131,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 total_s = time.perf_counter() - t0
                 r, _ = result.scores()
                 max_diff = float(np.abs(r - ref.R).max())
-                result.attach_selection(make_policy(PolicyConfig("factor", 0.3, 10)))
-                held = ray.get([a.memory_bytes.remote() for a in result.actors])
-                result.shutdown()
+                shards = SelectionShards.start(result.plan, result.storage, "label", k=sae.k)
+                shards.attach(make_policy(PolicyConfig("factor", 0.3, 10)))
+                held = ray.get([a.memory_bytes.remote() for a in shards.actors])
+                shards.shutdown()
                 startup_s = total_s - sum(result.timings.values())
                 row = {
                     "shards": s,
@@ -135,9 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "max_abs_diff_R": max_diff,
                     "held_bytes_per_sample": sum(sum(h.values()) for h in held) / args.n,
                     "held_breakdown": _per_sample(held, args.n),
-                    "scoring_bytes_per_sample": _scoring_peak(
-                        result, os.path.join(tmp, f"job-{s}"), feature
-                    ),
+                    "scoring_bytes_per_sample": _scoring_peak(result, feature, sae.k, args.dim),
+                    "reserved_while_scoring": result.resources,
                 }
                 rows.append(row)
                 print(
@@ -175,23 +185,24 @@ def _per_sample(parts: list[dict[str, int]], n: int) -> dict[str, float]:
     return {k: round(sum(p.get(k, 0) for p in parts) / n, 2) for k in keys}
 
 
-def _scoring_peak(result: Any, job_root: str, feature: Any) -> dict[str, float]:
-    """Bytes/sample a shard holds while featurizing (raw rows + features), measured in-process.
+def _scoring_peak(result: Any, feature: Any, k: int, dim: int) -> dict[str, float]:
+    """Bytes/sample an encode task holds at its peak, for shard 0 (measured from its data).
 
-    Rebuilds shard 0 as a plain `ShardActor` over a storage holding only the fitted extractor,
-    so it reads and featurizes its rows as in the pipeline, then reports `memory_bytes`.
+    Its rows as stored (Arrow), one batch of features (``encode_batch_size x d x 4`` bytes,
+    spread over the shard's rows here), the codes it accumulates and its labels.
     """
-    from workers.shard_actor import EXTRACTOR_FILE, ShardActor, ShardConfig
-    from workers.storage import Storage
+    from workers.pipeline import PipelineOptions
+    from workers.shard_plan import read_shard
 
     spec = result.plan.shards[0]
-    with tempfile.TemporaryDirectory(prefix="saelect-peak-") as tmp:
-        scratch = Storage(tmp)
-        scratch.write_npz(EXTRACTOR_FILE, **Storage(job_root).read_npz(EXTRACTOR_FILE))
-        shard = ShardActor(spec, scratch, ShardConfig(feature, "label"))
-        shard.featurize()
-        used = shard.memory_bytes()
-    return {k: round(v / spec.num_rows, 2) for k, v in used.items()}
+    rows = read_shard(spec, [feature.column]).nbytes
+    batch = min(PipelineOptions().encode_batch_size, spec.num_rows)
+    return {
+        "rows": round(rows / spec.num_rows, 2),
+        "features (one batch)": round(batch * dim * 4 / spec.num_rows, 2),
+        "codes": float(6 * k),
+        "labels": 8.0,
+    }
 
 
 def _projection(result: dict[str, Any]) -> list[str]:
@@ -206,8 +217,9 @@ def _projection(result: dict[str, Any]) -> list[str]:
         f"| {held * total / 256 / 1e9:,.2f} GB |",
         f"| peak while scoring (rows + features + state) | {peak:,.0f} B "
         f"| {peak * total / 1e9:,.0f} GB | {peak * total / 256 / 1e9:,.2f} GB |",
-        f"| exact global rank normalization: sorted R and D pulled by each shard | 16 B x N "
-        f"| {16 * total / 1e9:,.0f} GB per shard | {16 * total / 1e9:,.0f} GB |",
+        f"| exact global rank normalization (sample sort): a shard's raw R and D, a bucket task's "
+        f"share | 16 B x N / S | {16 * total / 1e9:,.0f} GB over the cluster "
+        f"| {16 * total / 256 / 1e9:,.2f} GB |",
     ]
     return lines
 
@@ -220,7 +232,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"Measured by `{result['command'].strip()}` on {result['machine']} "
         f"(Ray local, num_cpus={result['cpus']}, {result['driver_threads']} BLAS/torch threads in "
-        f"the driver, 1 per shard actor); Fashion-MNIST N = {result['n']:,}, "
+        f"the driver); Fashion-MNIST N = {result['n']:,}, "
         f"pixels PCA d = {cfg['dim']}, SAE M = {cfg['units']}, k = {cfg['k']}, "
         f"{cfg['sae_epochs']} SAE epochs on {cfg['sae_samples']:,} rows, extractor fit on "
         f"{cfg['fit_samples']:,} rows. Load average (1, 5, 15 min) before and after: "
@@ -235,10 +247,14 @@ def render(result: dict[str, Any]) -> str:
         + " | ".join(f"{result['single_phases_s'].get(k, 0):.2f}" for k in PHASES)
         + " | | 0 |",
     ]
-    for r in result["rows"]:
+    rows = [(r, "") for r in result["rows"]]
+    base = result.get("baseline")
+    if base:
+        rows += [(r, f" ({base['label']})") for r in base["rows"]]
+    for r, tag in rows:
         ph = r["phases_s"]
         lines.append(
-            f"| Ray, S = {r['shards']} | {r['seconds']:.2f} | {r['samples_per_s']:,.0f} "
+            f"| Ray, S = {r['shards']}{tag} | {r['seconds']:.2f} | {r['samples_per_s']:,.0f} "
             f"| {r['ratio_to_single']:.3f} | {ph.get('featurizing', 0):.2f} "
             f"| {ph.get('training_sae', 0):.2f} | {ph.get('encoding', 0):.2f} "
             f"| {ph.get('scoring', 0):.2f} | {r['startup_s']:.2f} | {r['max_abs_diff_R']:.1e} |"
@@ -266,11 +282,11 @@ def render(result: dict[str, Any]) -> str:
     held = result["rows"][0]["held_breakdown"]
     lines += [
         "",
-        "Memory the shard actors hold per sample after scoring, selection state attached "
+        "Memory the state actors hold per sample once the selection state is attached "
         "(bytes/sample, measured): "
         + ", ".join(f"{k} {v:g}" for k, v in held.items())
-        + f"; total {result['rows'][0]['held_bytes_per_sample']:,.1f}. While featurizing, a "
-        "shard also holds (bytes/sample, measured): "
+        + f"; total {result['rows'][0]['held_bytes_per_sample']:,.1f}. An encode task holds at "
+        "its peak (bytes/sample of its shard, S = the first row's): "
         + ", ".join(f"{k} {v:g}" for k, v in result["rows"][0]["scoring_bytes_per_sample"].items())
         + ".",
         "",
@@ -310,9 +326,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sae-samples", type=int, default=20_000, help="sae.max_train_samples")
     p.add_argument("--fit-samples", type=int, default=10_000, help="extractor fit sample")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--baseline-json", type=Path, default=None, help="an earlier design's --json, for its rows"
+    )
+    p.add_argument("--baseline-label", default="shard actors, before", help="its rows' tag")
     p.add_argument("--no-doc", action="store_true", help="do not update docs/scaling.md")
     args = p.parse_args(argv)
     result = run(args)
+    if args.baseline_json is not None:
+        base = json.loads(args.baseline_json.read_text())
+        result["baseline"] = {"label": args.baseline_label, "rows": base["rows"]}
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
     if not args.no_doc:

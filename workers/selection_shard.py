@@ -3,13 +3,19 @@
 A :class:`SelectionShard` holds the samples of one contiguous global index range [lo, hi): their
 scores (:class:`ShardData`) and the policy's per-sample counters. The coordinator (the selection
 engine in ``service.selection``) drives it through a few small methods; the policy object is
-passed in, so this module stays pure numpy and never imports ``service``.
+passed in, so this module stays pure numpy (plus ``scipy.sparse`` for the codes) and never
+imports ``service``.
 
 Per epoch the engine calls ``begin_epoch`` (and ``local_stats`` for further reduction rounds),
-then for every stage ``begin_stage``, the threshold protocol (``score_summary``, ``histogram``,
-``tie_summary``, ``tie_histogram``, ``candidates``, ``take``) or, for one in-process shard,
-``stage_scores`` + ``take_local``; then ``finish`` (selected indices, weights, stats partials)
-and ``commit`` (idempotent per epoch).
+then for every stage ``open_stage`` and the grouped threshold protocol (``group_histogram``
+rounds, ``group_candidates``, ``group_take``), or, for one in-process shard, ``begin_stage``,
+``stage_scores`` and ``take_local``; then ``finish`` (selected indices, weights, stats
+partials) and ``commit`` (idempotent per epoch).
+
+A stage with ``quotas`` (class quotas) groups the samples by ``data.labels`` and takes the top
+``quotas[c]`` of every class c in one protocol run: every message carries one entry per class,
+so the number of calls per stage does not grow with the number of classes. A stage without
+quotas is a single group holding every sample.
 
 Scores are compared through order-preserving uint64 keys: ``key(a) < key(b)`` iff ``a < b`` for
 non-NaN floats (``-0.0`` is normalized to ``+0.0`` first). Ineligible samples (score ``-inf``)
@@ -19,18 +25,32 @@ get key 0, below every eligible key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-__all__ = ["SelectionShard", "ShardData", "ShardPolicy", "score_keys"]
+__all__ = [
+    "GroupSummary",
+    "LabelLayout",
+    "SelectionShard",
+    "ShardData",
+    "ShardDerived",
+    "ShardPolicy",
+    "score_keys",
+]
 
 _SIGN = np.uint64(1 << 63)
+NO_KEY = (1 << 64) - 1
+"""Take threshold meaning "take nothing by key" (above every score key)."""
 
 
 @dataclass(frozen=True, eq=False)
 class ShardData:
-    """What one shard knows about its samples [lo, hi) (arrays are indexed by local position)."""
+    """What one shard knows about its samples [lo, hi) (arrays are indexed by local position).
+
+    Read-only structures derived from these arrays (the label layout, the codes as a sparse
+    matrix) are built on first use by :attr:`derived` and never travel with a pickled copy.
+    """
 
     lo: int
     """First global index of the shard."""
@@ -69,6 +89,139 @@ class ShardData:
     def n(self) -> int:
         """Number of samples in the shard."""
         return self.hi - self.lo
+
+    @property
+    def derived(self) -> ShardDerived:
+        """Lazily built read-only structures over this data (see :class:`ShardDerived`)."""
+        derived = self.__dict__.get("_derived")
+        if derived is None:
+            derived = ShardDerived(self)
+            object.__setattr__(self, "_derived", derived)
+        return derived
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_derived", None)  # rebuilt on demand where the copy lands
+        return state
+
+
+class LabelLayout(NamedTuple):
+    """The shard's positions grouped by label (a counting sort, built once)."""
+
+    order: np.ndarray
+    """int64 (n,) local positions sorted by label, ascending positions within a label."""
+    starts: np.ndarray
+    """int64 (C + 1,) label c's positions are ``order[starts[c]:starts[c + 1]]``."""
+
+    def segment(self, c: int) -> np.ndarray:
+        """int64 ascending local positions of label c (empty beyond the local labels)."""
+        if c + 1 >= self.starts.shape[0]:
+            return self.order[:0]
+        return self.order[self.starts[c] : self.starts[c + 1]]
+
+
+class ShardDerived:
+    """Read-only structures derived from one :class:`ShardData`, built on first use.
+
+    Everything here is a pure function of the data (and of the arguments, for the two
+    memoized products), so sharing it between engines or policies over the same data is safe.
+    """
+
+    def __init__(self, data: ShardData) -> None:
+        self._data = data
+        self._layout: LabelLayout | None = None
+        self._class_counts: np.ndarray | None = None
+        self._codes: Any = None  # scipy.sparse CSR (n, M) float32 activations (clipped at 0)
+        self._active: Any = None  # CSR (n, M) float32: 1 where the activation is > 0
+        self._mass: np.ndarray | None = None  # float32 (n,) sum of the clipped activations
+        self._profile_memo: tuple[np.ndarray, np.ndarray] | None = None  # (g (M,), h (n,))
+        self._counts_memo: tuple[np.ndarray, np.ndarray] | None = None  # (rows, counts (M,))
+
+    def _labels(self) -> np.ndarray:
+        if self._data.labels is None:
+            raise ValueError("the shard data holds no labels")
+        return self._data.labels
+
+    def label_layout(self) -> LabelLayout:
+        """Positions grouped by label (stable: ascending positions within each label)."""
+        if self._layout is None:
+            labels = self._labels()
+            counts = self.class_counts()
+            small = counts.shape[0] <= np.iinfo(np.uint16).max
+            keys = labels.astype(np.uint16) if small else labels  # uint16 sorts by radix
+            order = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
+            starts = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+            np.cumsum(counts, out=starts[1:])
+            self._layout = LabelLayout(order, starts)
+        return self._layout
+
+    def class_counts(self) -> np.ndarray:
+        """int64 (C,) samples per label, C = the largest local label + 1."""
+        if self._class_counts is None:
+            self._class_counts = np.bincount(self._labels()).astype(np.int64, copy=False)
+        return self._class_counts
+
+    def _codes_matrix(self) -> Any:
+        """CSR (n, M) float32 of the clipped activations; the column ids reuse ``code_ids``."""
+        if self._codes is None:
+            import scipy.sparse as sp
+
+            d = self._data
+            if d.code_ids is None or d.code_values is None or d.p is None:
+                raise ValueError("the shard data holds no codes")
+            n, k = d.code_ids.shape
+            vals = d.code_values.astype(np.float32)  # (n, k), as the literal computation
+            np.maximum(vals, 0, out=vals)
+            self._mass = vals.sum(axis=1)  # (n,) float32, the literal per-sample mass
+            index = np.int32 if n * k < np.iinfo(np.int32).max else np.int64
+            indices = np.ascontiguousarray(d.code_ids, dtype=index).reshape(-1)
+            indptr = np.arange(0, n * k + 1, k, dtype=index)
+            self._codes = sp.csr_matrix(
+                (vals.reshape(-1), indices, indptr), shape=(n, d.p.shape[0]), copy=False
+            )
+        return self._codes
+
+    def profile_dot(self, g: np.ndarray) -> np.ndarray:
+        """float32 (n,) ``sum_j a_ij g_j / sum_j a_ij`` over each sample's clipped activations
+        a_i (1 where the sample has no positive activation); g: float32 (M,). The last result
+        is memoized (the engine asks again for the selected samples' stats)."""
+        g = np.asarray(g, dtype=np.float32)
+        memo = self._profile_memo
+        if memo is not None and np.array_equal(memo[0], g):
+            return memo[1]
+        matrix = self._codes_matrix()
+        h = matrix @ g  # (n,) float32, one pass over the n k stored activations
+        mass = self._mass
+        assert mass is not None
+        h = np.divide(h, mass, out=np.ones_like(h), where=mass > 0)
+        self._profile_memo = (g.copy(), h)
+        return h
+
+    def unit_counts(self, rows: np.ndarray) -> np.ndarray:
+        """int64 (M,) how many of the samples ``rows`` (local positions) have each unit active
+        (activation > 0). The last result is memoized by the identity of ``rows``."""
+        memo = self._counts_memo
+        if memo is not None and memo[0] is rows:
+            return memo[1]
+        matrix = self._codes_matrix()
+        n = self._data.n
+        if n < (1 << 24):  # float32 sums of 0/1 stay exact: one pass, no gather of rows
+            if self._active is None:
+                import scipy.sparse as sp
+
+                ones = (matrix.data > 0).astype(np.float32)
+                self._active = sp.csr_matrix(
+                    (ones, matrix.indices, matrix.indptr), shape=matrix.shape, copy=False
+                )
+            x = np.zeros(n, dtype=np.float32)
+            x[rows] = 1.0
+            counts = np.rint(self._active.T @ x).astype(np.int64)
+        else:
+            ids = self._data.code_ids[rows]  # type: ignore[index]  # (m, k)
+            active = matrix.data.reshape(n, -1)[rows] > 0  # (m, k)
+            counts = np.bincount(ids[active], minlength=matrix.shape[1]).astype(np.int64)
+        self._counts_memo = (rows, counts)
+        return counts
 
 
 class ShardPolicy(Protocol):
@@ -160,6 +313,17 @@ def score_keys(scores: np.ndarray) -> np.ndarray:
     return keys
 
 
+class GroupSummary(NamedTuple):
+    """Per group of the open stage: eligible count and key range (keys 0 where count is 0)."""
+
+    eligible: np.ndarray
+    """int64 (G,) eligible samples per group."""
+    min_key: np.ndarray
+    """uint64 (G,) smallest eligible key per group."""
+    max_key: np.ndarray
+    """uint64 (G,) largest eligible key per group."""
+
+
 class SelectionShard:
     """Selection state of the samples [lo, hi) and the shard side of the threshold protocol.
 
@@ -184,9 +348,12 @@ class SelectionShard:
         self._stage: tuple[Any, int] | None = None
         self._scores: np.ndarray | None = None  # float64 (n,)
         self._keys: np.ndarray | None = None  # uint64 (n,)
-        self._win: tuple[int, int, np.ndarray] | None = None  # (klo, khi, positions)
-        self._tie: tuple[int, np.ndarray, np.ndarray] | None = None  # (key, positions, tb)
-        self._full_range: tuple[int, int, int] | None = None  # (count, min key, max key)
+        self._quotas: tuple[int, ...] | None = None  # the open stage's per-class counts
+        self._summary: GroupSummary | None = None
+        # group -> (klo, khi, positions, their keys): eligible samples with key in [klo, khi]
+        self._win: dict[int, tuple[int, int, np.ndarray, np.ndarray]] = {}
+        # group -> (key, positions, tie-breaks): the group's eligible samples with that key
+        self._tie: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
 
     def info(self) -> tuple[int, int]:
         """The shard's global range (lo, hi)."""
@@ -211,7 +378,10 @@ class SelectionShard:
         return {"n": self.data.n, **self.policy.local_stats(epoch, self.data, self.counters, ctx)}
 
     def begin_stage(self, stage: Any, epoch: int, ctx: dict) -> None:
-        """Compute this stage's local scores; samples taken earlier this epoch are ineligible."""
+        """Compute this stage's local scores; samples taken earlier this epoch are ineligible.
+
+        A stage whose ``quotas`` attribute is not None is grouped by ``data.labels``.
+        """
         if epoch != self._epoch:
             raise ValueError(f"begin_stage for epoch {epoch}, but epoch {self._epoch} is open")
         self._reset_stage()
@@ -232,8 +402,18 @@ class SelectionShard:
             raise ValueError(f"policy produced NaN scores in epoch {epoch}")
         if self._taken_count:
             scores[self._taken] = -np.inf
+        quotas = getattr(stage, "quotas", None)
+        if quotas is not None:
+            if self.data.labels is None:
+                raise ValueError(f"stage {getattr(stage, 'key', stage)!r} needs labels")
+            self._quotas = tuple(int(q) for q in quotas)
         self._stage = (stage, epoch)
         self._scores = scores
+
+    def open_stage(self, stage: Any, epoch: int, ctx: dict) -> GroupSummary:
+        """:meth:`begin_stage`, then :meth:`stage_summary` (one call instead of two)."""
+        self.begin_stage(stage, epoch, ctx)
+        return self.stage_summary()
 
     def stage_scores(self) -> np.ndarray:
         """float64 (n,) scores of the open stage (a view: for the in-process single-shard path)."""
@@ -251,109 +431,175 @@ class SelectionShard:
             self._keys = score_keys(self.stage_scores())
         return self._keys
 
-    def _range(self) -> tuple[int, int, int]:
-        """(count, min key, max key) of the eligible scores, (0, 0, 0) when none (cached)."""
-        if self._full_range is None:
+    @property
+    def _num_groups(self) -> int:
+        return 1 if self._quotas is None else len(self._quotas)
+
+    def _segment(self, g: int) -> np.ndarray | None:
+        """Ascending local positions of group g; None = every position (ungrouped stage)."""
+        if self._quotas is None:
+            return None
+        return self.data.derived.label_layout().segment(g)
+
+    def stage_summary(self) -> GroupSummary:
+        """Per group: eligible count, smallest and largest eligible key (cached per stage)."""
+        if self._summary is None:
             keys = self._ensure_keys()
-            count = int(np.count_nonzero(keys))
-            if count == 0:
-                self._full_range = (0, 0, 0)
-            else:
-                shifted = keys - np.uint64(1)  # ineligible 0 wraps to the largest value
-                self._full_range = (count, int(shifted.min()) + 1, int(keys.max()))
-        return self._full_range
+            size = self._num_groups
+            count = np.zeros(size, dtype=np.int64)
+            kmin = np.zeros(size, dtype=np.uint64)
+            kmax = np.zeros(size, dtype=np.uint64)
+            for g in range(size):
+                seg = self._segment(g)
+                k = keys if seg is None else keys[seg]
+                c = int(np.count_nonzero(k))
+                if c:
+                    count[g] = c
+                    kmin[g] = (k - np.uint64(1)).min() + np.uint64(1)  # ineligible 0 wraps
+                    kmax[g] = k.max()
+            self._summary = GroupSummary(count, kmin, kmax)
+        return self._summary
 
-    def score_summary(self) -> tuple[int, int | None, int | None]:
-        """(count, min key, max key) of the eligible scores; keys None when count is 0."""
-        count, kmin, kmax = self._range()
-        return (count, kmin, kmax) if count else (0, None, None)
-
-    def _window(self, klo: int, khi: int) -> np.ndarray:
-        """int64 positions of eligible samples with key in [klo, khi] (cached, windows nest)."""
+    def _key_window(self, g: int, klo: int, khi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Local positions of group g's eligible samples with key in [klo, khi], and their keys
+        (cached: the windows of successive rounds nest)."""
         keys = self._ensure_keys()
-        if self._win is not None and self._win[0] <= klo and khi <= self._win[1]:
-            if (self._win[0], self._win[1]) == (klo, khi):
-                return self._win[2]
-            pos = self._win[2]
-            k = keys[pos]
-            pos = pos[(k >= np.uint64(klo)) & (k <= np.uint64(khi))]
+        cached = self._win.get(g)
+        if cached is not None and cached[0] <= klo and khi <= cached[1]:
+            pos, k = cached[2], cached[3]
+            if (cached[0], cached[1]) != (klo, khi):
+                keep = (k >= np.uint64(klo)) & (k <= np.uint64(khi))
+                pos, k = pos[keep], k[keep]
         else:
-            pos = np.flatnonzero((keys >= np.uint64(max(klo, 1))) & (keys <= np.uint64(khi)))
-        self._win = (klo, khi, pos)
-        return pos
+            seg = self._segment(g)
+            k = keys if seg is None else keys[seg]
+            keep = (k >= np.uint64(max(klo, 1))) & (k <= np.uint64(khi))
+            pos = np.flatnonzero(keep) if seg is None else seg[keep]
+            k = k[keep]
+        self._win[g] = (klo, khi, pos, k)
+        return pos, k
 
-    def histogram(self, klo: int, khi: int, shift: int, bins: int) -> np.ndarray:
-        """int64 (bins,) counts of eligible keys in [klo, khi] by bin ``(key - klo) >> shift``."""
-        keys = self._ensure_keys()
-        win = self._win
-        cached = win is not None and win[0] <= klo and khi <= win[1]
-        count, kmin, kmax = self._range()
-        if not cached and count and klo <= kmin and kmax <= khi:
-            # the window holds every eligible key: one vector pass, no positions
-            d = np.maximum(keys, np.uint64(klo))  # ineligible (0) lands in bin 0
-            d -= np.uint64(klo)
-            d >>= np.uint64(shift)
-            counts = np.bincount(d.view(np.int64), minlength=bins)[:bins].astype(np.int64)
-            counts[0] -= self.data.n - count
-            return counts
-        pos = self._window(klo, khi)
-        k = keys[pos] - np.uint64(klo)
-        k >>= np.uint64(shift)
-        return np.bincount(k.view(np.int64), minlength=bins)[:bins].astype(np.int64)
+    def _tie_group(self, g: int, key: int) -> tuple[np.ndarray, np.ndarray]:
+        """Local positions of group g's eligible samples whose key is ``key``, and their
+        tie-breaks (cached)."""
+        cached = self._tie.get(g)
+        if cached is None or cached[0] != key:
+            pos, _ = self._key_window(g, key, key)
+            cached = (key, pos, self.tiebreak_local(pos))
+            self._tie[g] = cached
+        return cached[1], cached[2]
 
-    def _tie_group(self, key: int) -> tuple[np.ndarray, np.ndarray]:
-        """Positions with score key == key and their tie-breaks (cached)."""
-        if self._tie is None or self._tie[0] != key:
-            pos = self._window(key, key)
-            self._tie = (key, pos, self.tiebreak_local(pos))
-        return self._tie[1], self._tie[2]
+    def group_histogram(
+        self,
+        groups: np.ndarray,
+        tie: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        shift: np.ndarray,
+        key: np.ndarray,
+        bins: int,
+    ) -> np.ndarray:
+        """int64 (A, bins) counts, one row per requested group.
 
-    def tie_summary(self, key: int) -> tuple[int, int | None, int | None]:
-        """(count, min tie-break, max tie-break) of the eligible samples whose key is ``key``."""
-        pos, tb = self._tie_group(key)
-        if pos.shape[0] == 0:
-            return 0, None, None
-        return int(pos.shape[0]), int(tb.min()), int(tb.max())
-
-    def tie_histogram(self, key: int, tlo: int, thi: int, shift: int, bins: int) -> np.ndarray:
-        """int64 (bins,) counts of tie-breaks in [tlo, thi] within key's tie group."""
-        _, tb = self._tie_group(key)
-        tb = tb[(tb >= np.uint64(tlo)) & (tb <= np.uint64(thi))] - np.uint64(tlo)
-        tb >>= np.uint64(shift)
-        return np.bincount(tb.view(np.int64), minlength=bins)[:bins].astype(np.int64)
-
-    def candidates(
-        self, klo: int, khi: int, tie: tuple[int, int] | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boundary candidates: (scores float64, tie-breaks uint64, global indices int64).
-
-        Without ``tie``: eligible samples with key in [klo, khi]. With ``tie = (tlo, thi)``
-        (then klo == khi): the samples of that key whose tie-break lies in [tlo, thi].
+        Row a counts group ``groups[a]``'s eligible samples whose value lies in
+        [lo[a], hi[a]], by bin ``(value - lo[a]) >> shift[a]``. The value is the score key, or,
+        where ``tie[a]``, the tie-break of the samples whose key is ``key[a]``.
         """
-        if tie is None:
-            pos = self._window(klo, khi)
-            tb = self.tiebreak_local(pos)
-        else:
-            pos, tb = self._tie_group(klo)
-            keep = (tb >= np.uint64(tie[0])) & (tb <= np.uint64(tie[1]))
-            pos, tb = pos[keep], tb[keep]
-        return self.stage_scores()[pos], tb, pos.astype(np.int64) + self.data.lo
-
-    def take(
-        self, min_key: int | None, exact: np.ndarray, tie: tuple[int, int] | None = None
-    ) -> int:
-        """Select, in this stage: eligible keys >= min_key (none if None), the global indices
-        ``exact`` that fall in this shard, and with ``tie = (key, min_tb)`` the samples of that
-        key with tie-break >= min_tb. Returns how many this shard took."""
+        out = np.zeros((groups.shape[0], bins), dtype=np.int64)
+        summary = self.stage_summary()
         keys = self._ensure_keys()
-        chosen = (
-            np.zeros(self.data.n, dtype=bool) if min_key is None else keys >= np.uint64(min_key)
+        for a, g in enumerate(groups.tolist()):
+            klo, khi, s = int(lo[a]), int(hi[a]), np.uint64(shift[a])
+            if tie[a]:
+                _, v = self._tie_group(g, int(key[a]))
+                v = v[(v >= np.uint64(klo)) & (v <= np.uint64(khi))]
+            elif (
+                g not in self._win
+                and summary.eligible[g]
+                and klo <= int(summary.min_key[g])
+                and int(summary.max_key[g]) <= khi
+            ):
+                # the window holds every eligible key of the group: one pass, no positions
+                seg = self._segment(g)
+                v = np.maximum(keys if seg is None else keys[seg], np.uint64(klo))
+                v -= np.uint64(klo)
+                v >>= s
+                counts = np.bincount(v.view(np.int64), minlength=bins)[:bins]
+                counts[0] -= v.shape[0] - int(summary.eligible[g])  # ineligible landed in bin 0
+                out[a] = counts
+                continue
+            else:
+                _, v = self._key_window(g, klo, khi)
+            v = v - np.uint64(klo)
+            v >>= s
+            out[a] = np.bincount(v.view(np.int64), minlength=bins)[:bins]
+        return out
+
+    def group_candidates(
+        self,
+        groups: np.ndarray,
+        tie: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        key: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Boundary candidates of the requested groups: (group int64, score float64,
+        tie-break uint64, global index int64), one entry per sample.
+
+        Group ``groups[a]``'s candidates are its eligible samples with key in [lo[a], hi[a]],
+        or, where ``tie[a]``, its samples of key ``key[a]`` whose tie-break is in
+        [lo[a], hi[a]].
+        """
+        parts_g, parts_pos, parts_tb = [], [], []
+        for a, g in enumerate(groups.tolist()):
+            if tie[a]:
+                pos, tb = self._tie_group(g, int(key[a]))
+                keep = (tb >= np.uint64(lo[a])) & (tb <= np.uint64(hi[a]))
+                pos, tb = pos[keep], tb[keep]
+            else:
+                pos, _ = self._key_window(g, int(lo[a]), int(hi[a]))
+                tb = self.tiebreak_local(pos)
+            parts_g.append(np.full(pos.shape[0], g, dtype=np.int64))
+            parts_pos.append(pos)
+            parts_tb.append(tb)
+        if not parts_pos:
+            empty = np.empty(0, dtype=np.int64)
+            return empty, np.empty(0), np.empty(0, dtype=np.uint64), empty
+        pos = np.concatenate(parts_pos).astype(np.int64, copy=False)
+        return (
+            np.concatenate(parts_g),
+            self.stage_scores()[pos],
+            np.concatenate(parts_tb).astype(np.uint64, copy=False),
+            pos + self.data.lo,
         )
-        if min_key is not None and min_key == 0:
-            chosen &= keys > 0
-        if tie is not None:
-            pos, tb = self._tie_group(tie[0])
-            chosen[pos[tb >= np.uint64(tie[1])]] = True
+
+    def group_take(
+        self,
+        min_key: np.ndarray,
+        tie_groups: np.ndarray,
+        tie_keys: np.ndarray,
+        tie_min: np.ndarray,
+        exact: np.ndarray,
+    ) -> int:
+        """Select, in this stage: in every group g, the eligible samples with key >=
+        ``min_key[g]`` (:data:`NO_KEY`: none); in group ``tie_groups[a]`` the samples of key
+        ``tie_keys[a]`` with tie-break >= ``tie_min[a]``; and the global indices ``exact`` that
+        fall in this shard. Returns how many this shard took."""
+        keys = self._ensure_keys()
+        min_key = np.asarray(min_key, dtype=np.uint64)
+        if self._quotas is None:
+            chosen = keys >= min_key[0]
+        else:
+            labels = self.data.labels
+            assert labels is not None
+            table = np.full(max(min_key.shape[0], int(labels.max(initial=-1)) + 1), NO_KEY)
+            table = table.astype(np.uint64)
+            table[: min_key.shape[0]] = min_key
+            chosen = keys >= table[labels]
+        chosen &= keys > 0
+        for g, k, t in zip(tie_groups.tolist(), tie_keys.tolist(), tie_min.tolist(), strict=True):
+            pos, tb = self._tie_group(g, int(k))
+            chosen[pos[tb >= np.uint64(t)]] = True
         exact = np.asarray(exact, dtype=np.int64)
         local = exact[(exact >= self.data.lo) & (exact < self.data.hi)] - self.data.lo
         chosen[local] = True

@@ -69,13 +69,24 @@ class Stage:
     """One step of an epoch's selection: the global top ``count`` of the stage's scores."""
 
     key: str
-    """What the stage selects (policy-specific, e.g. ``"main"``, ``"class:3"``)."""
+    """What the stage selects (policy-specific, e.g. ``"main"``, ``"classes"``)."""
     count: int
     """How many samples the stage takes, >= 0."""
+    quotas: tuple[int, ...] | None = None
+    """Per-class counts, or None. With quotas the stage groups the samples by the shard's
+    ``labels`` and takes the top ``quotas[c]`` of every class c (all classes in the same
+    protocol calls); they sum to ``count``."""
 
     def __post_init__(self) -> None:
         if self.count < 0:
             raise ValueError(f"stage {self.key!r} has count={self.count} < 0")
+        if self.quotas is not None:
+            quotas = tuple(int(q) for q in self.quotas)
+            if any(q < 0 for q in quotas) or sum(quotas) != self.count:
+                raise ValueError(
+                    f"stage {self.key!r}: quotas must be >= 0 and sum to count={self.count}"
+                )
+            object.__setattr__(self, "quotas", quotas)
 
 
 @dataclass(frozen=True)

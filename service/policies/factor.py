@@ -11,13 +11,15 @@ tau = 1), or with ``sampling="topm"`` the top m of s itself (ties by a seeded ha
 literal ranking). u_i counts the committed epochs that selected i. The literal form of DESIGN 2 is
 ``{"sampling": "topm", "class_quotas": false, "dynamic_coverage": false}``.
 
-Options: ``class_quotas`` (each class keeps its share of every epoch, one stage per class, per-class
-counts by largest remainder over the global class counts); ``dynamic_coverage`` (global counters
+Options: ``class_quotas`` (each class keeps its share of every epoch: one stage that takes every
+class's top in the same protocol calls, per-class counts by largest remainder over the global class
+counts); ``dynamic_coverage`` (global counters
 c_j of how many selected samples so far had unit j active; D_i(t) = D_i * sum_j a_ij g(rho_j)
 with rho_j = c_j / (p_j S_t), S_t the samples selected so far, g(rho) = 1 / (1 + rho): samples whose
 factors are under-covered relative to their frequency keep their diversity, over-covered ones
-lose it; equals the literal D before any selection); ``anneal_epochs`` (the last K epochs take
-all N samples).
+lose it; equals the literal D before any selection; sum_j a_ij g(rho_j) is one sparse
+matrix-vector product per shard and epoch); ``anneal_epochs`` (the last K epochs take all N
+samples).
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class FactorPolicy(Policy):
         if ctx["anneal"]:
             return [Stage("all", ctx["size"])]
         if "quotas" in ctx:
-            return [Stage(f"class:{c}", int(q)) for c, q in enumerate(ctx["quotas"]) if q > 0]
+            return [Stage("classes", int(ctx["size"]), tuple(ctx["quotas"]))]
         return [Stage("main", ctx["size"])]
 
     def absorb(self, epoch: int, partials: list[dict]) -> None:
@@ -222,7 +224,7 @@ class FactorPolicy(Policy):
         if self.params.class_quotas:
             _need(data, ("labels",), "class_quotas")
         if self.params.class_quotas is not False and data.labels is not None:
-            out["class_counts"] = np.bincount(data.labels)
+            out["class_counts"] = data.derived.class_counts()
         return out
 
     def _diversity(self, ctx: dict, data: ShardData, idx: np.ndarray | None) -> np.ndarray:
@@ -232,18 +234,13 @@ class FactorPolicy(Policy):
         total = ctx.get("selected_total", 0)
         if not ctx.get("dynamic") or not total or ctx.get("coverage") is None:
             return D
-        code_ids, code_values, p_M = _need(data, _CODES, "dynamic_coverage")
-        ids = code_ids if idx is None else code_ids[idx]  # (n, k)
-        vals = (code_values if idx is None else code_values[idx]).astype(np.float32)
-        np.maximum(vals, 0, out=vals)
-        p = np.asarray(p_M, dtype=np.float64)  # (M,)
+        _need(data, _CODES, "dynamic_coverage")
+        p = np.asarray(data.p, dtype=np.float64)  # (M,)
         expected = p * total
         rho = np.divide(ctx["coverage"], expected, out=np.zeros_like(p), where=expected > 0)
         g = (1.0 / (1.0 + rho)).astype(np.float32)  # (M,)
-        mass = vals.sum(axis=1)  # (n,)
-        h = (vals * g[ids]).sum(axis=1)  # (n,)
-        h = np.divide(h, mass, out=np.ones_like(h), where=mass > 0)
-        return D * h.astype(np.float64)
+        h = data.derived.profile_dot(g)  # (n,) float32: sum_j a_ij g_j / sum_j a_ij
+        return D * (h if idx is None else h[idx]).astype(np.float64)
 
     def _parts(
         self,
@@ -281,29 +278,18 @@ class FactorPolicy(Policy):
     ) -> np.ndarray:
         if stage.key == "all":
             return np.zeros(data.n)
-        idx: np.ndarray | None = None  # a class stage scores only its class's positions
-        if stage.key.startswith("class:"):
-            (labels,) = _need(data, ("labels",), "class_quotas")
-            idx = np.flatnonzero(labels == int(stage.key.split(":", 1)[1]))
-        s, pen = self._parts(epoch, ctx, data, counters, idx)
+        s, pen = self._parts(epoch, ctx, data, counters, None)
         if pen is not None:
             s -= pen
         if self.params.sampling == "gumbel" and self.params.tau > 0:
-            gidx = np.arange(data.lo, data.hi, dtype=np.int64) if idx is None else idx + data.lo
+            gidx = np.arange(data.lo, data.hi, dtype=np.int64)
             s += self.params.tau * gumbel(self.config.seed, epoch, STREAM_GUMBEL, gidx)
-        if idx is None:
-            return s
-        out = np.full(data.n, -np.inf)
-        out[idx] = s
-        return out
+        return s
 
     def _unit_counts(self, data: ShardData, selected_local: np.ndarray) -> dict:
         if data.code_ids is None or data.code_values is None or data.p is None:
             return {}
-        ids = data.code_ids[selected_local]  # (m_s, k)
-        active = data.code_values[selected_local] > 0
-        counts = np.bincount(ids[active].ravel(), minlength=data.p.shape[0])
-        return {"unit_counts": counts.astype(np.int64)}
+        return {"unit_counts": data.derived.unit_counts(selected_local)}  # memoized per array
 
     def selection_partials(
         self,

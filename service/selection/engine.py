@@ -7,8 +7,9 @@ a ``broadcast(method, *args) -> [result per shard]`` callable (Ray actor handles
 1. ``begin_epoch`` on every shard, then ``policy.stat_rounds`` rounds of (shard partials ->
    ``policy.context``) give the epoch's global context;
 2. for every stage of ``policy.stages``: shards score locally, and the exact global top ``count``
-   is found by :func:`service.selection.threshold.global_top_m` (a single in-process shard uses
-   :func:`service.selection.topk.top_m` directly; both give the same result);
+   (per class, for a stage with class quotas: every class in the same calls) is found by
+   :func:`service.selection.threshold.grouped_top_m_protocol` (a single in-process shard uses
+   :func:`service.selection.topk.top_m` per class directly; both give the same result);
 3. shards return their picks (sorted global indices, weights, stats partials); the epoch order is
    the sorted selection permuted by ``np.random.default_rng([seed, epoch])``;
 4. :meth:`SelectionEngine.commit` counts the epoch in the shards' counters and the policy's global
@@ -33,10 +34,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from service.policies.base import Policy, add_counts, check_losses
+from service.policies.base import Policy, Stage, add_counts, check_losses
 from service.selection.shuffle import epoch_permutation
-from service.selection.threshold import Broadcast, ProtocolTrace, global_top_m, local_broadcast
-from service.selection.topk import top_m
+from service.selection.threshold import (
+    Broadcast,
+    grouped_top_m_protocol,
+    local_broadcast,
+)
+from service.selection.topk import grouped_top_m, top_m
 from workers.selection_shard import SelectionShard, ShardData
 
 __all__ = ["EpochResult", "SelectionEngine", "SingleProcessSelector"]
@@ -79,12 +84,20 @@ class SelectionEngine:
     ) -> None:
         self.policy = policy
         if callable(shards):
-            self._broadcast: Broadcast = shards
+            inner: Broadcast = shards
             self._local: SelectionShard | None = None
         else:
             shards = list(shards)
-            self._broadcast = local_broadcast(shards)
+            inner = local_broadcast(shards)
             self._local = shards[0] if len(shards) == 1 else None
+        self.broadcasts = 0
+        """Broadcasts made so far (each is one call per shard; over Ray one round trip)."""
+
+        def counted(method: str, *args: Any) -> list[Any]:
+            self.broadcasts += 1
+            return inner(method, *args)
+
+        self._broadcast: Broadcast = counted
         self.bins = bins
         self.cap = cap
         ranges = [tuple(r) for r in self._broadcast("info")]
@@ -103,12 +116,25 @@ class SelectionEngine:
         """Every epoch's size (see the policy's ``plan``)."""
         return self.policy.plan(self.num_samples)
 
-    def _top(self, epoch: int, count: int) -> ProtocolTrace:
-        if self._local is not None:
+    def _stage(self, stage: Stage, epoch: int, ctx: dict) -> int:
+        """Open ``stage`` on the shards and take its exact top; returns the histogram rounds."""
+        quotas = stage.quotas if stage.quotas is not None else (stage.count,)
+        if self._local is not None:  # one in-process shard: argpartition, no protocol
             shard = self._local
-            pos = top_m(shard.stage_scores(), shard.tiebreak_local, count)
-            return ProtocolTrace(0, 0, shard.take_local(pos))
-        return global_top_m(self._broadcast, count, bins=self.bins, cap=self.cap)
+            shard.begin_stage(stage, epoch, ctx)
+            scores = shard.stage_scores()
+            if stage.quotas is None:
+                pos = top_m(scores, shard.tiebreak_local, stage.count)
+            else:
+                layout = shard.data.derived.label_layout()
+                pos = grouped_top_m(scores, shard.tiebreak_local, layout.segment, quotas)
+            shard.take_local(pos)
+            return 0
+        summaries = self._broadcast("open_stage", stage, epoch, ctx)
+        trace = grouped_top_m_protocol(
+            self._broadcast, quotas, summaries, bins=self.bins, cap=self.cap
+        )
+        return trace.rounds
 
     def select(self, epoch: int) -> EpochResult:
         """Select ``epoch`` (must be the one after the last committed; may be repeated).
@@ -129,8 +155,7 @@ class SelectionEngine:
         for stage in self.policy.stages(epoch, ctx):
             if stage.count == 0:
                 continue
-            b("begin_stage", stage, epoch, ctx)
-            rounds += self._top(epoch, stage.count).rounds
+            rounds += self._stage(stage, epoch, ctx)
         parts = b("finish", epoch, ctx)
         selected = np.concatenate([p["indices"] for p in parts]).astype(np.int64, copy=False)
         perm = epoch_permutation(selected.shape[0], self.policy.config.seed, epoch)

@@ -6,11 +6,11 @@ ineligible sample, which is never selected.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["TiebreakSource", "top_m"]
+__all__ = ["TiebreakSource", "grouped_top_m", "top_m"]
 
 TiebreakSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
 """Either a uint64 array (N,) of tie-breaks, or a function positions -> uint64 tie-breaks.
@@ -86,3 +86,56 @@ def _partition_top(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.n
         order = np.lexsort((ties, ~tb))  # tiebreak desc, then position asc
         ties = ties[order[:need]]
     return np.concatenate([above.astype(np.int64, copy=False), ties.astype(np.int64, copy=False)])
+
+
+def grouped_top_m(
+    scores: np.ndarray,
+    tiebreak: Callable[[np.ndarray], np.ndarray],
+    segments: Callable[[int], np.ndarray],
+    quotas: Sequence[int],
+) -> np.ndarray:
+    """Positions of the top ``quotas[g]`` of every group g, each by :func:`top_m`'s order.
+
+    Parameters
+    ----------
+    scores:
+        float64 (N,) over all positions; ``-inf`` = ineligible.
+    tiebreak:
+        A function int64 positions -> their uint64 tie-breaks.
+    segments:
+        ``segments(g)`` -> int64 ascending positions of group g.
+    quotas:
+        How many to take per group, ``0 <= quotas[g] <=`` eligible in group g.
+
+    Returns
+    -------
+    int64 (sum(quotas),) positions, grouped in group order.
+
+    Raises
+    ------
+    ValueError
+        If a quota exceeds its group's eligible samples.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> s = np.array([0.5, 0.9, 0.1, 0.7])
+    >>> segs = [np.array([0, 2]), np.array([1, 3])]
+    >>> grouped_top_m(s, lambda p: p.astype(np.uint64), segs.__getitem__, [1, 2]).tolist()
+    [0, 1, 3]
+    """
+    picks = [np.empty(0, dtype=np.int64)]
+    for g, q in enumerate(quotas):
+        if q == 0:
+            continue
+        seg = segments(g)  # ascending, so "position asc" among ties is kept
+
+        def seg_tiebreak(p: np.ndarray, seg: np.ndarray = seg) -> np.ndarray:
+            return tiebreak(seg[p])
+
+        try:
+            sub = top_m(scores[seg], seg_tiebreak, int(q))
+        except ValueError as exc:
+            raise ValueError(f"group {g}: {exc}") from None
+        picks.append(seg[sub])
+    return np.concatenate(picks)

@@ -372,9 +372,9 @@ def test_json_numbers_are_coerced() -> None:
 
 
 @pytest.mark.parametrize("params", [{}, {"penalty": "multiplicative", "tau": 0.5}])
-def test_class_stage_scores_equal_the_masked_full_scores(params: dict) -> None:
-    """A class stage scores only its class's positions; the values are bit-identical to the
-    whole-shard scores with the other classes masked to -inf (the selection cannot change)."""
+def test_class_quota_stage_takes_every_class_top_in_one_stage(params: dict) -> None:
+    """With quotas an epoch is one stage; it takes, in every class, the top of the whole-shard
+    scores by (score desc, tie-break desc, index asc), as many as the class's quota."""
     data = make_data(400, 3, classes=5, codes=True)
     policy = make_policy(PolicyConfig("factor", 0.3, 6, 7, params))
     sel = SingleProcessSelector(policy, data)
@@ -384,8 +384,15 @@ def test_class_stage_scores_equal_the_masked_full_scores(params: dict) -> None:
     shard = sel.shard
     ctx = policy.context(epoch, [shard.begin_epoch(epoch)], None)
     assert ctx["dynamic"] and "quotas" in ctx
-    full = policy.local_scores(Stage("main", 1), epoch, ctx, data, shard.counters)
-    for c in range(5):
-        got = policy.local_scores(Stage(f"class:{c}", 1), epoch, ctx, data, shard.counters)
-        expect = np.where(data.labels == c, full, -np.inf)
-        assert np.array_equal(got, expect)
+    stages = policy.stages(epoch, ctx)
+    assert [(s.key, s.quotas) for s in stages] == [("classes", tuple(ctx["quotas"]))]
+    scores = policy.local_scores(Stage("main", 1), epoch, ctx, data, shard.counters)
+    tb = policy.tiebreak(epoch, np.arange(400))
+    labels = data.labels
+    assert labels is not None
+    expect = []
+    for c, q in enumerate(ctx["quotas"]):
+        mine = np.flatnonzero(labels == c)
+        order = np.lexsort((mine, ~tb[mine], -scores[mine]))
+        expect += mine[order[:q]].tolist()
+    assert np.array_equal(np.sort(sel.step().indices), np.sort(expect))

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.policies.base import Stage
 from service.selection import (
     epoch_permutation,
     global_top_m,
@@ -23,6 +24,8 @@ from service.selection import (
     uniform01,
 )
 from service.selection.hashing import STREAM_TIEBREAK, stream_key
+from service.selection.threshold import grouped_top_m_protocol
+from service.selection.topk import grouped_top_m
 from workers.selection_shard import SelectionShard, ShardData, score_keys
 
 # ---------------------------------------------------------------------------- hashing
@@ -218,6 +221,134 @@ def test_threshold_protocol_bad_arguments() -> None:
         global_top_m(local_broadcast([shard]), 3)
     with pytest.raises(ValueError, match="bins=3"):
         global_top_m(local_broadcast([shard]), 1, bins=3)
+
+
+# ---------------------------------------------------------------------------- class stages
+
+
+def reference_grouped(
+    scores: np.ndarray, tb: np.ndarray, labels: np.ndarray, quotas: list[int]
+) -> np.ndarray:
+    """Sorted positions of every class's top quotas[c], each class by full sort."""
+    picks = [np.empty(0, dtype=np.int64)]
+    for c, q in enumerate(quotas):
+        mine = np.flatnonzero(labels == c)
+        picks.append(mine[reference_top(scores[mine], tb[mine], q)])
+    return np.sort(np.concatenate(picks))
+
+
+def grouped_case(
+    seed: int, n: int, classes: int, *, heavy: bool, used: float, ineligible: float
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(scores, labels, quotas): labels over a random subset of the classes (the others are
+    empty), heavy ties or rounded normal scores, a share of ineligible samples, random quotas."""
+    rng = np.random.default_rng(seed)
+    if heavy:
+        scores = rng.choice(np.array([-1.0, -0.0, 0.0, 0.25, 0.5, np.inf]), n)
+    else:
+        scores = rng.normal(size=n).round(int(rng.integers(0, 4)))
+    scores[rng.random(n) < ineligible] = -np.inf
+    present = rng.permutation(classes)[: max(1, int(used * classes))]
+    labels = rng.choice(present, n)
+    eligible = np.bincount(labels[scores > -np.inf], minlength=classes)
+    quotas = [int(rng.integers(0, e + 1)) for e in eligible]
+    return scores, labels, quotas
+
+
+def run_grouped(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    quotas: list[int],
+    bounds: list[int],
+    *,
+    bins: int,
+    cap: int,
+    tb_mod: int,
+) -> tuple[np.ndarray, Any]:
+    """Take a class-quota stage over shards cut at ``bounds``; (sorted picks, trace)."""
+    policy = ScorePolicy(tb_mod, seed=5)
+    stage = Stage("classes", sum(quotas), tuple(quotas))
+    shards = [
+        SelectionShard(ShardData(a, b, R=scores[a:b], labels=labels[a:b]), policy)  # type: ignore[arg-type]
+        for a, b in itertools.pairwise(bounds)
+    ]
+    broadcast = local_broadcast(shards)
+    broadcast("begin_epoch", 2)
+    summaries = broadcast("open_stage", stage, 2, {})
+    trace = grouped_top_m_protocol(broadcast, quotas, summaries, bins=bins, cap=cap)
+    got = np.sort(np.concatenate([p["indices"] for p in broadcast("finish", 2, {})]))
+    return got, trace
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 300),
+    classes=st.sampled_from([1, 2, 3, 12, 40]),
+    heavy=st.booleans(),
+    used=st.sampled_from([0.3, 1.0]),
+    ineligible=st.sampled_from([0.0, 0.5]),
+    cuts=st.lists(st.floats(0, 1), max_size=7),
+    bins=st.sampled_from([2, 4, 1024]),
+    cap=st.sampled_from([1, 3, 65536]),
+    tb_mod=st.sampled_from([3, 2**64]),
+)
+def test_class_thresholds_in_one_protocol_equal_per_class_top_m(
+    seed: int,
+    n: int,
+    classes: int,
+    heavy: bool,
+    used: float,
+    ineligible: float,
+    cuts: list[float],
+    bins: int,
+    cap: int,
+    tb_mod: int,
+) -> None:
+    scores, labels, quotas = grouped_case(
+        seed, n, classes, heavy=heavy, used=used, ineligible=ineligible
+    )
+    bounds = sorted({0, n, *(int(c * n) for c in cuts)})
+    got, trace = run_grouped(scores, labels, quotas, bounds, bins=bins, cap=cap, tb_mod=tb_mod)
+    tb = ScorePolicy(tb_mod, seed=5).tiebreak(2, np.arange(n))
+    expect = reference_grouped(scores + 0.0, tb, labels, quotas)
+    assert np.array_equal(got, expect)
+    assert trace.taken == sum(quotas)
+    # the single in-process path (argpartition per class) gives the same picks
+    layout = ShardData(0, n, labels=labels).derived.label_layout()
+    local = grouped_top_m(scores + 0.0, lambda p: tb[p], layout.segment, quotas)
+    assert np.array_equal(np.sort(local), expect)
+
+
+@pytest.mark.parametrize("shards", range(1, 9))
+@pytest.mark.parametrize(("classes", "heavy"), [(1000, False), (1000, True), (100, True)])
+def test_a_thousand_classes_in_one_protocol_run(shards: int, classes: int, heavy: bool) -> None:
+    n = 20_000
+    scores, labels, quotas = grouped_case(shards, n, classes, heavy=heavy, used=0.8, ineligible=0.1)
+    bounds = np.linspace(0, n, shards + 1).astype(int).tolist()
+    got, trace = run_grouped(scores, labels, quotas, bounds, bins=1024, cap=4096, tb_mod=2**64)
+    tb = ScorePolicy(2**64, seed=5).tiebreak(2, np.arange(n))
+    assert np.array_equal(got, reference_grouped(scores + 0.0, tb, labels, quotas))
+    assert trace.calls == trace.rounds + 2  # histogram rounds, one candidate pull, one take
+
+
+def test_protocol_calls_stay_bounded_for_1_to_1000_classes() -> None:
+    """Uniform scores, 4 shards: one class-quota stage costs the same few calls for 1 to 1000
+    classes (every class refines in the same histogram rounds; one stage per class cost at
+    least 3 calls per class)."""
+    n = 60_000
+    rng = np.random.default_rng(3)
+    scores = rng.random(n)
+    calls = {}
+    for classes in (1, 10, 100, 1000):
+        labels = rng.integers(0, classes, n)
+        quotas = [int(0.3 * c) for c in np.bincount(labels, minlength=classes)]
+        bounds = [0, 15_000, 30_000, 45_000, n]
+        got, trace = run_grouped(scores, labels, quotas, bounds, bins=1024, cap=1024, tb_mod=2**64)
+        tb = ScorePolicy(2**64, seed=5).tiebreak(2, np.arange(n))
+        assert np.array_equal(got, reference_grouped(scores, tb, labels, quotas))
+        calls[classes] = trace.calls + 1  # + open_stage
+    assert max(calls.values()) <= 6, calls
 
 
 # ---------------------------------------------------------------------------- shuffle, partition

@@ -313,6 +313,17 @@ def score_keys(scores: np.ndarray) -> np.ndarray:
     return keys
 
 
+def _cell_counts(
+    v: np.ndarray, row: np.ndarray, lo: np.ndarray, shift: np.ndarray, bins: int, rows: int
+) -> np.ndarray:
+    """int64 (rows * bins,) counts of values v (c,) at cell ``row * bins + (v - lo[row]) >>
+    shift[row]``."""
+    d = v - lo[row]
+    d >>= shift[row]
+    d += row.astype(np.uint64) * np.uint64(bins)
+    return np.bincount(d.view(np.int64), minlength=rows * bins)
+
+
 class GroupSummary(NamedTuple):
     """Per group of the open stage: eligible count and key range (keys 0 where count is 0)."""
 
@@ -350,10 +361,16 @@ class SelectionShard:
         self._keys: np.ndarray | None = None  # uint64 (n,)
         self._quotas: tuple[int, ...] | None = None  # the open stage's per-class counts
         self._summary: GroupSummary | None = None
-        # group -> (klo, khi, positions, their keys): eligible samples with key in [klo, khi]
-        self._win: dict[int, tuple[int, int, np.ndarray, np.ndarray]] = {}
-        # group -> (key, positions, tie-breaks): the group's eligible samples with that key
-        self._tie: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        self._gk: tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray] | None = None
+        # the protocol's narrowed windows, kept between rounds (they nest): (positions, group,
+        # key) of the refined groups' samples inside their key window, and (positions, group,
+        # tie-break) of the tie groups' samples of their boundary key inside their window
+        empty = np.empty(0, dtype=np.int64)
+        self._cand = (empty, empty, np.empty(0, dtype=np.uint64))
+        self._ties = (empty, empty, np.empty(0, dtype=np.uint64))
+        self._tie_groups = self._ties  # the same, never narrowed (take needs the whole group)
+        self._refined = np.zeros(0, dtype=bool)  # (G,) groups whose window was narrowed
+        self._tie_key = np.zeros(0, dtype=np.uint64)  # (G,) boundary key per tie group
 
     def info(self) -> tuple[int, int]:
         """The shard's global range (lo, hi)."""
@@ -409,6 +426,8 @@ class SelectionShard:
             self._quotas = tuple(int(q) for q in quotas)
         self._stage = (stage, epoch)
         self._scores = scores
+        self._refined = np.zeros(self._num_groups, dtype=bool)
+        self._tie_key = np.full(self._num_groups, NO_KEY, dtype=np.uint64)
 
     def open_stage(self, stage: Any, epoch: int, ctx: dict) -> GroupSummary:
         """:meth:`begin_stage`, then :meth:`stage_summary` (one call instead of two)."""
@@ -435,59 +454,122 @@ class SelectionShard:
     def _num_groups(self) -> int:
         return 1 if self._quotas is None else len(self._quotas)
 
-    def _segment(self, g: int) -> np.ndarray | None:
-        """Ascending local positions of group g; None = every position (ungrouped stage)."""
-        if self._quotas is None:
-            return None
-        return self.data.derived.label_layout().segment(g)
+    def _grouped_keys(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """(keys in group order (n,), order (n,) or None = identity, group of each (n,),
+        starts (G + 1,)) of the open stage (cached); samples whose label is >= G are left out."""
+        if self._gk is None:
+            keys = self._ensure_keys()
+            size = self._num_groups
+            if self._quotas is None:
+                starts = np.array([0, self.data.n], dtype=np.int64)
+                self._gk = (keys, None, np.zeros(self.data.n, dtype=np.int64), starts)
+            else:
+                layout = self.data.derived.label_layout()
+                starts = layout.starts[: size + 1]
+                if starts.shape[0] < size + 1:
+                    pad = np.full(size + 1 - starts.shape[0], starts[-1], dtype=np.int64)
+                    starts = np.concatenate([starts, pad])
+                order = layout.order[: starts[-1]]
+                gid = np.repeat(np.arange(size, dtype=np.int64), np.diff(starts))
+                self._gk = (keys[order], order, gid, starts)
+        return self._gk
 
     def stage_summary(self) -> GroupSummary:
         """Per group: eligible count, smallest and largest eligible key (cached per stage)."""
         if self._summary is None:
-            keys = self._ensure_keys()
+            gk, _, _, starts = self._grouped_keys()
             size = self._num_groups
-            count = np.zeros(size, dtype=np.int64)
+            eligible = np.zeros(size, dtype=np.int64)
             kmin = np.zeros(size, dtype=np.uint64)
             kmax = np.zeros(size, dtype=np.uint64)
-            for g in range(size):
-                seg = self._segment(g)
-                k = keys if seg is None else keys[seg]
-                c = int(np.count_nonzero(k))
-                if c:
-                    count[g] = c
-                    kmin[g] = (k - np.uint64(1)).min() + np.uint64(1)  # ineligible 0 wraps
-                    kmax[g] = k.max()
-            self._summary = GroupSummary(count, kmin, kmax)
+            present = np.flatnonzero(np.diff(starts) > 0)  # groups with samples here
+            if present.shape[0]:
+                at = starts[present]  # segments tile gk, so reduceat ends at the next start
+                eligible[present] = np.add.reduceat((gk != 0).view(np.uint8), at, dtype=np.int64)
+                low = np.minimum.reduceat(gk - np.uint64(1), at) + np.uint64(1)  # 0 wraps up
+                high = np.maximum.reduceat(gk, at)
+                some = eligible[present] > 0
+                kmin[present[some]] = low[some]
+                kmax[present[some]] = high[some]
+            self._summary = GroupSummary(eligible, kmin, kmax)
         return self._summary
 
-    def _key_window(self, g: int, klo: int, khi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Local positions of group g's eligible samples with key in [klo, khi], and their keys
-        (cached: the windows of successive rounds nest)."""
-        keys = self._ensure_keys()
-        cached = self._win.get(g)
-        if cached is not None and cached[0] <= klo and khi <= cached[1]:
-            pos, k = cached[2], cached[3]
-            if (cached[0], cached[1]) != (klo, khi):
-                keep = (k >= np.uint64(klo)) & (k <= np.uint64(khi))
-                pos, k = pos[keep], k[keep]
-        else:
-            seg = self._segment(g)
-            k = keys if seg is None else keys[seg]
-            keep = (k >= np.uint64(max(klo, 1))) & (k <= np.uint64(khi))
-            pos = np.flatnonzero(keep) if seg is None else seg[keep]
-            k = k[keep]
-        self._win[g] = (klo, khi, pos, k)
-        return pos, k
+    def _key_entries(
+        self, groups: np.ndarray, lo: np.ndarray, hi: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Eligible samples of ``groups`` with key in their window [lo[a], hi[a]]:
+        (local positions, group, key, row a), all (c,). The windows of successive calls nest,
+        so the result is kept and the next call filters it."""
+        size = self._num_groups
+        row_of = np.full(size, -1, dtype=np.int64)
+        row_of[groups] = np.arange(groups.shape[0])
+        pos, grp, key = self._cand
+        row = row_of[grp]  # (c,)
+        mine = row >= 0
+        r = row[mine]
+        inside = (key[mine] >= lo[r]) & (key[mine] <= hi[r])
+        keep = ~mine
+        keep[np.flatnonzero(mine)[inside]] = True
+        pos, grp, key, row = pos[keep], grp[keep], key[keep], row[keep]
+        fresh = groups[~self._refined[groups]]
+        if fresh.shape[0]:  # first narrowing of these groups: one pass over the stage
+            gk, order, gid, _ = self._grouped_keys()
+            new_row = np.full(size, -1, dtype=np.int64)
+            new_row[fresh] = row_of[fresh]
+            fr = new_row[gid]  # (n,)
+            take = fr >= 0
+            idx = np.flatnonzero(take)
+            fr = fr[idx]
+            k = gk[idx]
+            inside = (k >= np.maximum(lo[fr], np.uint64(1))) & (k <= hi[fr])
+            idx, fr, k = idx[inside], fr[inside], k[inside]
+            pos = np.concatenate([pos, idx if order is None else order[idx]])
+            grp = np.concatenate([grp, groups[fr]])
+            key = np.concatenate([key, k])
+            row = np.concatenate([row, fr])
+            self._refined[fresh] = True
+        self._cand = (pos, grp, key)
+        mine = row >= 0
+        return pos[mine], grp[mine], key[mine], row[mine]
 
-    def _tie_group(self, g: int, key: int) -> tuple[np.ndarray, np.ndarray]:
-        """Local positions of group g's eligible samples whose key is ``key``, and their
-        tie-breaks (cached)."""
-        cached = self._tie.get(g)
-        if cached is None or cached[0] != key:
-            pos, _ = self._key_window(g, key, key)
-            cached = (key, pos, self.tiebreak_local(pos))
-            self._tie[g] = cached
-        return cached[1], cached[2]
+    def _ensure_ties(self, groups: np.ndarray, keys: np.ndarray) -> None:
+        """Collect the samples of key ``keys[a]`` in group ``groups[a]`` with their tie-breaks,
+        for the groups not collected yet (or collected for another key)."""
+        new = np.flatnonzero(self._tie_key[groups] != keys)
+        if not new.shape[0]:
+            return
+        nk = keys[new]
+        pos, grp, _, _ = self._key_entries(groups[new], nk, nk)
+        tb = self.tiebreak_local(pos)
+        for name in ("_ties", "_tie_groups"):  # narrowed windows; whole tie groups
+            kept = getattr(self, name)
+            old = np.isin(kept[1], groups[new], invert=True)
+            joined = [
+                np.concatenate([a[old], b]) for a, b in zip(kept, (pos, grp, tb), strict=True)
+            ]
+            setattr(self, name, tuple(joined))
+        self._tie_key[groups[new]] = nk
+
+    def _tie_entries(
+        self, groups: np.ndarray, keys: np.ndarray, lo: np.ndarray, hi: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Eligible samples of ``groups`` whose key is ``keys[a]`` and whose tie-break lies in
+        [lo[a], hi[a]]: (local positions, group, tie-break, row a). Kept and narrowed like
+        :meth:`_key_entries`."""
+        self._ensure_ties(groups, keys)
+        row_of = np.full(self._num_groups, -1, dtype=np.int64)
+        row_of[groups] = np.arange(groups.shape[0])
+        pos, grp, tb = self._ties
+        row = row_of[grp]
+        mine = row >= 0
+        r = row[mine]
+        inside = (tb[mine] >= lo[r]) & (tb[mine] <= hi[r])
+        keep = ~mine
+        keep[np.flatnonzero(mine)[inside]] = True
+        pos, grp, tb, row = pos[keep], grp[keep], tb[keep], row[keep]
+        self._ties = (pos, grp, tb)
+        mine = row >= 0
+        return pos[mine], grp[mine], tb[mine], row[mine]
 
     def group_histogram(
         self,
@@ -505,35 +587,51 @@ class SelectionShard:
         [lo[a], hi[a]], by bin ``(value - lo[a]) >> shift[a]``. The value is the score key, or,
         where ``tie[a]``, the tie-break of the samples whose key is ``key[a]``.
         """
-        out = np.zeros((groups.shape[0], bins), dtype=np.int64)
+        groups = np.asarray(groups, dtype=np.int64)
+        tie = np.asarray(tie, dtype=bool)
+        lo, hi = np.asarray(lo, dtype=np.uint64), np.asarray(hi, dtype=np.uint64)
+        shift, key = np.asarray(shift, dtype=np.uint64), np.asarray(key, dtype=np.uint64)
+        size = groups.shape[0]
+        out = np.zeros(size * bins, dtype=np.int64)
         summary = self.stage_summary()
-        keys = self._ensure_keys()
-        for a, g in enumerate(groups.tolist()):
-            klo, khi, s = int(lo[a]), int(hi[a]), np.uint64(shift[a])
-            if tie[a]:
-                _, v = self._tie_group(g, int(key[a]))
-                v = v[(v >= np.uint64(klo)) & (v <= np.uint64(khi))]
-            elif (
-                g not in self._win
-                and summary.eligible[g]
-                and klo <= int(summary.min_key[g])
-                and int(summary.max_key[g]) <= khi
-            ):
-                # the window holds every eligible key of the group: one pass, no positions
-                seg = self._segment(g)
-                v = np.maximum(keys if seg is None else keys[seg], np.uint64(klo))
-                v -= np.uint64(klo)
-                v >>= s
-                counts = np.bincount(v.view(np.int64), minlength=bins)[:bins]
-                counts[0] -= v.shape[0] - int(summary.eligible[g])  # ineligible landed in bin 0
-                out[a] = counts
-                continue
+        whole = (
+            ~tie
+            & ~self._refined[groups]
+            & (lo <= summary.min_key[groups])
+            & (summary.max_key[groups] <= hi)
+        )
+        if whole.any():  # windows holding every eligible key of the group: no positions kept
+            gk, _, gid, _ = self._grouped_keys()
+            row_of = np.full(self._num_groups, -1, dtype=np.int64)
+            row_of[groups[whole]] = np.flatnonzero(whole)
+            r = row_of[gid]  # (n,)
+            if bool(whole.all()) and size == self._num_groups:
+                v = gk
             else:
-                _, v = self._key_window(g, klo, khi)
-            v = v - np.uint64(klo)
-            v >>= s
-            out[a] = np.bincount(v.view(np.int64), minlength=bins)[:bins]
-        return out
+                sub = np.flatnonzero(r >= 0)
+                r, v = r[sub], gk[sub]
+            low = lo[r]
+            d = np.maximum(v, low)  # ineligible (key 0) lands in bin 0, taken back below
+            d -= low
+            d >>= shift[r]
+            d += r.astype(np.uint64) * np.uint64(bins)
+            out += np.bincount(d.view(np.int64), minlength=size * bins)
+            ineligible = np.bincount(r, minlength=size) - np.where(
+                whole, summary.eligible[groups], 0
+            )
+            out[np.flatnonzero(whole) * bins] -= ineligible[whole]
+        rest = ~whole & ~tie
+        if rest.any():
+            a = np.flatnonzero(rest)
+            _, _, v, r = self._key_entries(groups[a], lo[a], hi[a])
+            r = a[r]
+            out += _cell_counts(v, r, lo, shift, bins, size)
+        if tie.any():
+            a = np.flatnonzero(tie)
+            _, _, v, r = self._tie_entries(groups[a], key[a], lo[a], hi[a])
+            r = a[r]
+            out += _cell_counts(v, r, lo, shift, bins, size)
+        return out.reshape(size, bins)
 
     def group_candidates(
         self,
@@ -550,28 +648,16 @@ class SelectionShard:
         or, where ``tie[a]``, its samples of key ``key[a]`` whose tie-break is in
         [lo[a], hi[a]].
         """
-        parts_g, parts_pos, parts_tb = [], [], []
-        for a, g in enumerate(groups.tolist()):
-            if tie[a]:
-                pos, tb = self._tie_group(g, int(key[a]))
-                keep = (tb >= np.uint64(lo[a])) & (tb <= np.uint64(hi[a]))
-                pos, tb = pos[keep], tb[keep]
-            else:
-                pos, _ = self._key_window(g, int(lo[a]), int(hi[a]))
-                tb = self.tiebreak_local(pos)
-            parts_g.append(np.full(pos.shape[0], g, dtype=np.int64))
-            parts_pos.append(pos)
-            parts_tb.append(tb)
-        if not parts_pos:
-            empty = np.empty(0, dtype=np.int64)
-            return empty, np.empty(0), np.empty(0, dtype=np.uint64), empty
-        pos = np.concatenate(parts_pos).astype(np.int64, copy=False)
-        return (
-            np.concatenate(parts_g),
-            self.stage_scores()[pos],
-            np.concatenate(parts_tb).astype(np.uint64, copy=False),
-            pos + self.data.lo,
-        )
+        groups = np.asarray(groups, dtype=np.int64)
+        tie = np.asarray(tie, dtype=bool)
+        lo, hi = np.asarray(lo, dtype=np.uint64), np.asarray(hi, dtype=np.uint64)
+        key = np.asarray(key, dtype=np.uint64)
+        a, t = np.flatnonzero(~tie), np.flatnonzero(tie)
+        pos_k, grp_k, _, _ = self._key_entries(groups[a], lo[a], hi[a])
+        pos_t, grp_t, tb_t, _ = self._tie_entries(groups[t], key[t], lo[t], hi[t])
+        pos = np.concatenate([pos_k, pos_t])
+        tb = np.concatenate([self.tiebreak_local(pos_k), tb_t]).astype(np.uint64, copy=False)
+        return np.concatenate([grp_k, grp_t]), self.stage_scores()[pos], tb, pos + self.data.lo
 
     def group_take(
         self,
@@ -597,9 +683,16 @@ class SelectionShard:
             table[: min_key.shape[0]] = min_key
             chosen = keys >= table[labels]
         chosen &= keys > 0
-        for g, k, t in zip(tie_groups.tolist(), tie_keys.tolist(), tie_min.tolist(), strict=True):
-            pos, tb = self._tie_group(g, int(k))
-            chosen[pos[tb >= np.uint64(t)]] = True
+        tie_groups = np.asarray(tie_groups, dtype=np.int64)
+        if tie_groups.shape[0]:
+            self._ensure_ties(tie_groups, np.asarray(tie_keys, dtype=np.uint64))
+            row_of = np.full(self._num_groups, -1, dtype=np.int64)
+            row_of[tie_groups] = np.arange(tie_groups.shape[0])
+            pos, grp, tb = self._tie_groups  # every sample of each group's boundary key
+            row = row_of[grp]
+            mine = np.flatnonzero(row >= 0)
+            above = tb[mine] >= np.asarray(tie_min, dtype=np.uint64)[row[mine]]
+            chosen[pos[mine[above]]] = True
         exact = np.asarray(exact, dtype=np.int64)
         local = exact[(exact >= self.data.lo) & (exact < self.data.hi)] - self.data.lo
         chosen[local] = True

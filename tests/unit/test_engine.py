@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from service.policies import POLICIES, PolicyConfig, make_policy
 from service.selection.engine import EpochResult, SelectionEngine, SingleProcessSelector
+from service.selection.hashing import STREAM_GUMBEL, STREAM_TIEBREAK, hash_u64
 from service.selection.partition import per_rank_length, rank_indices
 from service.selection.threshold import local_broadcast
 from workers.selection_shard import SelectionShard, ShardData
@@ -220,3 +222,117 @@ def test_nan_scores_are_refused() -> None:
     sel = SingleProcessSelector(make_policy(PolicyConfig("factor", 0.5, 2)), data)
     with pytest.raises(ValueError, match="NaN"):
         sel.step()
+
+
+# ---------------------------------------------------------------------------- from scratch
+
+
+def reference_factor(
+    data: ShardData, ratio: float, epochs: int, seed: int, params: dict
+) -> list[np.ndarray]:
+    """``factor``'s epochs written from its documented formula, without the engine, the
+    policy or the shards: per epoch t, lambda = (1 - cos(pi t / (T - 1))) / 2,
+    s = (1 - lambda) R + lambda D(t) - gamma u / max(t, 1) (+ tau Gumbel(seed, t, i)), the top m
+    by a full sort on (score desc, tie-break desc, index asc), per class by largest remainder
+    when quotas are on, then the sorted pick permuted by default_rng([seed, t]); D(t) = D
+    sum_j a_ij g_j / sum_j a_ij with g_j = 1 / (1 + c_j / (p_j S_t)) when coverage is on.
+    Only the hash draws come from service/selection/hashing.py."""
+    n = data.n
+    R, D = data.R, data.D
+    assert R is not None and D is not None
+    gamma, tau = 2.0, params.get("tau", 1.0) if params.get("sampling") != "topm" else 0.0
+    quotas_on = params.get("class_quotas") is not False and data.labels is not None
+    dynamic = params.get("dynamic_coverage") is not False and data.code_ids is not None
+    m = math.floor(ratio * n + 0.5)
+    idx = np.arange(n)
+    usage = np.zeros(n, dtype=np.int64)
+    covered = np.zeros(0 if data.p is None else data.p.shape[0])  # c_j
+    selected_total = 0  # S_t
+    out = []
+    for t in range(epochs):
+        lam = 0.5 * (1.0 - math.cos(math.pi * t / (epochs - 1)))
+        d_t = D
+        if dynamic and selected_total:
+            assert data.code_values is not None and data.code_ids is not None
+            a = np.maximum(data.code_values.astype(np.float64), 0.0)  # (n, k)
+            expected = data.p * selected_total
+            g = 1.0 / (
+                1.0 + np.where(expected > 0, covered / np.where(expected > 0, expected, 1), 0)
+            )
+            mass = a.sum(axis=1)
+            d_t = D * np.where(
+                mass > 0, (a * g[data.code_ids]).sum(axis=1) / np.where(mass > 0, mass, 1), 1.0
+            )
+        s = R * (1.0 - lam) + d_t * lam - usage * (gamma / max(t, 1))
+        if tau:
+            u = ((hash_u64(seed, t, STREAM_GUMBEL, idx) >> np.uint64(11)) + 0.5) / 2.0**53
+            s = s + tau * -np.log(-np.log(u))
+        order = np.lexsort((idx, ~hash_u64(seed, t, STREAM_TIEBREAK, idx), -s))
+        if quotas_on:
+            assert data.labels is not None
+            counts = np.bincount(data.labels)
+            exact = m * counts / n
+            q = np.floor(exact).astype(int)
+            rest = np.argsort(-(m * counts % n), kind="stable")[: m - q.sum()]
+            q[rest] += 1
+            ranked = data.labels[order]
+            pick = np.concatenate([order[ranked == c][: q[c]] for c in range(len(counts))])
+        else:
+            pick = order[:m]
+        pick = np.sort(pick)
+        out.append(pick[np.random.default_rng([seed, t]).permutation(m)])
+        usage[pick] += 1
+        if dynamic:
+            assert data.code_ids is not None and data.code_values is not None
+            active = data.code_values[pick] > 0
+            covered = covered + np.bincount(data.code_ids[pick][active], minlength=len(covered))
+            selected_total += m
+    return out
+
+
+def continuous_data(n: int, seed: int, *, ties: bool) -> ShardData:
+    """R, D in [0, 1] (rounded to tenths with ties), 3 classes, k = 4 distinct units of 24."""
+    rng = np.random.default_rng(seed)
+    units, k = 24, 4
+    ids = np.stack([rng.choice(units, k, replace=False) for _ in range(n)]).astype(np.int32)
+    values = (rng.random((n, k)) + 0.05).astype(np.float16)
+    R, D = rng.random(n), rng.random(n)
+    if ties:
+        R, D = R.round(1), D.round(1)
+    return ShardData(
+        0,
+        n,
+        R=R,
+        D=D,
+        labels=rng.integers(0, 3, n),
+        code_ids=ids,
+        code_values=values,
+        p=np.bincount(ids.ravel(), minlength=units) / n,
+    )
+
+
+REFERENCE_VARIANTS = [
+    ({"sampling": "topm", "class_quotas": False, "dynamic_coverage": False}, True),
+    ({"sampling": "topm", "class_quotas": True, "dynamic_coverage": False}, True),
+    ({"class_quotas": False, "dynamic_coverage": False}, False),
+    ({}, False),  # the defaults: Gumbel sampling, class quotas, dynamic coverage
+]
+
+
+@pytest.mark.parametrize(("params", "ties"), REFERENCE_VARIANTS)
+def test_engine_epochs_equal_a_from_scratch_reference(params: dict, ties: bool) -> None:
+    """The engine (single process and over shards) against ``reference_factor``, which shares
+    no code with it but the hash functions: a bug in the engine, the policy or the shard code
+    that both paths share shows here."""
+    n, epochs, seed = 200, 5, 4
+    data = continuous_data(n, 11, ties=ties)
+    expect = reference_factor(data, 0.3, epochs, seed, params)
+    config = PolicyConfig("factor", 0.3, epochs, seed, params)
+    single = SingleProcessSelector(make_policy(config), data)
+    policy = make_policy(config)
+    shards = [SelectionShard(d, policy) for d in split(data, [0, 70, 71, 130, n])]
+    sharded = SelectionEngine(policy, local_broadcast(shards), bins=4, cap=5)
+    for t in range(epochs):
+        for engine in (single, sharded):
+            got = engine.step()
+            assert np.array_equal(got.indices, expect[t]), (t, engine)

@@ -163,15 +163,20 @@ class Reservation:
     waited_s: float = 0.0
     """Seconds spent waiting for placement."""
 
-    def options(self, *, gpu: bool = False) -> dict[str, Any]:
-        """Task options that run inside the reservation (a GPU task takes its bundle's GPU)."""
+    def options(self, *, gpu: bool = False, bundle: int | None = None) -> dict[str, Any]:
+        """Task options that run inside the reservation (a GPU task takes its bundle's GPU).
+
+        ``bundle`` pins the task to bundle ``bundle % W`` (shard tasks go round-robin, so the
+        work spreads over every reserved node); None lets Ray pick any free bundle.
+        """
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        index = -1 if bundle is None else bundle % self.request.workers
         return {
             "num_cpus": self.request.cpus,
             "num_gpus": float(self.request.gpus) if gpu else 0.0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=self.group, placement_group_bundle_index=-1
+                placement_group=self.group, placement_group_bundle_index=index
             ),
         }
 

@@ -286,8 +286,10 @@ def _remote(fn: Callable[..., Any], reservation: Reservation, retries: int, **kw
 
     if fn.__name__ not in _REMOTE:
         _REMOTE[fn.__name__] = ray.remote(fn)
-    gpu = kw.pop("gpu", False)
-    return _REMOTE[fn.__name__].options(max_retries=retries, **reservation.options(gpu=gpu), **kw)
+    gpu, bundle = kw.pop("gpu", False), kw.pop("bundle", None)
+    return _REMOTE[fn.__name__].options(
+        max_retries=retries, **reservation.options(gpu=gpu, bundle=bundle), **kw
+    )
 
 
 # ---------------------------------------------------------------------------- driver
@@ -503,6 +505,7 @@ def run_scoring(
         use_gpu = request.gpus > 0
 
         def task(fn: Callable[..., Any], *, gpu: bool = False, **kw: Any) -> Any:
+            """``fn`` as a task in the reservation; ``bundle=i`` pins shard i's tasks."""
             assert reservation is not None
             return _remote(fn, reservation, retries, gpu=gpu and use_gpu, **kw)
 
@@ -519,7 +522,7 @@ def run_scoring(
             seed = scoring_steps.sample_seed(sae_config.seed, scoring_steps.FIT_STREAM)
             fit_idx = scoring_steps.sample_indices(n, fit_count, seed)
             raw = [
-                task(_task_take_raw).remote(spec, feature_spec, ix)
+                task(_task_take_raw, bundle=spec.shard_id).remote(spec, feature_spec, ix)
                 for spec, ix in zip(plan.shards, _split(fit_idx, plan), strict=True)
             ]
             extractor_state = ray.get(
@@ -543,7 +546,9 @@ def run_scoring(
                 n, scoring_steps.sae_train_count(sae_config, n), seed
             )
             feats = [
-                task(_task_sample_features, gpu=True).remote(spec, feature_spec, state_ref, ix)
+                task(_task_sample_features, gpu=True, bundle=spec.shard_id).remote(
+                    spec, feature_spec, state_ref, ix
+                )
                 for spec, ix in zip(plan.shards, _split(sae_idx, plan), strict=True)
             ]
             if opts.sae_workers > 1:
@@ -580,7 +585,7 @@ def run_scoring(
         state_ref, sae_ref = ray.put(extractor_state), ray.put(sae_files)
         shard_counts = _wait_all(
             [
-                task(_task_encode, gpu=True).remote(
+                task(_task_encode, gpu=True, bundle=spec.shard_id).remote(
                     spec, job_storage, shard_config, state_ref, sae_ref
                 )
                 for spec in plan.shards
@@ -609,7 +614,9 @@ def run_scoring(
         S = plan.num_shards
         samples = ray.get(
             [
-                task(_task_raw_scores).remote(job_storage, s.shard_id, p_ref, score_config)
+                task(_task_raw_scores, bundle=s.shard_id).remote(
+                    job_storage, s.shard_id, p_ref, score_config
+                )
                 for s in plan.shards
             ]
         )
@@ -617,7 +624,7 @@ def run_scoring(
         split_d = ranks.choose_splitters([d for _, d in samples], S)
         br, bd = split_r.shape[0] + 1, split_d.shape[0] + 1
         cut = [
-            task(_task_split, num_returns=2 + br + bd).remote(
+            task(_task_split, num_returns=2 + br + bd, bundle=s.shard_id).remote(
                 job_storage, s.shard_id, score_config, split_r, split_d
             )
             for s in plan.shards
@@ -639,7 +646,7 @@ def run_scoring(
         rank_r, rank_d = ranked(2, br, off_r), ranked(2 + br, bd, off_d)
         _wait_all(
             [
-                task(_task_write_scores).remote(
+                task(_task_write_scores, bundle=s.shard_id).remote(
                     job_storage,
                     s.shard_id,
                     score_config,

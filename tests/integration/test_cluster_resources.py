@@ -162,7 +162,8 @@ def test_a_trainer_takes_every_gpu_while_the_job_is_live(data_dir: Path, tmp_pat
 
 def test_five_jobs_at_once_on_a_full_cluster_all_become_ready(data_dir: Path) -> None:
     """Two different scorings compete for the 2 CPUs, a third job shares one of them, two
-    policies need no scores: every job is ready in the end, and a waiting job says why."""
+    policies need no scores: every job is ready in the end, and a waiting job says why. A sixth
+    job asks for GPUs the cluster lacks: it fails within its placement timeout, naming them."""
     specs = [
         _spec(data_dir, "factor"),
         _spec(data_dir, "factor", sampling="topm", class_quotas=False, dynamic_coverage=False),
@@ -170,9 +171,12 @@ def test_five_jobs_at_once_on_a_full_cluster_all_become_ready(data_dir: Path) ->
         _spec(data_dir, "rs2"),
         _spec(data_dir, "ucb"),
     ]
+    impossible = {**_spec(data_dir, "factor", sae_seed=2), "scoring": {"gpus": 4}}
+    impossible["scoring"]["placement_timeout_s"] = 5
     with cluster(data_dir, "store-five") as service:
         client = SelectionClient(service.url)
         jobs = [client.create_job(s)["id"] for s in specs]
+        doomed = client.create_job(impossible)["id"]
         seen: dict[str, list[tuple[float, str, str | None]]] = {j: [] for j in jobs}
         t0 = time.monotonic()
         while time.monotonic() - t0 < 300:
@@ -198,4 +202,11 @@ def test_five_jobs_at_once_on_a_full_cluster_all_become_ready(data_dir: Path) ->
             for t in range(2):
                 parts = [client.indices(j, t, r, 2) for r in range(2)]
                 assert parts[0].shape == parts[1].shape
+        failed = client.job(doomed)
+        deadline = time.monotonic() + 60
+        while failed["phase"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            failed = client.job(doomed)
+        assert failed["phase"] == "failed", failed
+        assert "GPU: needs 4, the cluster has 0" in failed["error"]
         assert _free_after_ready()["CPU"] >= 2 - 0.05

@@ -6,6 +6,7 @@ any Ray this process still has, starts the two-node cluster, and shuts both down
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def test_scoring_and_state_spread_over_both_nodes_and_match_single_process(
     # the scoring's encode tasks ran on both raylets, and nothing stays reserved
     state = result.storage.read_json("pipeline.json")
     assert len(state["encoding"]["nodes"]) == 2
+    deadline = time.monotonic() + 10  # the placement group's removal is asynchronous
+    while ray.available_resources().get("CPU", 0.0) < 2.0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
     r, d = result.scores()
     np.testing.assert_allclose(r, ref.R, rtol=0, atol=1e-12)

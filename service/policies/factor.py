@@ -240,7 +240,7 @@ class FactorPolicy(Policy):
         rho = np.divide(ctx["coverage"], expected, out=np.zeros_like(p), where=expected > 0)
         g = (1.0 / (1.0 + rho)).astype(np.float32)  # (M,)
         h = data.derived.profile_dot(g)  # (n,) float32: sum_j a_ij g_j / sum_j a_ij
-        return D * (h if idx is None else h[idx]).astype(np.float64)
+        return np.multiply(D, h if idx is None else h[idx], dtype=np.float64)
 
     def _parts(
         self,
@@ -282,8 +282,10 @@ class FactorPolicy(Policy):
         if pen is not None:
             s -= pen
         if self.params.sampling == "gumbel" and self.params.tau > 0:
-            gidx = np.arange(data.lo, data.hi, dtype=np.int64)
-            s += self.params.tau * gumbel(self.config.seed, epoch, STREAM_GUMBEL, gidx)
+            noise = gumbel(self.config.seed, epoch, STREAM_GUMBEL, np.arange(data.lo, data.hi))
+            if self.params.tau != 1.0:  # 1.0 * x == x: the default skips a pass
+                noise *= self.params.tau
+            s += noise
         return s
 
     def _unit_counts(self, data: ShardData, selected_local: np.ndarray) -> dict:

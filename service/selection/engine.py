@@ -119,7 +119,7 @@ class SelectionEngine:
     def _stage(self, stage: Stage, epoch: int, ctx: dict) -> int:
         """Open ``stage`` on the shards and take its exact top; returns the histogram rounds."""
         quotas = stage.quotas if stage.quotas is not None else (stage.count,)
-        if self._local is not None:  # one in-process shard: argpartition, no protocol
+        if self._local is not None:  # one in-process shard: partition, no protocol
             shard = self._local
             shard.begin_stage(stage, epoch, ctx)
             scores = shard.stage_scores()

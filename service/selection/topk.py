@@ -1,4 +1,5 @@
-"""Exact top-m selection in O(N): argpartition, then only the boundary ties are ordered.
+"""Exact top-m selection in O(N): a partition finds the m-th largest value, then only the
+boundary ties are ordered.
 
 Order: score descending, then tie-break descending, then position ascending. ``-inf`` marks an
 ineligible sample, which is never selected.
@@ -71,21 +72,22 @@ def top_m(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
 
 
 def _partition_top(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
-    """top_m's core for 1 <= m <= eligible: argpartition, then order only the boundary ties."""
+    """top_m's core for 1 <= m <= eligible: the m-th largest value by a partition of the values
+    (no index array), then the positions above it and only the boundary ties ordered."""
     kth = scores.shape[0] - m
-    part = np.argpartition(scores, kth)  # (N,): part[kth:] holds the m largest
-    v = scores[part[kth]]  # the m-th largest score, finite or +inf as m <= eligible
+    v = np.partition(scores, kth)[kth]  # the m-th largest score, finite or +inf
     if np.isnan(v):
         raise ValueError("scores contain NaN")
-    head = part[kth:]  # (m,)
-    above = head[scores[head] > v]
+    above = np.flatnonzero(scores > v)  # (< m,)
     need = m - above.shape[0]
     ties = np.flatnonzero(scores == v)  # every position holding the boundary value, ascending
+    if ties.shape[0] < need:  # NaN sorts last in the partition and counts as neither
+        raise ValueError("scores contain NaN")
     if ties.shape[0] > need:
         tb = _tiebreak_at(tiebreak, ties)
         order = np.lexsort((ties, ~tb))  # tiebreak desc, then position asc
         ties = ties[order[:need]]
-    return np.concatenate([above.astype(np.int64, copy=False), ties.astype(np.int64, copy=False)])
+    return np.concatenate([above, ties])
 
 
 def grouped_top_m(

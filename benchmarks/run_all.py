@@ -21,6 +21,7 @@ BENCHES: dict[str, list[str]] = {
     "sae": ["sae_bench.py"],
     "serving": ["serving_bench.py"],
     "scoring": ["scoring_bench.py"],
+    "jobs": ["jobs_bench.py"],
     "overhead": ["overhead_bench.py"],
     "train": ["train_bench.py", "--quick"],
 }

@@ -137,6 +137,29 @@ class ShardDerived:
         self._profile_memo: tuple[np.ndarray, np.ndarray] | None = None  # (g (M,), h (n,))
         self._counts_memo: tuple[np.ndarray, np.ndarray] | None = None  # (rows, counts (M,))
 
+    def nbytes(self) -> int:
+        """Bytes held by the structures built so far (for memory accounting).
+
+        With codes of k units per sample: 8 k + 4 bytes per sample (float32 activations and 0/1
+        pattern; the column ids are the stored ``code_ids``), plus the last coverage weights
+        (4 bytes); with labels, 8 bytes per sample for the label layout.
+        """
+        total = 0
+        for matrix in (self._codes, self._active):
+            if matrix is not None:
+                total += int(matrix.data.nbytes)
+        if self._codes is not None:
+            total += int(self._codes.indptr.nbytes)
+            if not np.shares_memory(self._codes.indices, self._data.code_ids):
+                total += int(self._codes.indices.nbytes)
+        for arr in (self._mass, self._class_counts):
+            total += 0 if arr is None else int(arr.nbytes)
+        if self._layout is not None:
+            total += int(self._layout.order.nbytes + self._layout.starts.nbytes)
+        if self._profile_memo is not None:
+            total += int(self._profile_memo[1].nbytes)
+        return total
+
     def _labels(self) -> np.ndarray:
         if self._data.labels is None:
             raise ValueError("the shard data holds no labels")

@@ -14,7 +14,7 @@ forms of the policy (``--forms``):
   (k = 32 of M = 2048 units): class quotas and dynamic coverage (one sparse matrix-vector
   product per epoch) switch on, as they do on a labelled dataset scored by the service;
 
-for the single-process engine (one in-process shard, exact top m by argpartition per class) at
+for the single-process engine (one in-process shard, exact top m by a partition per class) at
 N = 1e5, 1e6, 1e7 and 1e8 when memory allows (skipped above ~10 GiB or 60% of free memory) with
 C = 10, plus ImageNet's shape (N = 1.28M, C = 1000, codes); and the histogram-threshold
 protocol over 8 in-process shards at N = 1.28M for C = 10, 100, 1000 (broadcasts per epoch per
@@ -43,7 +43,10 @@ import numpy as np
 
 from service.policies import PolicyConfig, make_policy
 from service.selection.engine import EpochResult, SelectionEngine, SingleProcessSelector
+from service.selection.hashing import gumbel
+from service.selection.shuffle import epoch_permutation
 from service.selection.threshold import local_broadcast
+from service.selection.topk import grouped_top_m, top_m
 from workers.selection_shard import SelectionShard, ShardData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +200,71 @@ def bench_sharded(
     )
 
 
+def bench_parts(n: int, classes: int = CLASSES, repeats: int = 3) -> list[tuple[str, float]]:
+    """Seconds (best of ``repeats``) of the pieces one epoch of the defaults adds over the
+    literal form, on N samples with codes: the Gumbel noise, the per-class top m against one
+    top m, the coverage weights (sparse product) and the covered units of a selection."""
+    data = synthetic_data(n, "default+labels+codes", classes=classes)
+    rng = np.random.default_rng(5)
+    scores = rng.random(n)
+    m = int(RATIO * n)
+    g = rng.random(UNITS).astype(np.float32)
+    rows = np.sort(rng.choice(n, m, replace=False))
+    layout = data.derived.label_layout()
+    counts = data.derived.class_counts()
+    quotas = [int(RATIO * c) for c in counts]
+
+    def tiebreak(p: np.ndarray) -> np.ndarray:
+        return p.astype(np.uint64)
+
+    def best(fn) -> float:
+        out = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+        return min(out)
+
+    data.derived.profile_dot(g)  # build the sparse matrix outside the timing
+    data.derived.unit_counts(rows)
+    parts = [
+        ("top m of N scores (literal form)", best(lambda: top_m(scores, tiebreak, m))),
+        (
+            f"top m per class, {classes} classes",
+            best(lambda: grouped_top_m(scores, tiebreak, layout.segment, quotas)),
+        ),
+        ("Gumbel noise for N samples", best(lambda: gumbel(0, 1, 2, np.arange(n)))),
+        (
+            f"coverage weights (sparse product, k = {K})",
+            best(lambda: data.derived.profile_dot(g + np.float32(rng.random()))),
+        ),
+        (
+            "covered units of the epoch's selection",
+            best(lambda: data.derived.unit_counts(rows.copy())),
+        ),
+        ("epoch shuffle of m indices", best(lambda: epoch_permutation(m, 0, 1))),
+    ]
+    parts.append(("share of units whose coverage weight changes per epoch", changed_units()))
+    return parts
+
+
+def changed_units(n: int = 200_000, epochs: int = 6) -> float:
+    """Mean share of the M coverage weights g_j that change from one epoch to the next in a run
+    of the defaults (what an incremental update of the weights would have to touch)."""
+    data = synthetic_data(n, "default+labels+codes")
+    sel = SingleProcessSelector(policy(epochs, "default+labels+codes"), data)
+    assert data.p is not None
+    prev, shares = None, []
+    for _ in range(epochs):
+        sel.step()
+        state = sel.policy.state_dict()
+        g = 1.0 / (1.0 + state["coverage"] / (data.p * state["selected_total"]))
+        if prev is not None:
+            shares.append(float(np.mean(g != prev)))
+        prev = g
+    return float(np.mean(shares))
+
+
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
@@ -259,7 +327,14 @@ def verdicts(rows: list[Row]) -> list[str]:
     return out
 
 
-def write_doc(rows: list[Row], skipped: list[str], path: Path, command: str, plotted: bool) -> None:
+def write_doc(
+    rows: list[Row],
+    skipped: list[str],
+    path: Path,
+    command: str,
+    plotted: bool,
+    parts: tuple[int, list[tuple[str, float]]] | None = None,
+) -> None:
     lines = [
         "# Selection benchmark",
         "",
@@ -299,6 +374,14 @@ def write_doc(rows: list[Row], skipped: list[str], path: Path, command: str, plo
     found = verdicts(rows)
     if found:
         lines += ["", "Targets:", ""] + [f"- {v}" for v in found]
+    if parts is not None:
+        lines += [
+            "",
+            f"Where an epoch's time goes, N = {parts[0]:,} (each piece alone, best of 3):",
+            "",
+            "| piece | s (share for the last row) |",
+            "|---|---:|",
+        ] + [f"| {name} | {sec:.3f} |" for name, sec in parts[1]]
     lines += [
         "",
         "The sharded rows run the histogram-threshold protocol (1024 bins, boundary cap 65536) "
@@ -310,17 +393,19 @@ def write_doc(rows: list[Row], skipped: list[str], path: Path, command: str, plo
         "handful for 10 or 1000 classes; before, every class was its own stage of about 4 "
         "broadcasts (43 per epoch for 10 classes, about 4000 for 1000).",
         "",
-        "What the forms cost. The literal form is about one pass over the scores plus an "
-        "argpartition and the shuffle. Gumbel sampling adds one counter-based hash and two "
-        "logarithms per sample. Class quotas take every class's top by argpartition over its "
+        "What the forms cost. The literal form is about one pass over the scores plus a "
+        "partition and the shuffle. Gumbel sampling adds one counter-based hash and two "
+        "logarithms per sample. Class quotas take every class's top by a partition over its "
         "positions (one gather of the scores in class order per epoch; the class layout is a "
         "counting sort made once per shard). Dynamic coverage is one sparse (N x M) "
         "matrix-vector product per shard and epoch (scipy CSR over the stored codes, about "
         "k multiply-adds per sample) plus one sparse transposed product for the units the "
         "epoch covered; it keeps two float32 copies of the codes' layout per shard "
-        "(8 k bytes per sample). Updating the coverage incrementally would not be cheaper: "
-        "every epoch's selection touches almost every unit and the normalization S_t changes "
-        "every unit's weight, so each epoch still needs the full product.",
+        "(8 k bytes per sample). Updating the weights incrementally (a product over the "
+        "columns of the units whose weight changed) would not be cheaper: the last row of the "
+        "table above measures the share of units whose weight changes between epochs (the "
+        "normalization S_t moves every unit's weight), so an incremental update touches as "
+        "many entries as the full product.",
     ]
     if plotted:
         lines += ["", "![selection time](figures/selection_time.png)"]
@@ -338,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--protocol-n", type=float, default=IMAGENET_N, help="N of those runs")
     parser.add_argument("--no-imagenet", action="store_true", help="skip the 1000-class row")
+    parser.add_argument(
+        "--parts-n", type=float, default=1e7, help="N of the per-piece timings (0: skip)"
+    )
     parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks_selection.md"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -379,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
             data = synthetic_data(n, form, classes=classes)
             expect = bench_single(data, args.epochs, form, classes)[1]
             report(bench_sharded(data, args.shards, args.epochs, form, classes, expect))
+    parts = None
+    if args.parts_n and args.parts_n * FORMS["default+labels+codes"][2] <= limit:
+        parts = (int(args.parts_n), bench_parts(int(args.parts_n)))
+        for name, sec in parts[1]:
+            print(f"N={parts[0]:,} {name}: {sec:.3f}", flush=True)
     for v in verdicts(rows):
         print(v)
     plotted = not args.no_plot
@@ -387,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/selection_bench.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    write_doc(rows, skipped, Path(args.doc), command.strip(), plotted)
+    write_doc(rows, skipped, Path(args.doc), command.strip(), plotted, parts)
     print(f"wrote {args.doc}")
     return 0
 

@@ -224,7 +224,10 @@ def _task_sample_features(
     return np.asarray(extractor.transform(values, progress=False), dtype=np.float32)
 
 
-def _task_train_sae(config: SAEConfig, *parts: np.ndarray) -> dict[str, bytes]:
+def _task_train_sae(config: SAEConfig, threads: int, *parts: np.ndarray) -> dict[str, bytes]:
+    import torch
+
+    torch.set_num_threads(threads)  # the node's reserved CPUs: nothing else runs meanwhile
     feats = np.concatenate([p for p in parts if p.shape[0]])
     return scoring_steps.train_sae_files(feats, config)
 
@@ -565,7 +568,10 @@ def run_scoring(
                 )
                 sae_files = scoring_steps.sae_to_files(model, sae_config)
             else:
-                sae_files = ray.get(task(_task_train_sae, gpu=True).remote(sae_config, *feats))
+                threads = max(1, int(reservation.cpus_beside(0)))
+                sae_files = ray.get(
+                    task(_task_train_sae, gpu=True, bundle=0).remote(sae_config, threads, *feats)
+                )
             # the weights first, the config last: sae.json existing means the SAE is complete
             for name in SAE_FILES:
                 job_storage.write_bytes(f"{SAE_DIR}/{name}", sae_files[name])

@@ -29,6 +29,7 @@ from workers.shard_scoring import SAE_FILES, pick_device
 
 __all__ = [
     "FIT_STREAM",
+    "FIT_THREADS",
     "FORMAT_VERSION",
     "SAE_STREAM",
     "fingerprint",
@@ -77,10 +78,28 @@ def take_values(values: Any, idx: np.ndarray) -> Any:
     return [values[int(i)] for i in idx]
 
 
+FIT_THREADS = 1
+"""BLAS and torch threads of the extractor fit, in every process that fits: a PCA's components
+differ in their last bits between thread counts, so a fixed count keeps the fit (and everything
+downstream) identical wherever it runs: the driver, a scoring task, any cluster."""
+
+
 def fit_extractor_state(spec: FeatureSpec, sample: Any) -> dict[str, np.ndarray]:
-    """Fit an extractor on a sample of raw input; its numpy state (storable with np.savez)."""
+    """Fit an extractor on a sample of raw input; its numpy state (storable with np.savez).
+
+    Runs with `FIT_THREADS` BLAS/torch threads (restored afterwards).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
     extractor = make_extractor(spec)
-    extractor.fit(sample)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(FIT_THREADS)
+        with threadpool_limits(limits=FIT_THREADS):
+            extractor.fit(sample)
+    finally:
+        torch.set_num_threads(threads)
     return {k: np.asarray(v) for k, v in extractor.state_dict().items()}
 
 

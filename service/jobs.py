@@ -171,6 +171,8 @@ class JobManager:
         job.progress = Progress(done, total)
 
     def _on_wait(self, job: Job, reason: str | None) -> None:
+        if job.deleted:  # stop waiting for resources on behalf of a deleted job
+            raise RuntimeError(f"job {job.id} was deleted while it waited to be scored")
         job.reason = reason
         if reason is not None:
             job.phase = "queued"

@@ -224,7 +224,7 @@ def reserve(
     """Reserve ``request`` as a placement group; wait for it at most ``timeout_s`` seconds.
 
     ``on_wait(reason)`` is called with a sentence while the group is not placed, and with None
-    once it is.
+    once it is; an exception it raises cancels the wait (the group is removed) and propagates.
 
     Raises
     ------
@@ -251,7 +251,11 @@ def reserve(
                 "fewer (the job spec's scoring.gpus, scoring.cpu_workers)"
             )
         if on_wait is not None:
-            on_wait(_wait_reason(request))
+            try:
+                on_wait(_wait_reason(request))  # may raise to cancel the wait
+            except BaseException:
+                remove_placement_group(group)
+                raise
     if on_wait is not None:
         on_wait(None)
     return Reservation(request, group, waited_s=time.monotonic() - start)

@@ -385,6 +385,27 @@ def test_unplaceable_scoring_fails_in_time_naming_the_resource(
     assert storage.read_json("pipeline.json")["failed"]["phase"] == "queued"
     assert _wait_released()["CPU"] == ray.cluster_resources()["CPU"]
 
+    def cancel(reason: str | None) -> None:  # what the job manager does for a deleted job
+        raise RuntimeError("job deleted")
+
+    with pytest.raises(ScoringError, match="job deleted"):
+        run_scoring(
+            storage,
+            uri,
+            FEATURE,
+            "label",
+            SAE,
+            SCORE,
+            resources=ScoringResources(gpus=4),  # would wait an hour: the cancel ends it
+            on_wait=cancel,
+            options=PipelineOptions(poll_s=0.2),
+            **QUIET,
+        )
+    assert time.monotonic() - t0 < 60
+    assert not ray.util.placement_group_table() or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
+    )
+
 
 def _write_ragged(path: Path) -> str:
     """A dataset whose second file's image column is ragged (a corrupted input)."""

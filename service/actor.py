@@ -162,15 +162,21 @@ class SelectionActorImpl:
 
 
 def _node_ip() -> str | None:
-    """This process's Ray node IP (None outside a Ray worker)."""
-    try:
-        import ray
+    """The IP this process's Ray node registered (``--node-ip-address``); None outside Ray.
 
-        if ray.is_initialized():
-            return str(ray.util.get_node_ip_address())
-    except Exception:  # pragma: no cover - the URL falls back to loopback
-        log.warning("no Ray node IP; reporting a loopback URL", exc_info=True)
-    return None
+    The node's own record, not the host's outbound address: they differ where a node was started
+    with an explicit address (several nodes on one host, a pod IP behind NAT).
+    """
+    node_id = _node_id()
+    if node_id is None:
+        return None
+    import ray
+
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return str(node["NodeManagerAddress"])
+    log.warning("node %s not in ray.nodes(); reporting the host's IP", node_id)
+    return str(ray.util.get_node_ip_address())
 
 
 def _node_id() -> str | None:

@@ -148,7 +148,7 @@ def start_service(
     if name:
         opts.update(name=name, get_if_exists=False)
     actor = cls.options(**opts).remote(settings, pipeline_options)
-    url = ray.get(actor.url.remote(), timeout=120)
+    url = ray.get(actor.url.remote(), timeout=settings.start_timeout_s)
     return ServiceHandle(actor=actor, url=url)
 
 

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     started with ``ray start --resources='{"<name>": 1}'``); the actor asks for 1 of it, so its
     restarts land on that node again. None: pinned to the node of the process that starts the
     service (``NodeAffinitySchedulingStrategy``, not soft)."""
+    start_timeout_s: float = Field(default=600.0, gt=0)
+    """Seconds `start_service` waits for the SelectionActor to listen: a cold worker (a fresh
+    runtime environment, the first import of torch) and the resume of every stored job count."""
     url_file: str | None = None
     """Where `saelect serve` writes the advertised URL (None: ``SAELECT_URL_FILE`` or
     ``~/.saelect/url``); `saelect jobs` reads it as its default ``--url``."""

@@ -73,6 +73,8 @@ class Job:
     stats: dict[int, dict[str, Any]] = field(default_factory=dict)
     feedback_seq: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    phase_since: float = field(default_factory=time.monotonic)
+    """When the job entered its current phase (monotonic seconds)."""
     task: asyncio.Task | None = None
     deleted: bool = False
 
@@ -118,6 +120,8 @@ class JobManager:
         self.pipeline_options = pipeline_options
         self.progress_bar = progress_bar
         self._jobs: dict[str, Job] = {}
+        self._broken: dict[str, str] = {}
+        """Stored jobs that could not be resumed: id -> why (listed as failed)."""
         self._scoring_locks: dict[str, asyncio.Lock] = {}
 
     def scoring_storage(self, key: str) -> Storage:
@@ -130,14 +134,29 @@ class JobManager:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def resume(self) -> list[str]:
-        """Rebuild every stored job (scoring resumes from the store). Returns their ids."""
+        """Rebuild every stored job (scoring resumes from the store). Returns their ids.
+
+        A job whose stored spec or state cannot be read (a truncated or corrupted file) is
+        listed as ``failed`` with the reason; the other jobs resume.
+        """
         ids = self.store.list_jobs()
         for job_id in ids:
-            spec = self.store.read_spec(job_id)
+            try:
+                spec = self.store.read_spec(job_id)
+                state = self.store.read_state(job_id)
+            except Exception as exc:  # one bad file fails one job, never the service
+                log.error("job %s: cannot resume, its stored files are unreadable: %s", job_id, exc)
+                self._broken[job_id] = f"stored job files unreadable: {type(exc).__name__}: {exc}"
+                continue
             job = Job(id=job_id, spec=spec)
-            state = self.store.read_state(job_id)
             job.num_samples = state.num_samples
             self._jobs[job_id] = job
+            log.info(
+                "job %s: re-attaching (policy %s, %d epochs committed)",
+                job_id,
+                spec.policy.name,
+                state.last_committed_epoch + 1,
+            )
             job.task = asyncio.get_running_loop().create_task(self._score(job))
         return ids
 
@@ -147,6 +166,15 @@ class JobManager:
         self.store.create_job(job_id, spec)
         job = Job(id=job_id, spec=spec)
         self._jobs[job_id] = job
+        log.info(
+            "job %s: created (policy %s, ratio %g, %d epochs, %s, dataset %s)",
+            job_id,
+            spec.policy.name,
+            spec.policy.ratio,
+            spec.policy.epochs,
+            "scored" if needs_scores(spec) else "no scoring",
+            spec.dataset.uri,
+        )
         job.task = asyncio.get_running_loop().create_task(self._score(job))
         return job.status()
 
@@ -167,15 +195,23 @@ class JobManager:
 
     # -- scoring -----------------------------------------------------------------------------
     def _on_progress(self, job: Job, phase: str, done: int, total: int) -> None:
+        if phase != job.phase:
+            now = time.monotonic()
+            log.info(
+                "job %s: %s -> %s after %.1f s", job.id, job.phase, phase, now - job.phase_since
+            )
+            job.phase_since = now
         job.phase = phase
         job.progress = Progress(done, total)
 
     def _on_wait(self, job: Job, reason: str | None) -> None:
         if job.deleted:  # stop waiting for resources on behalf of a deleted job
             raise RuntimeError(f"job {job.id} was deleted while it waited to be scored")
-        job.reason = reason
         if reason is not None:
-            job.phase = "queued"
+            if job.reason is None:
+                log.info("job %s: queued: %s", job.id, reason)
+            self._on_progress(job, "queued", 0, 0)
+        job.reason = reason
 
     async def _score(self, job: Job) -> None:
         """Score the job (if its policy reads scores), start its state actors, replay."""
@@ -224,6 +260,16 @@ class JobManager:
                     )
                 job.scoring = result
                 plan, storage = result.plan, result.storage
+                scored_s = sum(v for k, v in result.timings.items() if k != "queued")
+                if scored_s > 0:
+                    log.info(
+                        "job %s: scored %d samples in %.1f s (%.0f samples/s; %s)",
+                        job.id,
+                        result.num_samples,
+                        scored_s,
+                        result.num_samples / scored_s,
+                        ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()),
+                    )
             else:
                 label = spec.dataset.label_column
                 plan = await asyncio.to_thread(
@@ -247,6 +293,13 @@ class JobManager:
             engine = await asyncio.to_thread(self._build_engine, job)
             job.engine = engine
             self._on_progress(job, "ready", 1, 1)
+            log.info(
+                "job %s: ready (%d samples, %d shards, %d epochs replayed)",
+                job.id,
+                job.num_samples,
+                len(job.shards.actors),
+                engine.last_committed + 1,
+            )
             self._write_state(job)
         except asyncio.CancelledError:
             raise
@@ -297,8 +350,13 @@ class JobManager:
         self.store.write_state(job.id, state)
 
     # -- queries -----------------------------------------------------------------------------
+    def _broken_status(self, job_id: str) -> JobStatus:
+        return JobStatus(id=job_id, name=job_id, phase="failed", error=self._broken[job_id])
+
     def _job(self, job_id: str) -> Job:
         check_job_id(job_id)
+        if job_id in self._broken:
+            raise JobNotReady(f"job {job_id!r} failed: {self._broken[job_id]}")
         job = self._jobs.get(job_id)
         if job is None or job.deleted:
             raise UnknownJob(f"no job {job_id!r}")
@@ -324,9 +382,12 @@ class JobManager:
         return await asyncio.to_thread(job.shards.info)
 
     async def list_jobs(self) -> list[JobStatus]:
-        return [j.status() for j in self._jobs.values() if not j.deleted]
+        live = [j.status() for j in self._jobs.values() if not j.deleted]
+        return live + [self._broken_status(j) for j in self._broken]
 
     async def get_job(self, job_id: str) -> JobStatus:
+        if check_job_id(job_id) in self._broken:
+            return self._broken_status(job_id)
         return self._job(job_id).status()
 
     async def plan(self, job_id: str, world_size: int) -> Plan:
@@ -389,6 +450,13 @@ class JobManager:
         job.stats[t] = stats
         job.epochs[t] = res.indices
         self._write_state(job)
+        log.info(
+            "job %s: epoch %d selected (%d samples, %.3f s)",
+            job.id,
+            t,
+            res.indices.shape[0],
+            stats["selection_seconds"],
+        )
 
     def _read_stats(self, job_id: str, epoch: int, fallback: dict[str, Any]) -> dict[str, Any]:
         js = self.store.job_storage(job_id)
@@ -448,6 +516,13 @@ class JobManager:
             await asyncio.to_thread(
                 self._with_engine, job, lambda e: e.feedback(idx, val), retry=False
             )
+        log.info(
+            "job %s: feedback for epoch %d applied (%d samples, before epoch %d)",
+            job_id,
+            epoch,
+            idx.shape[0],
+            before,
+        )
 
     def _feedback_log(self, job_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
         js = self.store.job_storage(job_id)
@@ -468,6 +543,11 @@ class JobManager:
         return stats
 
     async def delete_job(self, job_id: str) -> None:
+        if check_job_id(job_id) in self._broken:  # unreadable files: drop what is stored
+            self.store.delete_job(job_id)
+            del self._broken[job_id]
+            log.info("job %s: deleted (it could not be resumed)", job_id)
+            return
         job = self._job(job_id)
         job.deleted = True
         async with job.lock:
@@ -480,6 +560,7 @@ class JobManager:
             key = scoring_key(job.spec)
             if not any(scoring_key(j.spec) == key for j in self._jobs.values()):
                 self.store.storage.delete(f"scoring/{key}")  # no other job uses this scoring
+        log.info("job %s: deleted", job_id)
 
 
 LATE_FEATURE_FIELDS = ("image_shape",)

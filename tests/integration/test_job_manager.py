@@ -1,0 +1,106 @@
+"""The job manager on local Ray, without HTTP: lifecycle log lines, and one unreadable stored job
+that fails alone while the others resume.
+
+Jobs use score-free policies (`rs2`, `ucb`) on scikit-learn digits, so each is ready in a second
+or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.errors import JobNotReady
+from service.jobs import JobManager
+from service.specs import job_spec_from_dict
+from service.store import JobStore
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
+
+
+def _spec(uri: str, policy: str = "rs2") -> Any:
+    return job_spec_from_dict(
+        {
+            "name": f"digits-{policy}",
+            "dataset": {
+                "uri": uri,
+                "label_column": "label",
+                "feature": {"kind": "pixels", "column": "image", "dim": 16},
+            },
+            "policy": {"name": policy, "ratio": 0.3, "epochs": 4, "seed": 2},
+        },
+        allowed_roots=[str(Path(uri).parent)],
+    )
+
+
+def test_lifecycle_is_logged_one_line_per_event(
+    digits_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> str:
+        manager = JobManager(JobStore(str(tmp_path / "store")))
+        job = (await manager.create_job(_spec(digits_uri))).id
+        assert (await manager.wait_ready(job, timeout=120)).phase == "ready"
+        for t in range(2):
+            await manager.epoch_indices(job, t, 0, 1)
+        await manager.epoch_indices(job, 1, 0, 2)  # served from memory: no new event
+        await manager.delete_job(job)
+        await manager.close()
+        return job
+
+    with caplog.at_level(logging.INFO, logger="service.jobs"):
+        job = asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.jobs"]
+    assert all(job in line for line in lines), lines
+
+    def count(fragment: str) -> int:
+        return sum(fragment in line for line in lines)
+
+    assert count(": created (policy rs2, ratio 0.3, 4 epochs, no scoring") == 1
+    assert count(": pending -> ready after") == 1
+    assert count(": ready (1797 samples") == 1
+    assert count(": epoch 0 selected (539 samples") == 1
+    assert count(": epoch 1 selected (539 samples") == 1
+    assert count(": deleted") == 1
+    assert len(lines) == 6
+
+
+def test_an_unreadable_stored_job_fails_alone(digits_uri: str, tmp_path: Path) -> None:
+    """A truncated state.json fails its job with the reason; the other job resumes identically
+    and the service keeps serving; the broken job can be deleted."""
+    store = str(tmp_path / "store")
+
+    async def first() -> tuple[str, str, np.ndarray]:
+        manager = JobManager(JobStore(store))
+        good = (await manager.create_job(_spec(digits_uri, "ucb"))).id
+        bad = (await manager.create_job(_spec(digits_uri))).id
+        for j in (good, bad):
+            await manager.wait_ready(j, timeout=120)
+        served = await manager.epoch_indices(good, 0, 0, 1)
+        await manager.close()
+        return good, bad, served
+
+    good, bad, served = asyncio.run(first())
+    state = tmp_path / "store" / "jobs" / bad / "state.json"
+    state.write_text(state.read_text()[:7])  # a truncated write
+
+    async def second() -> None:
+        manager = JobManager(JobStore(store))
+        assert sorted(await manager.resume()) == sorted([good, bad])
+        status = await manager.get_job(bad)
+        assert status.phase == "failed" and "unreadable" in (status.error or "")
+        assert {s.id: s.phase for s in await manager.list_jobs()}[bad] == "failed"
+        with pytest.raises(JobNotReady, match="unreadable"):
+            await manager.epoch_indices(bad, 0, 0, 1)
+        await manager.wait_ready(good, timeout=120)
+        np.testing.assert_array_equal(await manager.epoch_indices(good, 0, 0, 1), served)
+        await manager.delete_job(bad)
+        assert [s.id for s in await manager.list_jobs()] == [good]
+        assert not (tmp_path / "store" / "jobs" / bad).exists()
+        await manager.close()
+
+    asyncio.run(second())

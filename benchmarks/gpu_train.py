@@ -13,9 +13,15 @@ One prepared script for one device call (fits a 10-minute limit on an H200 with 
    with a warm-up + cosine learning rate over the run's actual steps (from the plan); the
    ``full_fewer`` baseline trains on full data for round(r E) epochs with its own complete
    schedule (the same number of samples as the selection policies).
-4. Writes every run (final and best test accuracy, samples processed, seconds) to JSON
-   (``--out``, default ``$OUT/gpu_train.json``) as soon as it ends, so a run cut by the time
-   limit still returns what finished; ``--budget-s`` stops starting new runs in time.
+4. Writes every run (final and best test accuracy, samples processed, seconds, a sha256 of each
+   epoch's indices) to JSON (``--out``, default ``$OUT/gpu_train.json``) as soon as it ends, so a
+   run cut by the time limit still returns what finished; ``--budget-s`` stops starting new runs
+   in time.
+5. Checks its own results (`benchmarks.gpu_checks`, under ``"checks"`` in the JSON; exit 1 when
+   one fails): the scores cover all N rows with their labels, finite and in [0, 1]; every run
+   trained on exactly the samples its plan counts (each epoch's size from the policy, indices
+   distinct and in range), with a finite, positive throughput and finite losses and accuracies;
+   a second draw of each selection is identical; the full-data run reaches ``--min-full-acc``.
 
     python benchmarks/gpu_train.py --data-dir data/fashion-mnist            # on the H200
     python benchmarks/gpu_train.py --device cpu --smoke                     # a CPU smoke check
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gpu_checks import Checks, digest, finite_positive  # noqa: E402
 from service.policies import PolicyConfig, make_policy  # noqa: E402
 from service.selection.engine import SingleProcessSelector  # noqa: E402
 from workers.datasets import FMNIST_DIR, image_table, load_fashion_mnist  # noqa: E402
@@ -121,7 +128,11 @@ def train_run(
     seed: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Train one model on the given per-epoch index lists; returns accuracies and timings."""
+    """Train one model on the given per-epoch index lists; returns accuracies and timings.
+
+    ``samples_seen`` counts the samples the batches really held, ``epoch_sha256`` digests the
+    index lists trained on, so the report shows what was trained and not what was planned.
+    """
     dev = data["x_train"].device
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)  # scoped: the model init only
@@ -132,16 +143,19 @@ def train_run(
     steps = sum(-(-len(e) // args.batch_size) for e in epochs_idx)
     gen = torch.Generator(device=dev)
     use_amp = dev.type == "cuda"
-    step, accs = 0, []
+    step, accs, seen, digests = 0, [], 0, []
+    last_loss = float("nan")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for epoch, idx_np in enumerate(epochs_idx):
         gen.manual_seed(seed * 1_000_003 + epoch)
+        digests.append(digest(idx_np))
         idx = torch.from_numpy(idx_np).to(dev)
         model.train()
         for start in range(0, idx.shape[0], args.batch_size):
             b = idx[start : start + args.batch_size]
+            seen += b.shape[0]
             x = augment(data["x_train"][b], gen).contiguous(memory_format=torch.channels_last)
             y = data["y_train"][b]
             for group in opt.param_groups:
@@ -152,15 +166,21 @@ def train_run(
             loss.backward()
             opt.step()
             step += 1
+        last_loss = float(loss.detach())  # one sync per epoch: the epoch's last batch
         accs.append(evaluate(model, data, args.batch_size * 4, use_amp))
     if dev.type == "cuda":
         torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
     return {
         "final_acc": accs[-1],
         "best_acc": max(accs),
         "acc_per_epoch": accs,
-        "train_s": time.perf_counter() - t0,
+        "last_loss": last_loss,
+        "train_s": train_s,
         "steps": steps,
+        "samples_seen": seen,
+        "train_samples_per_s": seen / train_s,
+        "epoch_sha256": digests,
     }
 
 
@@ -212,6 +232,77 @@ def plan_epochs(policy: str, ratio: float, seed: int, shard: ShardData, epochs: 
     return [sel.step().indices for _ in range(epochs)]
 
 
+def expected_sizes(policy: str, ratio: float, n: int, epochs: int) -> list[int]:
+    """Each epoch's size as the plan counts it (``full_fewer``: n for round(r E) epochs)."""
+    if policy == "full_fewer":
+        return [n] * max(1, round(ratio * epochs))
+    cfg = PolicyConfig(
+        name=policy, ratio=1.0 if policy == "full" else ratio, epochs=epochs, seed=0, params={}
+    )
+    return make_policy(cfg).plan(n)
+
+
+def check_scores(checks: Checks, shard: ShardData, labels: np.ndarray, units: int) -> None:
+    """The scoring covers every row with its label; R, D finite in [0, 1]; codes valid."""
+    n = int(labels.shape[0])
+    checks.add("scored_rows", shard.n == n, value=shard.n, expect=f"== N = {n}")
+    same_labels = shard.labels is not None and np.array_equal(shard.labels, labels)
+    checks.add(
+        "scored_labels", same_labels, value=same_labels, expect="the loaded labels, in order"
+    )
+    rd = np.concatenate([shard.R, shard.D])
+    rd_ok = bool(np.isfinite(rd).all() and rd.min() >= 0.0 and rd.max() <= 1.0)
+    checks.add("scores_in_unit_interval", rd_ok, value=rd_ok, expect="R, D finite in [0, 1]")
+    ids = np.asarray(shard.code_ids)
+    alive = int(np.unique(ids[np.asarray(shard.code_values) > 0]).size)
+    codes_ok = bool(ids.shape[0] == n and ids.min() >= 0 and ids.max() < units and alive > 0)
+    checks.add(
+        "codes_valid",
+        codes_ok,
+        value={"rows": int(ids.shape[0]), "alive_units": alive},
+        expect=f"N rows of ids in [0, {units}), some unit active",
+    )
+
+
+def check_run(
+    checks: Checks,
+    row: dict[str, Any],
+    epochs_idx: list[np.ndarray],
+    again: list[np.ndarray],
+    *,
+    n: int,
+    epochs: int,
+) -> None:
+    """One run's checks: sizes per the plan, distinct in-range indices, samples counted, finite
+    figures, the selection drawn twice the same."""
+    name = f"{row['policy']}_r{row['ratio']:g}_s{row['seed']}"
+    want = expected_sizes(row["policy"], row["ratio"], n, epochs)
+    sizes = [len(e) for e in epochs_idx]
+    checks.add(f"{name}_epoch_sizes", sizes == want, value=sizes, expect=f"the plan's {want}")
+    valid = all(
+        e.size == np.unique(e).size and (e.size == 0 or (e.min() >= 0 and e.max() < n))
+        for e in epochs_idx
+    )
+    checks.add(f"{name}_indices_valid", valid, value=valid, expect=f"distinct, in [0, {n})")
+    checks.add(
+        f"{name}_samples_counted",
+        row["samples_seen"] == sum(want),
+        value=row["samples_seen"],
+        expect=f"== sum of the plan's sizes = {sum(want)}",
+    )
+    checks.add(
+        f"{name}_throughput",
+        finite_positive(row["train_samples_per_s"], row["train_s"]),
+        value=row["train_samples_per_s"],
+        expect="finite and > 0",
+    )
+    accs = [*row["acc_per_epoch"], row["last_loss"]]
+    finite = all(math.isfinite(a) for a in accs) and all(0 <= a <= 1 for a in row["acc_per_epoch"])
+    checks.add(f"{name}_finite", finite, value=accs, expect="accuracies in [0, 1], a finite loss")
+    same = [digest(e) for e in again] == row["epoch_sha256"]
+    checks.add(f"{name}_reproducible", same, value=same, expect="a second draw gives the same")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=os.environ.get("FMNIST_DIR", str(FMNIST_DIR)))
@@ -229,12 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sae-epochs", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=500.0, help="start no run after this")
     p.add_argument("--smoke", action="store_true", help="tiny CPU check: 600 rows, 2 epochs")
+    p.add_argument(
+        "--min-full-acc",
+        type=float,
+        default=0.85,
+        help="the full-data run's final test accuracy must reach this (0 with --smoke)",
+    )
     out_default = Path(os.environ["OUT"]) / "gpu_train.json" if "OUT" in os.environ else None
     p.add_argument("--out", default=str(out_default or "gpu_train.json"))
     args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.width, args.units, args.k, args.pca_dim = 2, 8, 64, 4, 16
-        args.sae_epochs, args.batch_size = 2, 128
+        args.sae_epochs, args.batch_size, args.min_full_acc = 2, 128, 0.0
     t_start = time.perf_counter()
     dev = torch.device(args.device)
     tr = load_fashion_mnist(args.data_dir, "train")
@@ -256,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     shard = score(x_tr, y_tr, args)
     scoring_s = time.perf_counter() - t0
+    checks = Checks()
+    check_scores(checks, shard, np.asarray(y_tr, dtype=np.int64), args.units)
     report: dict[str, Any] = {
         "machine": {
             "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.machine(),
@@ -263,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
         "args": vars(args),
+        "n_train": int(x_tr.shape[0]),
+        "n_test": int(x_te.shape[0]),
         "scoring_s": scoring_s,
         "runs": [],
     }
@@ -279,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs_idx = plan_epochs(policy, ratio, seed, shard, args.epochs)
             sel_s = time.perf_counter() - t_sel
             res = train_run(data, epochs_idx, seed=seed, args=args)
-            samples = sum(len(e) for e in epochs_idx) / (shard.n * args.epochs)
+            samples = res["samples_seen"] / (shard.n * args.epochs)
             row = {
                 "policy": policy,
                 "ratio": ratio,
@@ -289,6 +390,17 @@ def main(argv: list[str] | None = None) -> int:
                 **res,
             }
             report["runs"].append(row)
+            again = plan_epochs(policy, ratio, seed, shard, args.epochs)
+            check_run(checks, row, epochs_idx, again, n=shard.n, epochs=args.epochs)
+            if policy == "full":
+                acc = res["final_acc"]
+                checks.add(
+                    f"full_s{seed}_accuracy",
+                    acc >= args.min_full_acc,
+                    value=acc,
+                    expect=f">= {args.min_full_acc:g}",
+                )
+            report["checks"] = checks.to_json()
             print(
                 f"{policy:>11} r={ratio:.1f} seed={seed}: final {res['final_acc']:.4f} "
                 f"best {res['best_acc']:.4f} samples {samples:.3f} {res['train_s']:.1f}s",
@@ -296,9 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             out.write_text(json.dumps(report, indent=1))
     report["total_s"] = time.perf_counter() - t_start
+    report["checks"] = checks.to_json()
     out.write_text(json.dumps(report, indent=1))
     print(f"scoring {scoring_s:.1f}s; total {report['total_s']:.1f}s; wrote {out}")
-    return 0
+    print(checks.summary(), flush=True)
+    return 0 if checks.to_json()["ok"] else 1
 
 
 if __name__ == "__main__":

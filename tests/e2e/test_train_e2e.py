@@ -19,9 +19,11 @@ import pytest
 from client import SelectionClient
 from service.server import ServiceHandle, start_service
 from service.settings import Settings
+from tests.optional import requires_fashion_mnist
 from workers.datasets import write_image_parquet
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# without the data: a skip that names the install command (not a FileNotFoundError)
+pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fashion_mnist]
 
 ROWS = 2000
 EPOCHS = 2

@@ -55,11 +55,10 @@ def digits_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def fmnist_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The first 4000 Fashion-MNIST training rows as Parquet (skips when not installed)."""
+    from tests.optional import skip_without_fashion_mnist
     from workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
 
-    try:
-        data = load_fashion_mnist(FMNIST_DIR, "train")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    skip_without_fashion_mnist()
+    data = load_fashion_mnist(FMNIST_DIR, "train")
     path = tmp_path_factory.mktemp("fmnist") / "fmnist-4000.parquet"
     return str(write_image_parquet(path, data.images[:4000], data.labels[:4000]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.optional import requires_fashion_mnist
 from workers.datasets import (
     FMNIST_DIR,
     ROW_GROUP_SIZE,
@@ -21,10 +21,6 @@ from workers.datasets import (
     read_idx,
     write_image_parquet,
 )
-
-HAS_FMNIST = os.path.exists(
-    os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")
-) or os.path.exists(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte"))
 
 
 def test_digits_parquet_round_trip(tmp_path: Path) -> None:
@@ -90,7 +86,7 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path: Path) -> None:
         load_fashion_mnist(tmp_path, split="valid")
 
 
-@pytest.mark.skipif(not HAS_FMNIST, reason="Debian package dataset-fashion-mnist not installed")
+@requires_fashion_mnist
 def test_fashion_mnist_reader(tmp_path: Path) -> None:
     train = load_fashion_mnist(FMNIST_DIR, "train")
     test = load_fashion_mnist(FMNIST_DIR, "test")

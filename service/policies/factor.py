@@ -31,7 +31,7 @@ import numpy as np
 
 from service.policies.base import Policy, PolicyConfig, Stage, add_counts, epoch_size
 from service.schedules import ScheduleConfig, lambda_at
-from service.selection.hashing import STREAM_GUMBEL, gumbel
+from service.selection.hashing import STREAM_GUMBEL, gumbel_range
 from workers.selection_shard import ShardData
 
 __all__ = ["FactorParams", "FactorPolicy", "largest_remainder"]
@@ -282,7 +282,7 @@ class FactorPolicy(Policy):
         if pen is not None:
             s -= pen
         if self.params.sampling == "gumbel" and self.params.tau > 0:
-            noise = gumbel(self.config.seed, epoch, STREAM_GUMBEL, np.arange(data.lo, data.hi))
+            noise = gumbel_range(self.config.seed, epoch, STREAM_GUMBEL, data.lo, data.hi)
             if self.params.tau != 1.0:  # 1.0 * x == x: the default skips a pass
                 noise *= self.params.tau
             s += noise

@@ -30,6 +30,8 @@ __all__ = [
     "STREAM_RANDOM",
     "STREAM_TIEBREAK",
     "gumbel",
+    "gumbel_range",
+    "hash_range",
     "hash_u64",
     "stream_key",
     "uniform01",
@@ -93,6 +95,15 @@ def hash_u64(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarra
     return mix64(z)
 
 
+def hash_range(seed: int, epoch: int, stream: int, lo: int, hi: int) -> np.ndarray:
+    """:func:`hash_u64` of the indices ``lo .. hi - 1`` (uint64 (hi - lo,)), without
+    materializing the index array first."""
+    z = np.arange(lo, hi, dtype=np.uint64)
+    z *= np.uint64(_GOLDEN)
+    z += np.uint64(stream_key(seed, epoch, stream))
+    return mix64(z)
+
+
 def uniform01(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:
     """float64 draws in [0, 1) from the top 53 bits of :func:`hash_u64` (same shape as index)."""
     h = hash_u64(seed, epoch, stream, index)
@@ -102,9 +113,21 @@ def uniform01(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarr
 
 def gumbel(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:
     """Standard Gumbel draws ``-log(-log(u))`` with u in (0, 1) (same shape as index, float64)."""
-    h = hash_u64(seed, epoch, stream, index)
+    return _gumbel_of(hash_u64(seed, epoch, stream, index))
+
+
+def gumbel_range(seed: int, epoch: int, stream: int, lo: int, hi: int) -> np.ndarray:
+    """:func:`gumbel` of the indices ``lo .. hi - 1`` (float64 (hi - lo,))."""
+    return _gumbel_of(hash_range(seed, epoch, stream, lo, hi))
+
+
+def _gumbel_of(h: np.ndarray) -> np.ndarray:
+    """``-log(-log(u))`` with u = (top 53 bits of h + 0.5) 2**-53; h is consumed."""
     h >>= np.uint64(11)
-    u = (h.astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    u = h.astype(np.float64)
+    del h
+    u += 0.5
+    u *= 1.0 / (1 << 53)  # the same two roundings as (h + 0.5) * 2**-53, without temporaries
     np.log(u, out=u)
     np.negative(u, out=u)
     np.log(u, out=u)

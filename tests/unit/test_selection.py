@@ -23,7 +23,7 @@ from service.selection import (
     top_m,
     uniform01,
 )
-from service.selection.hashing import STREAM_TIEBREAK, stream_key
+from service.selection.hashing import STREAM_TIEBREAK, gumbel_range, hash_range, stream_key
 from service.selection.threshold import grouped_top_m_protocol
 from service.selection.topk import grouped_top_m
 from workers.selection_shard import SelectionShard, ShardData, score_keys
@@ -58,6 +58,13 @@ def test_uniform_and_gumbel_distributions() -> None:
     assert np.all(np.isfinite(g))
     assert abs(g.mean() - np.euler_gamma) < 0.02
     assert abs(g.var() - np.pi**2 / 6) < 0.05
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 0), (0, 5), (1000, 1700), (2**40, 2**40 + 9)])
+def test_range_draws_equal_the_draws_of_the_index_array(lo: int, hi: int) -> None:
+    idx = np.arange(lo, hi, dtype=np.int64)
+    assert np.array_equal(hash_range(4, 2, STREAM_TIEBREAK, lo, hi), hash_u64(4, 2, 1, idx))
+    assert np.array_equal(gumbel_range(4, 2, 2, lo, hi), gumbel(4, 2, 2, idx))
 
 
 def test_stream_key_rejects_negative() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from service.policies.base import Policy, PolicyConfig, Stage, epoch_size, parse_params
 from service.policies.epsilon_greedy import EpsilonGreedyPolicy
 from service.policies.factor import FactorPolicy
+from service.policies.factor_loss import FactorLossPolicy
 from service.policies.full import FullPolicy
 from service.policies.infobatch import InfoBatchPolicy
 from service.policies.rs2 import RS2Policy
@@ -31,6 +32,7 @@ POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (
         FactorPolicy,
+        FactorLossPolicy,
         FullPolicy,
         StaticRandomPolicy,
         RS2Policy,

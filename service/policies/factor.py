@@ -19,7 +19,10 @@ with rho_j = c_j / (p_j S_t), S_t the samples selected so far, g(rho) = 1 / (1 +
 factors are under-covered relative to their frequency keep their diversity, over-covered ones
 lose it; equals the literal D before any selection; sum_j a_ij g(rho_j) is one sparse
 matrix-vector product per shard and epoch); ``anneal_epochs`` (the last K epochs take all N
-samples).
+samples); ``factor_gamma`` (a factor-level usage penalty, off by default: s_i -= factor_gamma h_i(t)
+with h_i(t) = sum_j a_ij c_j / (S_t sum_j a_ij p_j), how much i's factors were used by the
+selections so far relative to their frequency, ~1 under a uniform rotation; near-duplicates share
+their factors, so selecting one copy lowers every copy: they share one budget).
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class FactorParams:
     was the best `factor` variant at r = 0.1 to 0.3 on Fashion-MNIST and digits)."""
     anneal_epochs: int = 0
     """The last anneal_epochs epochs select all N samples, >= 0."""
+    factor_gamma: float = 0.0
+    """Factor-level usage penalty strength, >= 0 (0, the default, switches it off; needs the
+    codes and p in the shard data). See the module docstring and docs/benchmarks_train.md
+    (data regimes) for what it was measured to do."""
 
     def __post_init__(self) -> None:
         sched = self.schedule
@@ -89,6 +96,8 @@ class FactorParams:
             raise ValueError(f"tau={self.tau} must be >= 0")
         if self.anneal_epochs < 0:
             raise ValueError(f"anneal_epochs={self.anneal_epochs} must be >= 0")
+        if not self.factor_gamma >= 0:
+            raise ValueError(f"factor_gamma={self.factor_gamma} must be >= 0")
         for name in ("class_quotas", "dynamic_coverage"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true, false or null")
@@ -166,7 +175,7 @@ class FactorPolicy(Policy):
         out["dynamic"] = self.params.dynamic_coverage is not False and all(
             p.get("has_codes", False) for p in partials
         )
-        if out["dynamic"]:
+        if out["dynamic"] or self.params.factor_gamma > 0:
             out["coverage"] = self._coverage
             out["selected_total"] = self._selected_total
         return out
@@ -220,6 +229,8 @@ class FactorPolicy(Policy):
         _need(data, ("R", "D"), "policy 'factor'")
         if self.params.dynamic_coverage:
             _need(data, _CODES, "dynamic_coverage")
+        if self.params.factor_gamma > 0:
+            _need(data, _CODES, "factor_gamma")
         out: dict = {"has_codes": all(getattr(data, name) is not None for name in _CODES)}
         if self.params.class_quotas:
             _need(data, ("labels",), "class_quotas")
@@ -260,9 +271,10 @@ class FactorPolicy(Policy):
         B = np.multiply(R, 1.0 - lam)
         tmp = np.multiply(self._diversity(ctx, data, idx), lam)
         B += tmp
+        fpen = self._factor_usage_penalty(ctx, data, idx)
         gamma = self.params.gamma
         if gamma == 0:
-            return B, None
+            return B, fpen
         u = counters["usage"] if idx is None else counters["usage"][idx]
         if self.params.penalty == "additive":
             np.multiply(u, gamma / max(epoch, 1), out=tmp)
@@ -271,7 +283,24 @@ class FactorPolicy(Policy):
             np.expm1(tmp, out=tmp)
             np.multiply(tmp, B, out=tmp)
             np.negative(tmp, out=tmp)
+        if fpen is not None:
+            tmp += fpen
         return B, tmp
+
+    def _factor_usage_penalty(
+        self, ctx: dict, data: ShardData, idx: np.ndarray | None
+    ) -> np.ndarray | None:
+        """factor_gamma h_i(t) float64 at local positions idx, or None (off or nothing used)."""
+        total = ctx.get("selected_total", 0)
+        if self.params.factor_gamma == 0 or not total or ctx.get("coverage") is None:
+            return None
+        _need(data, _CODES, "factor_gamma")
+        p = np.asarray(data.p, dtype=np.float64)  # (M,)
+        used = data.derived.profile_dot(np.asarray(ctx["coverage"], dtype=np.float64) / total)
+        base = data.derived.profile_dot(p)  # (n,) float32; the activation mass cancels
+        h = np.divide(used, base, out=np.zeros_like(used), where=base > 0)
+        h = h if idx is None else h[idx]
+        return np.multiply(h, self.params.factor_gamma, dtype=np.float64)
 
     def local_scores(
         self, stage: Stage, epoch: int, ctx: dict, data: ShardData, counters: dict[str, np.ndarray]

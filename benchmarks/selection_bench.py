@@ -231,7 +231,7 @@ def bench_parts(n: int, classes: int = CLASSES, repeats: int = 3) -> list[tuple[
         ("top m of N scores (literal form)", best(lambda: top_m(scores, tiebreak, m))),
         (
             f"top m per class, {classes} classes",
-            best(lambda: grouped_top_m(scores, tiebreak, layout.segment, quotas)),
+            best(lambda: grouped_top_m(scores, tiebreak, layout, quotas)),
         ),
         ("Gumbel noise for N samples", best(lambda: gumbel(0, 1, 2, np.arange(n)))),
         (

@@ -112,6 +112,9 @@ class LabelLayout(NamedTuple):
     """int64 (n,) local positions sorted by label, ascending positions within a label."""
     starts: np.ndarray
     """int64 (C + 1,) label c's positions are ``order[starts[c]:starts[c + 1]]``."""
+    inverse: np.ndarray
+    """int64 (n,) where each position sits in ``order`` (``order[inverse[i]] == i``): putting an
+    array in label order as ``out[inverse] = x`` reads x once, in order."""
 
     def segment(self, c: int) -> np.ndarray:
         """int64 ascending local positions of label c (empty beyond the local labels)."""
@@ -142,7 +145,7 @@ class ShardDerived:
 
         With codes of k units per sample: 8 k + 4 bytes per sample (float32 activations and 0/1
         pattern; the column ids are the stored ``code_ids``), plus the last coverage weights
-        (4 bytes); with labels, 8 bytes per sample for the label layout.
+        (4 bytes); with labels, 16 bytes per sample for the label layout.
         """
         total = 0
         for matrix in (self._codes, self._active):
@@ -155,7 +158,7 @@ class ShardDerived:
         for arr in (self._mass, self._class_counts):
             total += 0 if arr is None else int(arr.nbytes)
         if self._layout is not None:
-            total += int(self._layout.order.nbytes + self._layout.starts.nbytes)
+            total += sum(int(a.nbytes) for a in self._layout)
         if self._profile_memo is not None:
             total += int(self._profile_memo[1].nbytes)
         return total
@@ -175,7 +178,9 @@ class ShardDerived:
             order = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
             starts = np.zeros(counts.shape[0] + 1, dtype=np.int64)
             np.cumsum(counts, out=starts[1:])
-            self._layout = LabelLayout(order, starts)
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.shape[0])
+            self._layout = LabelLayout(order, starts, inverse)
         return self._layout
 
     def class_counts(self) -> np.ndarray:

@@ -127,7 +127,7 @@ class SelectionEngine:
                 pos = top_m(scores, shard.tiebreak_local, stage.count)
             else:
                 layout = shard.data.derived.label_layout()
-                pos = grouped_top_m(scores, shard.tiebreak_local, layout.segment, quotas)
+                pos = grouped_top_m(scores, shard.tiebreak_local, layout, quotas)
             shard.take_local(pos)
             return 0
         summaries = self._broadcast("open_stage", stage, epoch, ctx)

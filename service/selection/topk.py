@@ -8,10 +8,11 @@ ineligible sample, which is never selected.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["TiebreakSource", "grouped_top_m", "top_m"]
+__all__ = ["GroupLayout", "TiebreakSource", "grouped_top_m", "top_m"]
 
 TiebreakSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
 """Either a uint64 array (N,) of tie-breaks, or a function positions -> uint64 tie-breaks.
@@ -90,10 +91,29 @@ def _partition_top(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.n
     return np.concatenate([above, ties])
 
 
+class GroupLayout(Protocol):
+    """Positions grouped by class (``workers.selection_shard.LabelLayout``)."""
+
+    @property
+    def order(self) -> np.ndarray:
+        """int64 (N,) positions sorted by group, ascending within a group."""
+        ...
+
+    @property
+    def starts(self) -> np.ndarray:
+        """int64 (G + 1,) group g is ``order[starts[g]:starts[g + 1]]``."""
+        ...
+
+    @property
+    def inverse(self) -> np.ndarray:
+        """int64 (N,) ``order[inverse[i]] == i``."""
+        ...
+
+
 def grouped_top_m(
     scores: np.ndarray,
     tiebreak: Callable[[np.ndarray], np.ndarray],
-    segments: Callable[[int], np.ndarray],
+    layout: GroupLayout,
     quotas: Sequence[int],
 ) -> np.ndarray:
     """Positions of the top ``quotas[g]`` of every group g, each by :func:`top_m`'s order.
@@ -104,8 +124,9 @@ def grouped_top_m(
         float64 (N,) over all positions; ``-inf`` = ineligible.
     tiebreak:
         A function int64 positions -> their uint64 tie-breaks.
-    segments:
-        ``segments(g)`` -> int64 ascending positions of group g.
+    layout:
+        The positions grouped by class (``order``, ``starts``, ``inverse``); groups past
+        ``starts`` are empty.
     quotas:
         How many to take per group, ``0 <= quotas[g] <=`` eligible in group g.
 
@@ -121,23 +142,27 @@ def grouped_top_m(
     Example
     -------
     >>> import numpy as np
+    >>> from workers.selection_shard import ShardData
+    >>> layout = ShardData(0, 4, labels=np.array([0, 1, 0, 1])).derived.label_layout()
     >>> s = np.array([0.5, 0.9, 0.1, 0.7])
-    >>> segs = [np.array([0, 2]), np.array([1, 3])]
-    >>> grouped_top_m(s, lambda p: p.astype(np.uint64), segs.__getitem__, [1, 2]).tolist()
+    >>> grouped_top_m(s, lambda p: p.astype(np.uint64), layout, [1, 2]).tolist()
     [0, 1, 3]
     """
+    order, starts = layout.order, layout.starts
+    in_order = np.empty(order.shape[0])
+    in_order[layout.inverse] = scores  # one in-order read: faster than gathering scores[order]
     picks = [np.empty(0, dtype=np.int64)]
     for g, q in enumerate(quotas):
         if q == 0:
             continue
-        seg = segments(g)  # ascending, so "position asc" among ties is kept
+        lo, hi = (int(starts[g]), int(starts[g + 1])) if g + 1 < starts.shape[0] else (0, 0)
 
-        def seg_tiebreak(p: np.ndarray, seg: np.ndarray = seg) -> np.ndarray:
-            return tiebreak(seg[p])
+        def group_tiebreak(p: np.ndarray, lo: int = lo) -> np.ndarray:
+            return tiebreak(order[p + lo])
 
-        try:
-            sub = top_m(scores[seg], seg_tiebreak, int(q))
+        try:  # positions ascend within a group, so "position asc" among ties is kept
+            sub = top_m(in_order[lo:hi], group_tiebreak, int(q))
         except ValueError as exc:
             raise ValueError(f"group {g}: {exc}") from None
-        picks.append(seg[sub])
+        picks.append(order[sub + lo])
     return np.concatenate(picks)

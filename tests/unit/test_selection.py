@@ -323,7 +323,7 @@ def test_class_thresholds_in_one_protocol_equal_per_class_top_m(
     assert trace.taken == sum(quotas)
     # the single in-process path (argpartition per class) gives the same picks
     layout = ShardData(0, n, labels=labels).derived.label_layout()
-    local = grouped_top_m(scores + 0.0, lambda p: tb[p], layout.segment, quotas)
+    local = grouped_top_m(scores + 0.0, lambda p: tb[p], layout, quotas)
     assert np.array_equal(np.sort(local), expect)
 
 

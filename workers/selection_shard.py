@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _SIGN = np.uint64(1 << 63)
+_PROFILE_MEMO = 3  # coverage weight vectors whose products a shard keeps
 NO_KEY = (1 << 64) - 1
 """Take threshold meaning "take nothing by key" (above every score key)."""
 
@@ -137,7 +138,7 @@ class ShardDerived:
         self._codes: Any = None  # scipy.sparse CSR (n, M) float32 activations (clipped at 0)
         self._active: Any = None  # CSR (n, M) float32: 1 where the activation is > 0
         self._mass: np.ndarray | None = None  # float32 (n,) sum of the clipped activations
-        self._profile_memo: tuple[np.ndarray, np.ndarray] | None = None  # (g (M,), h (n,))
+        self._profile_memo: list[tuple[np.ndarray, np.ndarray]] = []  # [(g (M,), h (n,))]
         self._counts_memo: tuple[np.ndarray, np.ndarray] | None = None  # (rows, counts (M,))
 
     def nbytes(self) -> int:
@@ -145,7 +146,7 @@ class ShardDerived:
 
         With codes of k units per sample: 8 k + 4 bytes per sample (float32 activations and 0/1
         pattern; the column ids are the stored ``code_ids``), plus the last coverage weights
-        (4 bytes); with labels, 16 bytes per sample for the label layout.
+        (4 bytes each, up to 3); with labels, 16 bytes per sample for the label layout.
         """
         total = 0
         for matrix in (self._codes, self._active):
@@ -159,8 +160,7 @@ class ShardDerived:
             total += 0 if arr is None else int(arr.nbytes)
         if self._layout is not None:
             total += sum(int(a.nbytes) for a in self._layout)
-        if self._profile_memo is not None:
-            total += int(self._profile_memo[1].nbytes)
+        total += sum(int(h.nbytes) for _, h in self._profile_memo)
         return total
 
     def _labels(self) -> np.ndarray:
@@ -211,18 +211,19 @@ class ShardDerived:
 
     def profile_dot(self, g: np.ndarray) -> np.ndarray:
         """float32 (n,) ``sum_j a_ij g_j / sum_j a_ij`` over each sample's clipped activations
-        a_i (1 where the sample has no positive activation); g: float32 (M,). The last result
-        is memoized (the engine asks again for the selected samples' stats)."""
+        a_i (1 where the sample has no positive activation); g: float32 (M,). The last results
+        are memoized (the engine asks again for the selected samples' stats; a policy may use
+        a few weight vectors per epoch)."""
         g = np.asarray(g, dtype=np.float32)
-        memo = self._profile_memo
-        if memo is not None and np.array_equal(memo[0], g):
-            return memo[1]
+        for seen, h in self._profile_memo:
+            if np.array_equal(seen, g):
+                return h
         matrix = self._codes_matrix()
         h = matrix @ g  # (n,) float32, one pass over the n k stored activations
         mass = self._mass
         assert mass is not None
         h = np.divide(h, mass, out=np.ones_like(h), where=mass > 0)
-        self._profile_memo = (g.copy(), h)
+        self._profile_memo = [(g.copy(), h), *self._profile_memo[: _PROFILE_MEMO - 1]]
         return h
 
     def unit_counts(self, rows: np.ndarray) -> np.ndarray:

@@ -64,4 +64,6 @@ BackendDep = Annotated[Backend, Depends(get_backend)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="job id")]
-Epoch = Annotated[int, Path(ge=0, le=10_000_000, description="epoch t, 0-based")]
+Epoch = Annotated[int, Path(ge=0, description="epoch t, 0-based")]
+"""A negative epoch is a bad value (400); one at or past the job's epochs, however large, is the
+backend's ``EpochOutOfRange`` (404), as docs/api.md's error table says."""

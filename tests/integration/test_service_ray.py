@@ -22,6 +22,7 @@ import ray
 from client import SelectionClient
 from service.server import ServiceHandle, start_service
 from service.settings import Settings
+from tests.bad_requests import bad_requests
 from workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
@@ -188,31 +189,27 @@ def test_restart_and_actor_kill_resume_identically(
         assert np.array_equal(again[t], reference[t]), t
 
 
-def _status(resp: httpx.Response) -> int:
+def _error(resp: httpx.Response) -> tuple[int, str]:
+    """(status, code) of an error answer, after checking its documented shape."""
     body = resp.json()
-    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"])
-    return resp.status_code
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return resp.status_code, body["error"]["code"]
 
 
-def test_bad_input_gets_4xx_never_5xx(
+def test_each_bad_input_gets_its_one_documented_status(
     service: ServiceHandle, data_dir: Path, ready_job: tuple[SelectionClient, str]
 ) -> None:
+    """The shared table of bad requests (tests/bad_requests.py, also walked by the route unit
+    tests) against the real service: exactly the status and code of docs/api.md's table."""
     _, job = ready_job
     url = f"{service.url}/v1/jobs"
     with httpx.Client(timeout=30) as http:
-        bad_gets = {
-            f"{url}/{job}/epochs/0/indices?rank=2&world_size=2": 400,
-            f"{url}/{job}/epochs/0/indices?rank=0&world_size=0": 400,
-            f"{url}/{job}/epochs/{EPOCHS}/indices?rank=0&world_size=1": 404,
-            f"{url}/{job}/epochs/-1/indices?rank=0&world_size=1": 404,
-            f"{url}/no-such-job/epochs/0/indices?rank=0&world_size=1": 404,
-            f"{url}/no-such-job": 404,
-            f"{url}/{job}/plan?world_size=0": 400,
-        }
-        for target, code in bad_gets.items():
-            resp = http.get(target)
-            assert 400 <= _status(resp) < 500, (target, resp.text)
-            assert resp.status_code == code or target.endswith("-1/indices?rank=0&world_size=1")
+        for bad in bad_requests(job, epochs=EPOCHS):
+            resp = http.request(
+                bad.method, f"{service.url}{bad.path}", params=bad.params, json=bad.json
+            )
+            assert _error(resp) == (bad.status, bad.code), (bad.label, resp.text)
+            assert bad.fragment in resp.json()["error"]["message"].lower(), (bad.label, resp.text)
 
         spec = _spec(data_dir)
         bad_specs = [
@@ -229,17 +226,13 @@ def test_bad_input_gets_4xx_never_5xx(
             },
         ]
         for body in bad_specs:
-            assert _status(http.post(url, json=body)) == 400, body
+            assert _error(http.post(url, json=body)) == (400, "invalid_request"), body
         malformed = http.post(
             url, content=b"{not json", headers={"content-type": "application/json"}
         )
-        assert _status(malformed) == 400
+        assert _error(malformed) == (400, "malformed_json")
         huge = http.post(url, content=b"x" * (65 * 1024 * 1024))
-        assert _status(huge) == 413
-        fb = http.post(
-            f"{url}/{job}/epochs/0/feedback", json={"indices": [0, 1], "losses": [0.1, 0.2]}
-        )
-        assert _status(fb) == 409
+        assert _error(huge) == (413, "payload_too_large")
         assert len(SelectionClient(service.url).jobs()) >= 1  # nothing lost
 
 

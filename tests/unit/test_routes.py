@@ -20,6 +20,7 @@ from service.app import create_app
 from service.backend import Backend
 from service.settings import Settings
 from service.specs import JobSpec
+from tests.bad_requests import BadRequest, bad_requests
 from tests.unit.fakes import FakeBackend
 from workers.admission import ScoringResources
 
@@ -351,26 +352,48 @@ def test_ranks_partition_the_epoch(tmp_path: Path, world_size: int, epoch: int) 
     assert interleaved[len(order) :].tolist() == order[: len(interleaved) - len(order)].tolist()
 
 
-@pytest.mark.parametrize(
-    ("path", "params", "status", "code", "fragment"),
-    [
-        ("epochs/0/indices", {"rank": 2, "world_size": 2}, 400, "invalid_request", "rank"),
-        ("epochs/0/indices", {"rank": 0, "world_size": 0}, 400, "invalid_request", "world_size"),
-        ("epochs/0/indices", {"rank": -1, "world_size": 2}, 400, "invalid_request", "rank"),
-        ("epochs/0/indices", {"rank": "a"}, 400, "invalid_request", "rank"),
-        ("epochs/-1/indices", {}, 400, "invalid_request", "epoch"),
-        ("epochs/x/indices", {}, 400, "invalid_request", "epoch"),
-        ("epochs/4/indices", {}, 404, "epoch_out_of_range", "epoch 4"),
-        ("epochs/99/stats", {}, 404, "epoch_out_of_range", "epoch 99"),
-        ("epochs/-3/stats", {}, 400, "invalid_request", "epoch"),
-    ],
-)
-def test_index_and_stats_errors(
-    tmp_path: Path, path: str, params: dict, status: int, code: str, fragment: str
-) -> None:
+FAKE_JOB = "job-0"
+"""The id the FakeBackend gives its first job."""
+
+
+@pytest.mark.parametrize("bad", bad_requests(FAKE_JOB, epochs=4), ids=lambda b: b.label)
+def test_each_bad_request_gets_its_one_status_and_code(tmp_path: Path, bad: BadRequest) -> None:
+    """The shared table of bad inputs (also walked against the real service on Ray)."""
     client, _ = make_client(tmp_path)
-    job = create(client)
-    assert_error(client.get(f"/v1/jobs/{job}/{path}", params=params), status, code, fragment)
+    assert create(client) == FAKE_JOB  # a ready factor job with 4 epochs
+    r = client.request(bad.method, bad.path, params=bad.params, json=bad.json)
+    assert_error(r, bad.status, bad.code, bad.fragment)
+
+
+def _docs_error_table() -> dict[str, int]:
+    """``code -> status`` from the table under "## Errors" in docs/api.md."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = text.split("\n## Errors", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, int] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit() and cells[1].startswith("`"):
+            code = cells[1].strip("`")
+            assert code not in table, f"{code} twice in the docs' error table"
+            table[code] = int(cells[0])
+    return table
+
+
+def test_error_table_in_the_docs_matches_the_error_classes() -> None:
+    """Every error the service raises has the status docs/api.md gives its code, and so does
+    every answer of the shared table of bad requests."""
+    table = _docs_error_table()
+    for code, cls in errors.ERRORS.items():
+        assert table.get(code) == cls.status, (code, table.get(code), cls.status)
+    from service.app import HTTP_CODES
+
+    for status, code in HTTP_CODES.items():
+        if code in table:
+            assert table[code] == status, code
+    assert table["malformed_json"] == 400 and table["internal_error"] == 500
+    assert table["epoch_out_of_range"] == 404
+    for bad in bad_requests(FAKE_JOB, epochs=4):
+        assert table[bad.code] == bad.status, bad.label
 
 
 def test_unknown_job_on_every_job_route(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cli import build_parser, main
+from service.cli import DEFAULT_URL, build_parser, default_url, main
+from service.server import write_url_file
 from workers.datasets import load_image_parquet
 
 
@@ -43,6 +44,8 @@ def test_simulate_prints_every_epoch_and_writes_a_plot(
     "argv",
     [
         ["serve", "--port", "9000", "--insecure"],
+        ["serve", "--address", "auto", "--host", "0.0.0.0", "--pin-resource", "saelect_service"],
+        ["serve", "--advertise-url", "https://saelect.example.com", "--url-file", "/tmp/url"],
         ["jobs", "list"],
         ["jobs", "status", "abc"],
         ["demo", "--epochs", "2", "--train-limit", "1000"],
@@ -66,3 +69,18 @@ def test_console_script_help_runs_without_loading_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_jobs_url_defaults_to_the_env_then_the_url_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url_file = tmp_path / "url"
+    monkeypatch.setenv("SAELECT_URL_FILE", str(url_file))
+    monkeypatch.delenv("SAELECT_URL", raising=False)
+    assert default_url() == DEFAULT_URL  # nothing written yet
+    write_url_file("http://10.0.0.7:8000", str(url_file))  # what `saelect serve` does
+    assert url_file.read_text() == "http://10.0.0.7:8000\n"
+    assert default_url() == "http://10.0.0.7:8000"
+    monkeypatch.setenv("SAELECT_URL", "http://other:9000")
+    assert default_url() == "http://other:9000"
+    assert build_parser().parse_args(["jobs", "list"]).url is None  # resolved when it runs

@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import numpy as np
 import torch
 
-from benchmarks.train_data import TaskData, load_task
+from benchmarks.train_data import DATA_NAMES, TaskData, load_task
 from benchmarks.train_loop import OptimConfig, derive_seed, train
 from benchmarks.train_models import AugmentConfig, ModelConfig, make_model
 
@@ -72,12 +72,18 @@ class TaskSpec:
     """The job spec's ``sae`` section."""
     feature_overrides: dict[str, Any] = field(default_factory=dict)
     """Changes to the data's default feature spec."""
+    data_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the data's loader (regimes: ``base_size`` and the builder's)."""
+    eval_every: int = 1
+    """Evaluate on the test set every this many epochs (and after the last)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.data not in ("fmnist", "digits", "text"):
-            raise ValueError(f"data must be fmnist, digits or text, got {self.data!r}")
+        if self.data not in DATA_NAMES:
+            raise ValueError(f"data must be one of {', '.join(DATA_NAMES)}, got {self.data!r}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
 
 
 _FMNIST_SAE = {"units": 2048, "k": 32}
@@ -121,6 +127,27 @@ TASKS: dict[str, TaskSpec] = {
         sae={"units": 1536, "k": 16},
     ),
 }
+REGIME_EPOCHS = 10
+"""E of the data-regime tasks (issue 15): half the clean task's, to fit a CPU sweep."""
+TASKS.update(
+    {
+        # Data regimes (benchmarks/train_regimes.py): the clean task's model, augmentation and
+        # optimizer at a reduced scale (20k-row base subset; the long tail is drawn from all
+        # 60k), E = 10, evaluated after epochs 5 and 10.
+        name: TaskSpec(
+            name=name,
+            data=name,
+            model=ModelConfig("cnn", width=16, hidden=128, dropout=0.1),
+            augment=AugmentConfig(pad=2, flip=True),
+            epochs=REGIME_EPOCHS,
+            optim=OptimConfig(lr=0.1, batch_size=256, weight_decay=5e-4),
+            sae=_FMNIST_SAE,
+            data_args={} if name == "fmnist-lt" else {"base_size": 20000},
+            eval_every=5,
+        )
+        for name in ("fmnist-ref", "fmnist-dup", "fmnist-lt", "fmnist-noisy")
+    }
+)
 
 # --------------------------------------------------------------------------- policies, variants
 
@@ -135,16 +162,34 @@ POLICIES: tuple[str, ...] = (
     "epsilon_greedy",
     "factor",
     "factor_gumbel",
+    "rs2_prop",
+    "rs2_equal",
+    "factor_loss",
 )
-"""Bench policy names. ``full_fewer`` is the service's ``full`` for round(r E) epochs;
+"""Bench policy names. ``rs2_prop`` / ``rs2_equal`` are ``rs2`` with ``class_quotas``
+``proportional`` / ``equal`` (class-balanced random rotations, no scores); ``factor_loss`` is the
+hybrid policy (diversity + clipped loss feedback). ``full_fewer`` is the service's ``full`` for
+round(r E) epochs;
 ``factor_gumbel`` is ``factor`` with ``sampling="gumbel"``; ``infobatch_max`` is ``infobatch``
 pruning every below-mean-loss sample until the last epoch (prune_ratio 1, delta 1), its smallest
 budget. InfoBatch ignores the keep ratio (its budget follows from the losses), so both run once
 per seed, recorded at r = 1, and are compared at the sample fraction they realize."""
 
-FEEDBACK_POLICIES = frozenset({"infobatch", "infobatch_max", "ucb", "epsilon_greedy"})
+FEEDBACK_POLICIES = frozenset(
+    {"infobatch", "infobatch_max", "ucb", "epsilon_greedy", "factor_loss"}
+)
 OWN_BUDGET_POLICIES = frozenset({"infobatch", "infobatch_max"})
 FACTOR_POLICIES = frozenset({"factor", "factor_gumbel"})
+SCORED_POLICIES = FACTOR_POLICIES | {"factor_loss"}
+"""Bench policies whose jobs need the scoring (R, D, codes)."""
+SERVICE_NAMES: dict[str, str] = {
+    "full_fewer": "full",
+    "factor_gumbel": "factor",
+    "infobatch_max": "infobatch",
+    "rs2_prop": "rs2",
+    "rs2_equal": "rs2",
+}
+"""Bench policy -> service policy name (the others are their own)."""
 
 
 @dataclass(frozen=True)
@@ -251,7 +296,17 @@ VARIANTS: dict[str, Variant] = {
         params={"class_quotas": True, "dynamic_coverage": True, "gamma": 10.0},
         note="quotas + dynamic coverage + very strong penalty",
     ),
+    "fgamma1": Variant(
+        params={"factor_gamma": 1.0},
+        note="current defaults + factor-level usage penalty (factor_gamma = 1)",
+    ),
+    "fgamma3": Variant(
+        params={"factor_gamma": 3.0},
+        note="current defaults + strong factor-level usage penalty (factor_gamma = 3)",
+    ),
 }
+ON_DEFAULTS: frozenset[str] = frozenset({"service_default", "fgamma1", "fgamma3"})
+"""Variants applied on factor's current defaults (not pinned to ``LITERAL_BASE``)."""
 VARIANTS.update(
     {
         f"qd_gumbel{tau:g}": Variant(
@@ -292,6 +347,7 @@ VARIANT_GROUPS: dict[str, tuple[str, ...]] = {
     "soft": ("qd_gumbel0.5", "qd_gumbel1", "qd_gumbel2", "qd_gumbel5"),
     "features": ("selfsup", "qd_selfsup"),
     "timing": ("sched_early", "sched_late", "sched_warmup5", "sched_reverse"),
+    "regimes": ("service_default", "fgamma1"),
 }
 """Named lists usable in ``--variants`` (e.g. ``--variants default,ablation``)."""
 
@@ -360,15 +416,15 @@ class RunSpec:
 
     def job_spec(self, task: TaskSpec, data: TaskData) -> dict[str, Any]:
         """The ``POST /v1/jobs`` body of this run."""
-        name = {"full_fewer": "full", "factor_gumbel": "factor", "infobatch_max": "infobatch"}.get(
-            self.policy, self.policy
-        )
+        name = SERVICE_NAMES.get(self.policy, self.policy)
         ratio = 1.0 if self.policy in ("full", "full_fewer") else self.ratio
         params: dict[str, Any] = {}
         if self.policy == "infobatch_max":
             params.update(prune_ratio=1.0, delta=1.0)
+        if self.policy in ("rs2_prop", "rs2_equal"):
+            params["class_quotas"] = "proportional" if self.policy == "rs2_prop" else "equal"
         variant = VARIANTS[self.variant] if self.policy in FACTOR_POLICIES else Variant()
-        if self.policy in FACTOR_POLICIES and self.variant != "service_default":
+        if self.policy in FACTOR_POLICIES and self.variant not in ON_DEFAULTS:
             # every recorded variant was run against the literal form, before the ablation made
             # quotas + dynamic coverage the policy's default: pin it so the keys keep meaning
             params.update(LITERAL_BASE)
@@ -622,7 +678,7 @@ class InProcessSelector:
 
         policy = make_policy(PolicyConfig(**spec["policy"]))
         label_col = spec["dataset"].get("label_column")
-        if spec["policy"]["name"] == "factor":
+        if spec["policy"]["name"] in ("factor", "factor_loss"):
             sc = self.scored(spec)
             data = ShardData(
                 0,
@@ -808,7 +864,7 @@ def run_one(
     if task.model.kind == "cnn":
         model = model.to(memory_format=torch.channels_last)
     stats: list[dict[str, Any]] = []
-    want_stats = run.policy in FACTOR_POLICIES or run.policy == "rs2"
+    want_stats = run.policy in FACTOR_POLICIES or run.policy.startswith("rs2")
 
     def on_epoch(epoch: int, idx: np.ndarray) -> None:
         if want_stats:
@@ -829,6 +885,7 @@ def run_one(
         seed=run.seed,
         send_feedback=run.policy in FEEDBACK_POLICIES,
         on_epoch=on_epoch,
+        eval_every=task.eval_every,
     )
     wall_s = time.perf_counter() - t_run
     if run.policy not in FEEDBACK_POLICIES and res.total_steps != res.planned_steps:
@@ -850,13 +907,14 @@ def run_one(
         # The service scores every job (jobs with equal data, feature, SAE and score specs share
         # one scoring); in-process only factor policies score.
         "scoring_key": scoring_key(spec)
-        if via == "http" or run.policy in FACTOR_POLICIES
+        if via == "http" or run.policy in SCORED_POLICIES
         else None,
         "via": via,
         "loss_weights": run.policy in FEEDBACK_POLICIES,
         "final_acc": res.acc_curve[-1],
         "best_acc": max(res.acc_curve),
         "acc_curve": res.acc_curve,
+        "eval_epochs": res.eval_epochs,
         "epoch_sizes": res.epoch_sizes,
         "served_digest": [
             hashlib.blake2b(
@@ -876,6 +934,10 @@ def run_one(
         "threads": threads,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if data.meta:
+        from benchmarks.train_regimes import regime_metrics
+
+        record["regime"] = regime_metrics(model, data, res.served, run.epochs)
     if stats:
         labels = data.y_train.numpy()
         record["diagnostics"] = _diagnostics(stats, res.served, labels, n)
@@ -1010,7 +1072,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    data = load_task(task.data, args.data_root)
+    data = load_task(task.data, args.data_root, **task.data_args)
     server = None
     if args.via == "inprocess":
         selector: Any = InProcessSelector(args.data_root / "cache")

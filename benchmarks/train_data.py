@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,9 @@ class TaskData:
     """The job spec's ``dataset.feature`` (FeatureSpec fields)."""
     label_column: str = "label"
     """The Parquet label column."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Regime facts per training row (benchmarks.train_regimes: ``group``, ``noisy``,
+    ``dedup_n``); empty for the plain tasks."""
 
     @property
     def num_samples(self) -> int:
@@ -274,13 +277,29 @@ def load_text(root: Path) -> TaskData:
     )
 
 
+DATA_NAMES: tuple[str, ...] = (
+    "fmnist",
+    "digits",
+    "text",
+    "fmnist-ref",
+    "fmnist-dup",
+    "fmnist-lt",
+    "fmnist-noisy",
+)
+"""Every ``TaskSpec.data``: the plain tasks, then the regimes of benchmarks.train_regimes."""
+
+
 def load_task(data: str, root: Path, **kwargs: Any) -> TaskData:
-    """Tensors and Parquet of a task's data: ``fmnist``, ``digits`` or ``text``."""
+    """Tensors and Parquet of a task's data (one of ``DATA_NAMES``; kwargs go to its loader)."""
     root = Path(root)
+    if data.startswith("fmnist-"):
+        from benchmarks.train_regimes import load_regime
+
+        return load_regime(data, root, **kwargs)
     if data == "fmnist":
         return load_fmnist(root, **kwargs)
     if data == "digits":
         return load_digits_task(root)
     if data == "text":
         return load_text(root)
-    raise ValueError(f"unknown task data {data!r}; expected fmnist, digits or text")
+    raise ValueError(f"unknown task data {data!r}; expected one of {', '.join(DATA_NAMES)}")

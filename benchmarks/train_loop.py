@@ -105,7 +105,7 @@ class TrainResult:
     """What one training run measured."""
 
     acc_curve: list[float]
-    """Test accuracy after each epoch."""
+    """Test accuracy after each evaluated epoch (every epoch by default)."""
     epoch_sizes: list[int]
     """Samples trained on in each epoch (rank 0, world size 1)."""
     served: list[np.ndarray]
@@ -122,6 +122,8 @@ class TrainResult:
     """Wall time of the plan, indices and feedback calls (selection + serving)."""
     eval_s: float
     """Wall time of test evaluation."""
+    eval_epochs: list[int] = field(default_factory=list)
+    """The epochs ``acc_curve`` was measured after (all of them unless ``eval_every`` > 1)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Per-epoch hook outputs (diagnostics)."""
 
@@ -154,6 +156,7 @@ def train(
     seed: int,
     send_feedback: bool,
     on_epoch: Callable[[int, np.ndarray], None] | None = None,
+    eval_every: int = 1,
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` epochs on the indices ``selector`` serves for ``job``.
 
@@ -170,12 +173,16 @@ def train(
     send_feedback: post per-sample training losses after each epoch (loss-based policies); their
         plan depends on the feedback, so the schedule is re-planned at every epoch start.
     on_epoch: called as on_epoch(epoch, indices) after the epoch (diagnostics).
+    eval_every: evaluate after every ``eval_every``-th epoch and after the last one; the
+        accuracy curve then holds only the evaluated epochs (``TrainResult.eval_epochs``).
 
     Returns
     -------
     TrainResult. For feedback-free policies ``total_steps == planned_steps`` unless the service
     served a different length than it planned, which the driver treats as an error.
     """
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
     # Dropout draws from torch's global generator (nn.Dropout takes no generator): fork it,
     # seed the fork from (seed, "dropout"), and restore the caller's state afterwards.
     with torch.random.fork_rng(devices=[]):
@@ -202,6 +209,7 @@ def train(
         sizes: list[int] = []
         served: list[np.ndarray] = []
         lrs: list[float] = []
+        eval_epochs: list[int] = []
         for epoch in range(epochs):
             t0 = time.perf_counter()
             if send_feedback and epoch > 0:
@@ -246,9 +254,11 @@ def train(
                 t0 = time.perf_counter()
                 selector.feedback(job, epoch, idx_n, losses_n)
                 select_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            acc_curve.append(evaluate(model, x_test, y_test))
-            eval_s += time.perf_counter() - t0
+            if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
+                t0 = time.perf_counter()
+                acc_curve.append(evaluate(model, x_test, y_test))
+                eval_epochs.append(epoch)
+                eval_s += time.perf_counter() - t0
             if on_epoch is not None:
                 on_epoch(epoch, idx_n)
         return TrainResult(
@@ -261,4 +271,5 @@ def train(
             train_s=train_s,
             select_s=select_s,
             eval_s=eval_s,
+            eval_epochs=eval_epochs,
         )

@@ -138,6 +138,7 @@ class ShardDerived:
         self._codes: Any = None  # scipy.sparse CSR (n, M) float32 activations (clipped at 0)
         self._active: Any = None  # CSR (n, M) float32: 1 where the activation is > 0
         self._mass: np.ndarray | None = None  # float32 (n,) sum of the clipped activations
+        self._massless: np.ndarray | None = None  # int64 positions whose mass is 0
         self._profile_memo: list[tuple[np.ndarray, np.ndarray]] = []  # [(g (M,), h (n,))]
         self._counts_memo: tuple[np.ndarray, np.ndarray] | None = None  # (rows, counts (M,))
 
@@ -201,6 +202,7 @@ class ShardDerived:
             vals = d.code_values.astype(np.float32)  # (n, k), as the literal computation
             np.maximum(vals, 0, out=vals)
             self._mass = vals.sum(axis=1)  # (n,) float32, the literal per-sample mass
+            self._massless = np.flatnonzero(self._mass <= 0)  # usually empty
             index = np.int32 if n * k < np.iinfo(np.int32).max else np.int64
             indices = np.ascontiguousarray(d.code_ids, dtype=index).reshape(-1)
             indptr = np.arange(0, n * k + 1, k, dtype=index)
@@ -220,9 +222,10 @@ class ShardDerived:
                 return h
         matrix = self._codes_matrix()
         h = matrix @ g  # (n,) float32, one pass over the n k stored activations
-        mass = self._mass
-        assert mass is not None
-        h = np.divide(h, mass, out=np.ones_like(h), where=mass > 0)
+        mass, massless = self._mass, self._massless
+        assert mass is not None and massless is not None
+        np.divide(h, mass, out=h, where=mass > 0)
+        h[massless] = 1.0  # no positive activation: weight 1
         self._profile_memo = [(g.copy(), h), *self._profile_memo[: _PROFILE_MEMO - 1]]
         return h
 

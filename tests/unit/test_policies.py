@@ -417,11 +417,13 @@ def dense_profile_dot(data: ShardData, g: np.ndarray) -> np.ndarray:
 
 
 def wide_codes(n: int, seed: int) -> ShardData:
-    """k = 32 of 256 units (float32 sums in another order round differently), some zeros."""
+    """k = 32 of 256 units (float32 sums in another order round differently), some zeros and
+    three samples with no positive activation."""
     rng = np.random.default_rng(seed)
     ids = np.argsort(rng.random((n, 256)), axis=1)[:, :32].astype(np.int32)
     values = rng.random((n, 32)).astype(np.float16)
     values[rng.random((n, 32)) < 0.05] = 0
+    values[:3] = 0  # samples without a positive activation keep their diversity (weight 1)
     p = np.bincount(ids[values > 0], minlength=256) / n
     return ShardData(
         0,

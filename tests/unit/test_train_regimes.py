@@ -126,7 +126,7 @@ def test_class_accuracy_matches_the_confusion() -> None:
 
 def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
     task = train_bench.TASKS["fmnist-dup"]
-    assert task.eval_every == 5 and task.data_args == {"base_size": 20000}
+    assert task.eval_every == 5 and task.data_args == {"base_size": 10000}
     data = TaskData(
         x_train=torch.zeros(4, 1, 2, 2),
         y_train=torch.zeros(4, dtype=torch.long),

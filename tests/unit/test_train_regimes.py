@@ -3,6 +3,9 @@ shape, their diagnostics and metrics, and the bench's new policies' job specs.""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +162,42 @@ def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
             sae={},
             eval_every=0,
         )
+
+
+def test_regimes_report_tables_and_target_check(tmp_path: Path) -> None:
+    from benchmarks import train_regimes_report as rep
+
+    def rec(policy: str, variant: str, ratio: float, seed: int, acc: float) -> dict:
+        key = f"fmnist-dup|{policy}|{variant}|r={ratio:g}|seed={seed}|E=10"
+        return {
+            "kind": "run",
+            "key": key,
+            "task": "fmnist-dup",
+            "policy": policy,
+            "variant": variant,
+            "ratio": ratio,
+            "seed": seed,
+            "epochs": 10,
+            "final_acc": acc,
+            "sample_fraction": ratio,
+            "regime": {"sample_fraction_dedup": 2 * ratio, "served_dup_share": 0.5},
+        }
+
+    records = []
+    for seed, noise in enumerate([0.0, 0.004, -0.004]):
+        records.append(rec("rs2", "-", 0.2, seed, 0.80 + noise))
+        records.append(rec("full_fewer", "-", 0.2, seed, 0.79 + noise))
+        records.append(rec("factor_loss", "-", 0.2, seed, 0.83 + noise))
+    records.append(rec("full", "-", 1.0, 0, 0.88))
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    block = rep.render(rep.read_results(path))
+    assert "#### Task `fmnist-dup`" in block
+    assert "| factor_loss | 0.2 | 3 | 83.00 ± 0.40 |" in block
+    assert "**beats**" in block and "+3.00 ± 0.00 points" in block
+    assert "full data (1 seed(s)): 88.00%" in block
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{rep.BEGIN}\nold\n{rep.END}\noutro\n")
+    rep.write_doc(block, doc)
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("intro") and text.endswith("outro\n")

@@ -257,10 +257,6 @@ class Cluster:
     worker: Proc
     procs: list[Proc]
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.mapping.gcs}"
-
 
 def _wait_for(check: Any, timeout: float, what: str, procs: list[Proc]) -> Any:
     deadline = time.monotonic() + timeout
@@ -301,7 +297,7 @@ def cluster() -> Iterator[Cluster]:
     tmp = Path(tempfile.mkdtemp(prefix="sd", dir="/tmp"))  # short: unix socket path limit
     temp_dir = str(tmp / "r")
     ports = Ports()
-    gcs, api, dashboard, client_port = ports.take(1) + ports.take(1) + ports.take(1) + ports.take(1)
+    gcs, api, dashboard, client_port = (ports.take(1)[0] for _ in range(4))
     volumes = {"/data": str(tmp / "data"), "/store": str(tmp / "store")}
     for local in volumes.values():
         Path(local).mkdir()
@@ -329,7 +325,7 @@ def cluster() -> Iterator[Cluster]:
         if ray.is_initialized():
             ray.shutdown()
         for proc in reversed(procs):
-            proc.stop()
+            proc.stop(timeout=15.0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -469,7 +465,7 @@ RUNTIME_ENVS = [
             pytest.mark.slow,
             pytest.mark.skipif(
                 not os.environ.get("SAELECT_TEST_PIP_RUNTIME_ENV"),
-                reason="pip runtime env: Ray clones this 2.3 GB venv first (about 2.5 min); "
+                reason="pip runtime env: Ray clones this 2.3 GB venv first (3 to 4 min here); "
                 "set SAELECT_TEST_PIP_RUNTIME_ENV=1 to run it",
             ),
         ],

@@ -271,9 +271,11 @@ def test_dockerfile_builds_cpu_and_gpu_from_the_ray_image_of_our_versions() -> N
         r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-\$\{VARIANT\}$", text, re.M
     )
     # the project from the build context, never from a package index
-    assert "COPY --chown=ray:users pyproject.toml README.md ./" in text
+    src = "/home/ray/saelect"
+    assert f"COPY --chown=ray:users pyproject.toml README.md {src}/" in text
     for package in ("service", "workers", "client"):
-        assert f"COPY --chown=ray:users {package} ./{package}" in text
+        assert f"COPY --chown=ray:users {package} {src}/{package}" in text
+    assert text.index("COPY") < text.index(f"WORKDIR {src}") < text.index("pip install")
     assert "pip install --no-cache-dir ." in text and "pip install saelect" not in text
     assert re.search(r"^USER 1000:100$", text, re.M)
     assert _dockerfile_cmd()[:2] == ["saelect", "serve"]

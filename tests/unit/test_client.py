@@ -229,17 +229,27 @@ def test_sampler_lengths_iteration_and_equal_ranks(
         SelectionSampler(client, job, rank=3, world_size=3)
 
 
-def test_sampler_waits_while_a_restarted_service_reattaches(
+def test_sampler_waits_out_job_not_ready_until_a_timer_readies_the_fake_job(
     client: SelectionClient, job: str, served: Any
 ) -> None:
-    """A job that answers job_not_ready mid-training (service restart) is waited for."""
+    """``set_epoch`` on a job that answers job_not_ready polls until it is ready, then fetches
+    (and raises JobFailedError when the job failed instead).
+
+    Nothing restarts here: a timer flips the fake backend's phase. The real case, a crashed and
+    restarted `saelect serve` re-attaching its job, is
+    tests/integration/test_sampler_restart.py.
+    """
     backend: FakeBackend = served[1]
     sampler = SelectionSampler(client, job, rank=0, world_size=2, ready_timeout=10)
     backend.set_phase(job, "scoring")
+    calls = dict(backend.calls)
     timer = threading.Timer(0.3, backend.set_phase, args=(job, "ready"))
     timer.start()
     sampler.set_epoch(1)
     timer.join()
+    # one request refused (not ready), the job polled, one request served (ready by then)
+    assert backend.calls["epoch_indices"] - calls.get("epoch_indices", 0) == 2
+    assert backend.calls["get_job"] - calls.get("get_job", 0) >= 1
     assert list(sampler) == client.indices(job, 1, 0, 2).tolist()
     backend.set_phase(job, "failed", error="disk full")
     with pytest.raises(JobFailedError, match="disk full"):

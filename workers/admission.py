@@ -180,19 +180,6 @@ class Reservation:
             ),
         }
 
-    def cpus_beside(self, bundle: int = 0) -> float:
-        """CPUs the reservation holds on the node of ``bundle`` (all its bundles there).
-
-        A task that runs while the other bundles are idle (the SAE training) may use them all.
-        """
-        from ray.util import placement_group_table
-
-        nodes = placement_group_table(self.group).get("bundles_to_node_id", {})
-        here = nodes.get(bundle)
-        if here is None:
-            return self.request.cpus
-        return self.request.cpus * sum(1 for node in nodes.values() if node == here)
-
     def release(self) -> None:
         """Give every reserved CPU and GPU back to the cluster (idempotent)."""
         from ray.util import remove_placement_group

@@ -227,7 +227,7 @@ def _task_sample_features(
 def _task_train_sae(config: SAEConfig, threads: int, *parts: np.ndarray) -> dict[str, bytes]:
     import torch
 
-    torch.set_num_threads(threads)  # the node's reserved CPUs: nothing else runs meanwhile
+    torch.set_num_threads(threads)  # the CPUs of its bundle
     feats = np.concatenate([p for p in parts if p.shape[0]])
     return scoring_steps.train_sae_files(feats, config)
 
@@ -568,7 +568,8 @@ def run_scoring(
                 )
                 sae_files = scoring_steps.sae_to_files(model, sae_config)
             else:
-                threads = max(1, int(reservation.cpus_beside(0)))
+                threads = max(1, int(request.cpus))  # its own bundle: OpenMP threads beyond
+                # the reserved CPUs spin against other work (measured 10-80x slower on 2 busy cores)
                 sae_files = ray.get(
                     task(_task_train_sae, gpu=True, bundle=0).remote(sae_config, threads, *feats)
                 )

@@ -169,10 +169,12 @@ POLICIES: tuple[str, ...] = (
     "rs2_prop",
     "rs2_equal",
     "factor_loss",
+    "factor_loss_eq",
 )
 """Bench policy names. ``rs2_prop`` / ``rs2_equal`` are ``rs2`` with ``class_quotas``
 ``proportional`` / ``equal`` (class-balanced random rotations, no scores); ``factor_loss`` is the
-hybrid policy (diversity + clipped loss feedback). ``full_fewer`` is the service's ``full`` for
+hybrid policy (diversity + clipped loss feedback), ``factor_loss_eq`` the same with equal class
+quotas (for long-tailed data). ``full_fewer`` is the service's ``full`` for
 round(r E) epochs;
 ``factor_gumbel`` is ``factor`` with ``sampling="gumbel"``; ``infobatch_max`` is ``infobatch``
 pruning every below-mean-loss sample until the last epoch (prune_ratio 1, delta 1), its smallest
@@ -180,11 +182,11 @@ budget. InfoBatch ignores the keep ratio (its budget follows from the losses), s
 per seed, recorded at r = 1, and are compared at the sample fraction they realize."""
 
 FEEDBACK_POLICIES = frozenset(
-    {"infobatch", "infobatch_max", "ucb", "epsilon_greedy", "factor_loss"}
+    {"infobatch", "infobatch_max", "ucb", "epsilon_greedy", "factor_loss", "factor_loss_eq"}
 )
 OWN_BUDGET_POLICIES = frozenset({"infobatch", "infobatch_max"})
 FACTOR_POLICIES = frozenset({"factor", "factor_gumbel"})
-SCORED_POLICIES = FACTOR_POLICIES | {"factor_loss"}
+SCORED_POLICIES = FACTOR_POLICIES | {"factor_loss", "factor_loss_eq"}
 """Bench policies whose jobs need the scoring (R, D, codes)."""
 SERVICE_NAMES: dict[str, str] = {
     "full_fewer": "full",
@@ -192,6 +194,7 @@ SERVICE_NAMES: dict[str, str] = {
     "infobatch_max": "infobatch",
     "rs2_prop": "rs2",
     "rs2_equal": "rs2",
+    "factor_loss_eq": "factor_loss",
 }
 """Bench policy -> service policy name (the others are their own)."""
 
@@ -308,8 +311,19 @@ VARIANTS: dict[str, Variant] = {
         params={"factor_gamma": 3.0},
         note="current defaults + strong factor-level usage penalty (factor_gamma = 3)",
     ),
+    "selfsup_default": Variant(
+        feature={"kind": "selfsup", "dim": 128},
+        note="current defaults on self-supervised (crop-invariant) features",
+    ),
+    "selfsup_fgamma1": Variant(
+        params={"factor_gamma": 1.0},
+        feature={"kind": "selfsup", "dim": 128},
+        note="current defaults + factor_gamma = 1 on self-supervised features",
+    ),
 }
-ON_DEFAULTS: frozenset[str] = frozenset({"service_default", "fgamma1", "fgamma3"})
+ON_DEFAULTS: frozenset[str] = frozenset(
+    {"service_default", "fgamma1", "fgamma3", "selfsup_default", "selfsup_fgamma1"}
+)
 """Variants applied on factor's current defaults (not pinned to ``LITERAL_BASE``)."""
 VARIANTS.update(
     {
@@ -427,6 +441,8 @@ class RunSpec:
             params.update(prune_ratio=1.0, delta=1.0)
         if self.policy in ("rs2_prop", "rs2_equal"):
             params["class_quotas"] = "proportional" if self.policy == "rs2_prop" else "equal"
+        if self.policy == "factor_loss_eq":
+            params["class_quotas"] = "equal"
         variant = VARIANTS[self.variant] if self.policy in FACTOR_POLICIES else Variant()
         if self.policy in FACTOR_POLICIES and self.variant not in ON_DEFAULTS:
             # every recorded variant was run against the literal form, before the ablation made
@@ -682,7 +698,7 @@ class InProcessSelector:
 
         policy = make_policy(PolicyConfig(**spec["policy"]))
         label_col = spec["dataset"].get("label_column")
-        if spec["policy"]["name"] in ("factor", "factor_loss"):
+        if spec["policy"]["name"] in ("factor", "factor_loss"):  # the scored policies
             sc = self.scored(spec)
             data = ShardData(
                 0,

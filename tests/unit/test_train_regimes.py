@@ -148,8 +148,11 @@ def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
     assert spec("rs2_prop")["params"] == {"class_quotas": "proportional"}
     assert spec("rs2_equal")["params"] == {"class_quotas": "equal"}
     assert spec("factor_loss")["name"] == "factor_loss"
+    assert spec("factor_loss_eq") == {**spec("factor_loss"), "params": {"class_quotas": "equal"}}
     # fgamma variants sit on factor's current defaults (not the pinned literal form)
     assert spec("factor", "fgamma1")["params"] == {"factor_gamma": 1.0}
+    run = train_bench.RunSpec("fmnist-dup", "factor", 0.2, 0, 10, "selfsup_default")
+    assert run.job_spec(task, data)["dataset"]["feature"]["kind"] == "selfsup"
     assert "factor_loss" in train_bench.FEEDBACK_POLICIES
     with pytest.raises(ValueError, match="eval_every"):
         train_bench.TaskSpec(

@@ -272,6 +272,16 @@ def _wait_for(check: Any, timeout: float, what: str, procs: list[Proc]) -> Any:
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
+@contextlib.contextmanager
+def _logs_on_failure(procs: list[Proc]) -> Iterator[None]:
+    """Re-raise a failure with the tail of each process's log (the service's is what tells)."""
+    try:
+        yield
+    except Exception as exc:
+        logs = "\n".join(f"--- {p.name}\n{p.text()[-3000:]}" for p in procs)
+        raise AssertionError(f"{exc}\n{logs}") from exc
+
+
 def _head_healthy(mapping: ComposeMap) -> bool:
     """The head's compose healthcheck (``ray health-check``), run here."""
     test = compose_service("ray-head")["healthcheck"]["test"]
@@ -371,85 +381,86 @@ def test_compose_service_serves_scores_on_both_raylets_and_survives_a_kill(
     service = Proc("saelect", argv, env, cluster.tmp / "service.log", cluster.tmp)
     cluster.procs.append(service)
     procs = [cluster.head, cluster.worker, service]
-    url = _wait_for(
-        lambda: url_file.exists() and url_file.read_text().strip(), 180, "the URL file", procs
-    )
-    nodes = _node_ids_by_port()
-    assert len(nodes) == 3
-    service_node = nodes[_port_of(service_flags, "node-manager-port")]
-    # the service node's registered IP, not the 0.0.0.0 bind
-    assert url == f"http://{_node_ip(service_node)}:{cluster.mapping.api}"
-    assert f"saelect serving on {url}" in service.text()
-    client = SelectionClient(url, token=TOKEN, retries=30)
-    assert client.healthz()["url"] == url
-    actor = ray.get_actor("saelect", namespace="saelect")
-    first = ray.get(actor.info.remote(), timeout=60)
-    assert first["node_id"] == service_node and first["url"] == url
+    with _logs_on_failure([service]):
+        url = _wait_for(
+            lambda: url_file.exists() and url_file.read_text().strip(), 180, "the URL file", procs
+        )
+        nodes = _node_ids_by_port()
+        assert len(nodes) == 3
+        service_node = nodes[_port_of(service_flags, "node-manager-port")]
+        # the service node's registered IP, not the 0.0.0.0 bind
+        assert url == f"http://{_node_ip(service_node)}:{cluster.mapping.api}"
+        assert f"saelect serving on {url}" in service.text()
+        client = SelectionClient(url, token=TOKEN, retries=30)
+        assert client.healthz()["url"] == url
+        actor = ray.get_actor("saelect", namespace="saelect")
+        first = ray.get(actor.info.remote(), timeout=60)
+        assert first["node_id"] == service_node and first["url"] == url
 
-    # a client process: `saelect jobs create` finds the URL in the URL file
-    spec_path = cluster.tmp / "spec.json"
-    spec_path.write_text(json.dumps(SPEC).replace("/data", cluster.mapping.volumes["/data"]))
-    jobs_env = {**cluster.env, "SAELECT_URL_FILE": str(url_file), "SAELECT_API_TOKEN": TOKEN}
-    created = subprocess.run(
-        [sys.executable, "-m", "service.cli", "jobs", "create", str(spec_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=jobs_env,
-        cwd=ROOT,
-    )
-    assert created.returncode == 0, created.stderr
-    job = json.loads(created.stdout)["id"]
-    status = client.wait_ready(job, timeout=300, poll=0.5)
-    assert status["phase"] == "ready", status
-
-    # scoring reserved its workers on both raylets that have CPUs (the service's node has none),
-    # ran inside that reservation, and gave it back when the job was scored
-    cpu_nodes = {node for node in nodes.values() if node != service_node}
-    groups = [
-        g
-        for g in ray.util.placement_group_table().values()
-        if str(g.get("name", "")).startswith("saelect-scoring-")
-    ]
-    assert len(groups) == 1, groups
-    assert set(groups[0]["bundles_to_node_id"].values()) == cpu_nodes
-    assert groups[0]["state"] == "REMOVED"
-    records = [json.loads(p.read_text()) for p in cluster.tmp.glob("store/**/pipeline.json")]
-    encoded_on = {n for r in records for n in r["encoding"]["nodes"]}
-    assert encoded_on and encoded_on <= cpu_nodes, (encoded_on, nodes)
-
-    def fetch() -> dict[str, Any]:
-        out = subprocess.run(
-            [sys.executable, "-c", FETCH, url, TOKEN, job],
+        # a client process: `saelect jobs create` finds the URL in the URL file
+        spec_path = cluster.tmp / "spec.json"
+        spec_path.write_text(json.dumps(SPEC).replace("/data", cluster.mapping.volumes["/data"]))
+        jobs_env = {**cluster.env, "SAELECT_URL_FILE": str(url_file), "SAELECT_API_TOKEN": TOKEN}
+        created = subprocess.run(
+            [sys.executable, "-m", "service.cli", "jobs", "create", str(spec_path)],
             capture_output=True,
             text=True,
-            timeout=180,
-            env=cluster.env,
+            timeout=120,
+            env=jobs_env,
             cwd=ROOT,
         )
-        assert out.returncode == 0, out.stderr
-        return dict(json.loads(out.stdout))
+        assert created.returncode == 0, created.stderr
+        job = json.loads(created.stdout)["id"]
+        status = client.wait_ready(job, timeout=300, poll=0.5)
+        assert status["phase"] == "ready", status
 
-    before = fetch()
-    m = round(0.3 * 1438)
-    assert all(v[0] == v[1] == (m + 1) // 2 for v in before.values())
+        # scoring reserved its workers on both raylets that have CPUs (the service's node has none),
+        # ran inside that reservation, and gave it back when the job was scored
+        cpu_nodes = {node for node in nodes.values() if node != service_node}
+        groups = [
+            g
+            for g in ray.util.placement_group_table().values()
+            if str(g.get("name", "")).startswith("saelect-scoring-")
+        ]
+        assert len(groups) == 1, groups
+        assert set(groups[0]["bundles_to_node_id"].values()) == cpu_nodes
+        assert groups[0]["state"] == "REMOVED"
+        records = [json.loads(p.read_text()) for p in cluster.tmp.glob("store/**/pipeline.json")]
+        encoded_on = {n for r in records for n in r["encoding"]["nodes"]}
+        assert encoded_on and encoded_on <= cpu_nodes, (encoded_on, nodes)
 
-    # kill the actor's process: Ray restarts it on the same node, serving on the same port
-    os.kill(int(first["pid"]), signal.SIGKILL)
+        def fetch() -> dict[str, Any]:
+            out = subprocess.run(
+                [sys.executable, "-c", FETCH, url, TOKEN, job],
+                capture_output=True,
+                text=True,
+                timeout=180,
+                env=cluster.env,
+                cwd=ROOT,
+            )
+            assert out.returncode == 0, out.stderr
+            return dict(json.loads(out.stdout))
 
-    def restarted() -> dict[str, Any] | None:
-        try:
-            info = dict(ray.get(actor.info.remote(), timeout=10))
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return None
-        return info if info["pid"] != first["pid"] else None
+        before = fetch()
+        m = round(0.3 * 1438)
+        assert all(v[0] == v[1] == (m + 1) // 2 for v in before.values())
 
-    second = _wait_for(restarted, 180, "the restarted SelectionActor", procs)
-    assert second["node_id"] == service_node and second["url"] == url
-    client = SelectionClient(url, token=TOKEN, retries=60)
-    assert client.healthz()["url"] == url
-    client.wait_ready(job, timeout=120, poll=0.5)  # the restarted actor re-attaches the job
-    assert fetch() == before  # the same epochs, from the store, after the restart
+        # kill the actor's process: Ray restarts it on the same node, serving on the same port
+        os.kill(int(first["pid"]), signal.SIGKILL)
+
+        def restarted() -> dict[str, Any] | None:
+            try:
+                info = dict(ray.get(actor.info.remote(), timeout=10))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return None
+            return info if info["pid"] != first["pid"] else None
+
+        second = _wait_for(restarted, 180, "the restarted SelectionActor", procs)
+        assert second["node_id"] == service_node and second["url"] == url
+        client = SelectionClient(url, token=TOKEN, retries=60)
+        assert client.healthz()["url"] == url
+        client.wait_ready(job, timeout=300, poll=0.5)  # the restarted actor re-attaches the job
+        assert fetch() == before  # the same epochs, from the store, after the restart
 
     assert service.stop(first=signal.SIGTERM, timeout=60) == 0, service.text()[-3000:]
     assert "stopping" in service.text()

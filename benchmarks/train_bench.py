@@ -170,23 +170,33 @@ POLICIES: tuple[str, ...] = (
     "rs2_equal",
     "factor_loss",
     "factor_loss_eq",
+    "factor_loss_clean",
 )
 """Bench policy names. ``rs2_prop`` / ``rs2_equal`` are ``rs2`` with ``class_quotas``
 ``proportional`` / ``equal`` (class-balanced random rotations, no scores); ``factor_loss`` is the
 hybrid policy (diversity + clipped loss feedback), ``factor_loss_eq`` the same with equal class
-quotas (for long-tailed data). ``full_fewer`` is the service's ``full`` for
-round(r E) epochs;
+quotas (for long-tailed data), ``factor_loss_clean`` the same with a low clip quantile and a
+strong loss term (``FACTOR_LOSS_CLEAN``: for noisy labels). ``full_fewer`` is the service's
+``full`` for round(r E) epochs;
 ``factor_gumbel`` is ``factor`` with ``sampling="gumbel"``; ``infobatch_max`` is ``infobatch``
 pruning every below-mean-loss sample until the last epoch (prune_ratio 1, delta 1), its smallest
 budget. InfoBatch ignores the keep ratio (its budget follows from the losses), so both run once
 per seed, recorded at r = 1, and are compared at the sample fraction they realize."""
 
 FEEDBACK_POLICIES = frozenset(
-    {"infobatch", "infobatch_max", "ucb", "epsilon_greedy", "factor_loss", "factor_loss_eq"}
+    {
+        "infobatch",
+        "infobatch_max",
+        "ucb",
+        "epsilon_greedy",
+        "factor_loss",
+        "factor_loss_eq",
+        "factor_loss_clean",
+    }
 )
 OWN_BUDGET_POLICIES = frozenset({"infobatch", "infobatch_max"})
 FACTOR_POLICIES = frozenset({"factor", "factor_gumbel"})
-SCORED_POLICIES = FACTOR_POLICIES | {"factor_loss", "factor_loss_eq"}
+SCORED_POLICIES = FACTOR_POLICIES | {"factor_loss", "factor_loss_eq", "factor_loss_clean"}
 """Bench policies whose jobs need the scoring (R, D, codes)."""
 SERVICE_NAMES: dict[str, str] = {
     "full_fewer": "full",
@@ -195,7 +205,11 @@ SERVICE_NAMES: dict[str, str] = {
     "rs2_prop": "rs2",
     "rs2_equal": "rs2",
     "factor_loss_eq": "factor_loss",
+    "factor_loss_clean": "factor_loss",
 }
+FACTOR_LOSS_CLEAN: dict[str, Any] = {"clip_quantile": 0.6, "beta": 0.8, "tau": 0.3}
+"""``factor_loss_clean``'s params: losses ranked above 0.6 (below 1 - a 30% noise rate) fall
+back to 0, the loss term outweighs diversity, and less Gumbel noise so the preference steers."""
 """Bench policy -> service policy name (the others are their own)."""
 
 
@@ -443,6 +457,8 @@ class RunSpec:
             params["class_quotas"] = "proportional" if self.policy == "rs2_prop" else "equal"
         if self.policy == "factor_loss_eq":
             params["class_quotas"] = "equal"
+        if self.policy == "factor_loss_clean":
+            params.update(FACTOR_LOSS_CLEAN)
         variant = VARIANTS[self.variant] if self.policy in FACTOR_POLICIES else Variant()
         if self.policy in FACTOR_POLICIES and self.variant not in ON_DEFAULTS:
             # every recorded variant was run against the literal form, before the ablation made

@@ -149,6 +149,7 @@ def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
     assert spec("rs2_equal")["params"] == {"class_quotas": "equal"}
     assert spec("factor_loss")["name"] == "factor_loss"
     assert spec("factor_loss_eq") == {**spec("factor_loss"), "params": {"class_quotas": "equal"}}
+    assert spec("factor_loss_clean")["params"] == train_bench.FACTOR_LOSS_CLEAN
     # fgamma variants sit on factor's current defaults (not the pinned literal form)
     assert spec("factor", "fgamma1")["params"] == {"factor_gamma": 1.0}
     run = train_bench.RunSpec("fmnist-dup", "factor", 0.2, 0, 10, "selfsup_default")

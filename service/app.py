@@ -195,4 +195,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    add_listener = getattr(backend, "add_epoch_listener", None)  # optional Backend method
+    if add_listener is not None:
+        add_listener(app.state.metrics.observe_epoch)
     return app

@@ -123,6 +123,12 @@ class JobManager:
         self._broken: dict[str, str] = {}
         """Stored jobs that could not be resumed: id -> why (listed as failed)."""
         self._scoring_locks: dict[str, asyncio.Lock] = {}
+        self._epoch_listeners: list[Callable[[str, str, int, float], None]] = []
+
+    def add_epoch_listener(self, fn: Callable[[str, str, int, float], None]) -> None:
+        """Call ``fn(job_id, policy, epoch, selection_seconds)`` after each epoch computed
+        (the app's metrics use it; replayed epochs are not computed again)."""
+        self._epoch_listeners.append(fn)
 
     def scoring_storage(self, key: str) -> Storage:
         """Where the scoring outputs of every job with `scoring_key` ``key`` live.
@@ -385,6 +391,30 @@ class JobManager:
         live = [j.status() for j in self._jobs.values() if not j.deleted]
         return live + [self._broken_status(j) for j in self._broken]
 
+    async def job_metrics(self) -> list[Any]:
+        """Per live job, its policy and the cluster resources its scoring reserves now, as
+        ``service.metrics.JobMetrics`` (the ``/metrics`` route reads them at scrape time).
+
+        A scoring records its reservation in its state file once its first phase is done, so a
+        job in ``featurizing`` may still report none; a job that is not scoring reserves none.
+        """
+        from service.metrics import JobMetrics
+
+        jobs = [j for j in self._jobs.values() if not j.deleted]
+        held = await asyncio.to_thread(lambda: [self._scoring_resources(j) for j in jobs])
+        return [JobMetrics(j.id, j.spec.policy.name, r) for j, r in zip(jobs, held, strict=True)]
+
+    def _scoring_resources(self, job: Job) -> dict[str, float]:
+        from workers.pipeline import STATE_FILE
+
+        if job.phase not in SCORING_PHASES or not needs_scores(job.spec):
+            return {}
+        try:
+            doc = self.scoring_storage(scoring_key(job.spec)).read_json(STATE_FILE)
+        except Exception:  # not written yet, or being replaced: nothing known to be held
+            return {}
+        return {str(k): float(v) for k, v in (doc.get("resources") or {}).items()}
+
     async def get_job(self, job_id: str) -> JobStatus:
         if check_job_id(job_id) in self._broken:
             return self._broken_status(job_id)
@@ -457,6 +487,8 @@ class JobManager:
             res.indices.shape[0],
             stats["selection_seconds"],
         )
+        for listener in self._epoch_listeners:
+            listener(job.id, job.spec.policy.name, t, stats["selection_seconds"])
 
     def _read_stats(self, job_id: str, epoch: int, fallback: dict[str, Any]) -> dict[str, Any]:
         js = self.store.job_storage(job_id)
@@ -587,6 +619,9 @@ def scoring_key(spec: JobSpec) -> str:
     blob = json.dumps(doc, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
+
+SCORING_PHASES = frozenset({"featurizing", "training_sae", "encoding", "scoring"})
+"""Phases in which a job's scoring holds its reservation."""
 
 SCORED_POLICIES = frozenset({"factor"})
 """Policies that read R, D or codes: only their jobs are scored."""

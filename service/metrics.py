@@ -1,24 +1,35 @@
-"""Prometheus text exposition (format 0.0.4) of the service's counters, written by hand.
+"""Prometheus metrics of one app, on ``prometheus_client`` with a registry per app.
 
-Counters: requests by method, route template and status; a latency histogram by route; index
-responses by format and the number of indices served; feedback samples received. Job phases are a
-gauge computed at scrape time from the backend.
+Counted as they happen: HTTP requests by method, route template and status, and their latency by
+route; epoch index responses by format and the indices served; feedback samples received; epochs
+computed and their selection seconds, by policy (the job manager reports each epoch through
+`Metrics.observe_epoch`). Read from the backend at scrape time (`Metrics.render`): jobs by phase,
+and per job its phase progress, epochs committed and the cluster resources its scoring reserves.
+
+Why ``prometheus_client`` and not ``ray.util.metrics``: docs/api.md, section Metrics.
 
 Example:
     >>> m = Metrics()
     >>> m.observe_request("GET", "/healthz", 200, 0.002)
-    >>> 'saelect_http_requests_total{method="GET",route="/healthz",status="200"} 1' in m.render()
+    >>> 'saelect_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in m.render()
     True
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import Counter as Tally
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.backend import PHASES, JobStatus
+
+prometheus_client.disable_created_metrics()  # no `_created` series next to every counter
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.001,
@@ -35,115 +46,188 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     5.0,
     10.0,
 )
-"""Upper bounds (seconds) of the latency histogram; +Inf is implicit."""
+"""Upper bounds (seconds) of the HTTP latency histogram; +Inf is implicit."""
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SELECTION_BUCKETS_S: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""Upper bounds (seconds) of the epoch selection histogram; +Inf is implicit."""
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+@dataclass(frozen=True)
+class JobMetrics:
+    """What a backend reports about one job at scrape time, beyond its `JobStatus`."""
 
-
-def _labels(**labels: Any) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-    return "{" + inner + "}"
-
-
-def _num(v: float) -> str:
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+    id: str
+    """Job id."""
+    policy: str
+    """The job's policy name."""
+    resources: Mapping[str, float] = field(default_factory=dict)
+    """Cluster resources its scoring holds now, e.g. ``{"CPU": 2.0}``; empty once ready."""
 
 
 class Metrics:
-    """In-process counters of one app; safe to update from several threads."""
+    """The series of one app in its own `CollectorRegistry`; safe to update from several threads.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._started = time.time()
-        self._requests: dict[tuple[str, str, str], int] = defaultdict(int)
-        # route -> (bucket counts (len(LATENCY_BUCKETS_S) + 1,), sum, count)
-        self._latency: dict[str, list[Any]] = {}
-        self._index_responses: dict[str, int] = defaultdict(int)
-        self._indices_served = 0
-        self._feedback_samples = 0
+    Parameters
+    ----------
+    registry:
+        Where the series live (default: a new registry, so apps and tests stay isolated).
+    """
 
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self._scrape_lock = threading.Lock()
+        self.requests = Counter(
+            "saelect_http_requests",
+            "HTTP requests by method, route template and status.",
+            ["method", "route", "status"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            "saelect_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.index_responses = Counter(
+            "saelect_epoch_index_responses",
+            "Epoch index lists served, by format (binary, json).",
+            ["format"],
+            registry=reg,
+        )
+        self.indices_served = Counter(
+            "saelect_indices_served", "Sample indices sent to trainers.", registry=reg
+        )
+        self.feedback_samples = Counter(
+            "saelect_feedback_samples", "Per-sample losses received.", registry=reg
+        )
+        self.epochs_computed = Counter(
+            "saelect_epochs_computed",
+            "Epochs selected and committed by this process, by policy (replays not counted).",
+            ["policy"],
+            registry=reg,
+        )
+        self.selection_seconds = Histogram(
+            "saelect_epoch_selection_seconds",
+            "Seconds to select one epoch over the job's shards, by policy.",
+            ["policy"],
+            buckets=SELECTION_BUCKETS_S,
+            registry=reg,
+        )
+        start = Gauge("saelect_start_time_seconds", "Unix time the app started.", registry=reg)
+        start.set(time.time())
+        self.jobs = Gauge("saelect_jobs", "Jobs by phase.", ["phase"], registry=reg)
+        self.progress_done = Gauge(
+            "saelect_job_progress_done",
+            "Units done in the job's current phase (rows, SAE epochs, shards), by job.",
+            ["job", "phase"],
+            registry=reg,
+        )
+        self.progress_total = Gauge(
+            "saelect_job_progress_total",
+            "Units in the job's current phase, by job.",
+            ["job", "phase"],
+            registry=reg,
+        )
+        self.epochs_committed = Gauge(
+            "saelect_job_epochs_committed",
+            "Epochs committed so far, by job and policy.",
+            ["job", "policy"],
+            registry=reg,
+        )
+        self.resources = Gauge(
+            "saelect_job_resources_reserved",
+            "Cluster resources the job's scoring reserves now (0 once scored), by job.",
+            ["job", "resource"],
+            registry=reg,
+        )
+
+    # -- events ------------------------------------------------------------------------------
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one finished request and its latency."""
-        with self._lock:
-            self._requests[(method, route, str(status))] += 1
-            entry = self._latency.get(route)
-            if entry is None:
-                entry = self._latency[route] = [[0] * (len(LATENCY_BUCKETS_S) + 1), 0.0, 0]
-            entry[0][bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-            entry[1] += seconds
-            entry[2] += 1
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def observe_indices(self, fmt: str, count: int) -> None:
         """Count one epoch-indices response of ``count`` indices in format ``fmt``."""
-        with self._lock:
-            self._index_responses[fmt] += 1
-            self._indices_served += count
+        self.index_responses.labels(fmt).inc()
+        self.indices_served.inc(count)
 
     def observe_feedback(self, count: int) -> None:
         """Count ``count`` per-sample losses received."""
-        with self._lock:
-            self._feedback_samples += count
+        self.feedback_samples.inc(count)
+
+    def observe_epoch(self, job_id: str, policy: str, epoch: int, seconds: float) -> None:
+        """Count one epoch computed by ``policy`` in ``seconds`` (the job manager's hook)."""
+        del job_id, epoch  # by policy only: a label per job would grow without bound
+        self.epochs_computed.labels(policy).inc()
+        self.selection_seconds.labels(policy).observe(seconds)
 
     def request_count(self, route: str | None = None) -> int:
         """Total requests seen (for one route template when given)."""
-        with self._lock:
-            return sum(n for (_, r, _), n in self._requests.items() if route in (None, r))
+        total = 0.0
+        for family in self.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total") and route in (None, s.labels["route"]):
+                    total += s.value
+        return int(total)
 
-    def render(self, job_phases: Mapping[str, int] | None = None) -> str:
-        """The exposition text; ``job_phases`` maps phase -> number of jobs in it."""
-        out: list[str] = []
-        with self._lock:
-            out += [
-                "# HELP saelect_http_requests_total HTTP requests by method, route and status.",
-                "# TYPE saelect_http_requests_total counter",
-            ]
-            for (method, route, status), n in sorted(self._requests.items()):
-                lab = _labels(method=method, route=route, status=status)
-                out.append(f"saelect_http_requests_total{lab} {n}")
-            out += [
-                "# HELP saelect_http_request_duration_seconds HTTP request latency by route.",
-                "# TYPE saelect_http_request_duration_seconds histogram",
-            ]
-            name = "saelect_http_request_duration_seconds"
-            for route, (buckets, total, count) in sorted(self._latency.items()):
-                cum = 0
-                for le, n in zip((*LATENCY_BUCKETS_S, float("inf")), buckets, strict=True):
-                    cum += n
-                    le_s = "+Inf" if le == float("inf") else repr(le)
-                    out.append(f"{name}_bucket{_labels(route=route, le=le_s)} {cum}")
-                out.append(f"{name}_sum{_labels(route=route)} {total!r}")
-                out.append(f"{name}_count{_labels(route=route)} {count}")
-            out += [
-                "# HELP saelect_epoch_index_responses_total Epoch index lists served, by format.",
-                "# TYPE saelect_epoch_index_responses_total counter",
-            ]
-            for fmt, n in sorted(self._index_responses.items()):
-                out.append(f"saelect_epoch_index_responses_total{_labels(format=fmt)} {n}")
-            out += [
-                "# HELP saelect_indices_served_total Sample indices sent to trainers.",
-                "# TYPE saelect_indices_served_total counter",
-                f"saelect_indices_served_total {self._indices_served}",
-                "# HELP saelect_feedback_samples_total Per-sample losses received.",
-                "# TYPE saelect_feedback_samples_total counter",
-                f"saelect_feedback_samples_total {self._feedback_samples}",
-                "# HELP saelect_start_time_seconds Unix time the app started.",
-                "# TYPE saelect_start_time_seconds gauge",
-                f"saelect_start_time_seconds {_num(self._started)}",
-            ]
-        if job_phases is not None:
-            out += [
-                "# HELP saelect_jobs Jobs by phase.",
-                "# TYPE saelect_jobs gauge",
-            ]
-            for phase, n in sorted(job_phases.items()):
-                out.append(f"saelect_jobs{_labels(phase=phase)} {n}")
-        return "\n".join(out) + "\n"
+    # -- scrape ------------------------------------------------------------------------------
+    def _set_jobs(
+        self, statuses: Sequence[JobStatus] | None, details: Iterable[JobMetrics] | None
+    ) -> None:
+        for gauge in (self.jobs, self.progress_done, self.progress_total):
+            gauge.clear()
+        for gauge in (self.epochs_committed, self.resources):
+            gauge.clear()
+        if statuses is None:
+            return
+        phases = Tally(s.phase for s in statuses)
+        for phase in PHASES:
+            self.jobs.labels(phase).set(phases.get(phase, 0))
+        for s in statuses:
+            self.progress_done.labels(s.id, s.phase).set(s.progress.done)
+            self.progress_total.labels(s.id, s.phase).set(s.progress.total)
+        committed = {s.id: s.epochs_committed for s in statuses}
+        for d in details or ():
+            self.epochs_committed.labels(d.id, d.policy).set(committed.get(d.id, 0))
+            for resource, amount in d.resources.items():
+                self.resources.labels(d.id, resource).set(amount)
+
+    def render(
+        self,
+        statuses: Sequence[JobStatus] | None = None,
+        details: Iterable[JobMetrics] | None = None,
+    ) -> str:
+        """The exposition text (format 0.0.4).
+
+        Parameters
+        ----------
+        statuses:
+            Every job's status (jobs by phase, progress by job); None leaves those series out.
+        details:
+            Per-job policy and reserved resources, from backends that report them.
+        """
+        with self._scrape_lock:  # the per-job gauges are rebuilt for each scrape
+            self._set_jobs(statuses, details)
+            return generate_latest(self.registry).decode()
 
 
 class MetricsMiddleware:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from service.backend import JobStatus
 from service.errors import SaelectError
-from service.metrics import CONTENT_TYPE
+from service.metrics import CONTENT_TYPE, JobMetrics
 from service.routes import BackendDep, MetricsDep
 
 router = APIRouter(tags=["metrics"])
@@ -16,9 +15,18 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", response_class=Response)
 async def metrics(backend: BackendDep, registry: MetricsDep) -> Response:
-    """Request counters, latency histograms, indices served and jobs by phase."""
+    """Requests, latency, indices served, epochs and their selection time, jobs by phase, and
+    per job its progress, epochs committed and reserved resources."""
+    statuses: list[JobStatus] | None
     try:
-        phases: dict[str, int] | None = dict(Counter(j.phase for j in await backend.list_jobs()))
+        statuses = await backend.list_jobs()
     except SaelectError:
-        phases = None
-    return Response(registry.render(phases), media_type=CONTENT_TYPE)
+        statuses = None
+    details: list[JobMetrics] | None = None
+    job_metrics = getattr(backend, "job_metrics", None)  # optional: the fake backend has none
+    if job_metrics is not None and statuses is not None:
+        try:
+            details = list(await job_metrics())
+        except SaelectError:
+            details = None
+    return Response(registry.render(statuses, details), media_type=CONTENT_TYPE)

@@ -1,0 +1,93 @@
+"""Operating the service on local Ray: `/metrics` after real epochs, and `saelect jobs wait`
+following a job's phases to ready or to its error.
+
+One local Ray and one service for the module; jobs score scikit-learn digits (1797 rows) with a
+small SAE, so a job is ready in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from client import SelectionClient
+from service.server import ServiceHandle, start_service
+from service.settings import Settings
+from workers.datasets import write_image_parquet
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("operate")
+    write_image_parquet(root / "digits", "digits")
+    return root
+
+
+def spec(data_dir: Path, column: str = "image", epochs: int = 4) -> dict[str, Any]:
+    return {
+        "name": "digits-ops",
+        "dataset": {
+            "uri": str(data_dir / "digits" / "train.parquet"),
+            "label_column": "label",
+            "feature": {"kind": "pixels", "column": column, "dim": 16},
+        },
+        "policy": {"name": "factor", "ratio": 0.3, "epochs": epochs, "seed": 1},
+        "sae": {"units": 64, "k": 4, "epochs": 2, "batch_size": 512, "seed": 0},
+    }
+
+
+@pytest.fixture(scope="module")
+def service(ray_local: None, data_dir: Path) -> Iterator[ServiceHandle]:
+    settings = Settings(
+        host="127.0.0.1", port=0, store=str(data_dir / "store"), allowed_roots=[str(data_dir)]
+    )
+    handle = start_service(settings, name=None)
+    yield handle
+    handle.stop()
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_after_a_job_served_two_epochs(service: ServiceHandle, data_dir: Path) -> None:
+    client = SelectionClient(service.url)
+    job = client.create_job(spec(data_dir))["id"]
+    client.wait_ready(job, timeout=300, poll=0.2)
+    for t in range(2):
+        for rank in range(2):
+            client.indices(job, t, rank, 2)
+    client.indices(job, 1, 0, 1)  # served from memory: no epoch computed
+    got = scrape(service.url)
+
+    def series(name: str, **labels: str) -> float:
+        return got[(name, frozenset(labels.items()))]
+
+    assert series("saelect_epochs_computed_total", policy="factor") == 2
+    assert series("saelect_epoch_selection_seconds_count", policy="factor") == 2
+    assert series("saelect_epoch_selection_seconds_sum", policy="factor") > 0
+    assert series("saelect_jobs", phase="ready") >= 1
+    assert series("saelect_job_epochs_committed", job=job, policy="factor") == 2
+    assert series("saelect_job_progress_done", job=job, phase="ready") == 1
+    assert not [k for k in got if k[0] == "saelect_job_resources_reserved" and ("job", job) in k[1]]
+    per_epoch = client.plan(job, 2)["epochs"][0]["per_rank"]
+    single = client.plan(job, 1)["epochs"][1]["per_rank"]
+    assert series("saelect_indices_served_total") == 4 * per_epoch + single
+    route = "/v1/jobs/{job_id}/epochs/{epoch}/indices"
+    assert series("saelect_http_requests_total", method="GET", route=route, status="200") == 5
+    client.delete(job)
+    after = scrape(service.url)
+    assert not [k for k in after if ("job", job) in k[1]]
+    assert after[("saelect_epochs_computed_total", frozenset({("policy", "factor")}))] == 2

@@ -210,8 +210,25 @@ class SelectionClient:
         """``GET /v1/jobs/{id}``: phase, progress, samples, epochs committed, error."""
         return self._request("GET", self._job(job_id)).json()
 
-    def wait_ready(self, job_id: str, timeout: float = 600.0, poll: float = 1.0) -> dict[str, Any]:
+    def wait_ready(
+        self,
+        job_id: str,
+        timeout: float = 600.0,
+        poll: float = 1.0,
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll the job until phase ``ready``; returns its status.
+
+        Parameters
+        ----------
+        on_progress:
+            Called with every status polled (``phase``, ``progress {done, total}``, ``reason``),
+            the last one included, e.g. to drive a progress bar (`saelect jobs wait` does).
+
+        Example:
+            >>> c.wait_ready(job, on_progress=lambda s: print(s["phase"], s["progress"]))
+            ... # doctest: +SKIP
 
         Raises
         ------
@@ -223,6 +240,8 @@ class SelectionClient:
         deadline = time.monotonic() + timeout
         while True:
             status = self.job(job_id)
+            if on_progress is not None:
+                on_progress(status)
             if status["phase"] == "ready":
                 return status
             if status["phase"] == "failed":

@@ -2,6 +2,9 @@
 
 Every subcommand imports what it needs inside its handler, so `saelect --help` and the client-side
 subcommands (`jobs ...`) start fast and do not load Ray.
+
+Exit codes: 0 success; 1 the job failed (``jobs wait``, ``jobs create --wait``); 2 a usage error,
+or the service answered an error or could not be reached; 3 the job was not ready in time.
 """
 
 from __future__ import annotations
@@ -15,6 +18,93 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_OK, EXIT_JOB_FAILED, EXIT_ERROR, EXIT_TIMEOUT = 0, 1, 2, 3
+"""Exit codes of every command (README, section Use it)."""
+
+PHASE_UNITS: dict[str, str] = {
+    "featurizing": "rows",
+    "training_sae": "fit",
+    "encoding": "rows",
+    "scoring": "rows",
+}
+"""What a phase's ``progress {done, total}`` counts, shown on its bar."""
+
+EXAMPLES: dict[str, str] = {
+    "data": "saelect data fashion-mnist --out data/fmnist",
+    "serve": "saelect serve --port 8000",
+    "jobs": "saelect jobs create spec.json --wait",
+    "simulate": "saelect simulate data/fmnist/train.parquet --policy factor --ratio 0.3",
+    "demo": "saelect demo --epochs 2 --train-limit 2000",
+}
+"""One example per command, shown in its ``--help``."""
+
+JOBS_EXAMPLES = """examples:
+  saelect jobs create spec.json --wait        create a job, follow it to ready
+  cat spec.json | saelect jobs create -       the spec from stdin
+  saelect jobs list
+  saelect jobs status JOB
+  saelect jobs wait JOB                       progress bars until ready (exit 1 on failure)
+  saelect jobs epoch JOB 3 --rank 0 --world-size 2 --out e3.npy
+  saelect jobs delete JOB"""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("saelect")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class PhaseProgress:
+    """A tqdm bar per phase of a job, fed with polled statuses (``wait_ready``'s callback).
+
+    Prints one line when the phase changes (with the reason while ``queued``), then a bar of the
+    phase's ``progress {done, total}`` with its rate; bars go to ``file`` (stderr).
+    """
+
+    def __init__(self, job_id: str, file: Any = None) -> None:
+        self.job_id = job_id
+        self.file = file if file is not None else sys.stderr
+        self.phases: list[str] = []
+        """Phases seen, in order."""
+        self._bar: Any = None
+        self._reason: str | None = None
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        phase = str(status["phase"])
+        progress = status.get("progress") or {}
+        done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
+        if not self.phases or phase != self.phases[-1]:
+            self.close()
+            self.phases.append(phase)
+            print(f"job {self.job_id}: {phase}", file=self.file, flush=True)
+            if phase in PHASE_UNITS:
+                self._bar = tqdm(
+                    total=total or None,
+                    desc=phase,
+                    unit=PHASE_UNITS[phase],
+                    file=self.file,
+                    leave=True,
+                    dynamic_ncols=True,
+                )
+        reason = status.get("reason")
+        if phase == "queued" and reason and reason != self._reason:
+            print(f"  waits: {reason}", file=self.file, flush=True)
+        self._reason = reason
+        if self._bar is not None:
+            if total and self._bar.total != total:
+                self._bar.total = total
+            self._bar.update(max(0, done - self._bar.n))
+
+    def close(self) -> None:
+        """Close the current phase's bar."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def default_url() -> str:
@@ -67,14 +157,68 @@ def _client(args: argparse.Namespace):
     return SelectionClient(args.url or default_url(), token=os.environ.get("SAELECT_API_TOKEN"))
 
 
+def _read_spec(target: str) -> Any:
+    """The job spec from a file, or from stdin for ``-``."""
+    text = sys.stdin.read() if target == "-" else Path(target).read_text()
+    return json.loads(text)
+
+
+def _wait(client: Any, job_id: str, args: argparse.Namespace) -> int:
+    """Follow the job with progress bars; print its final status. Returns the exit code."""
+    from client import JobFailedError
+
+    bars = PhaseProgress(job_id)
+    try:
+        status = client.wait_ready(job_id, timeout=args.timeout, poll=args.poll, on_progress=bars)
+    except JobFailedError as exc:
+        bars.close()
+        print(f"error: job {job_id} failed: {exc.message}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except TimeoutError as exc:
+        bars.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    bars.close()
+    print(json.dumps(status, indent=2))
+    return EXIT_OK
+
+
+def _epoch(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One rank's indices of a served epoch: a summary, and the array in ``--out``."""
+    import numpy as np
+
+    if args.epoch is None:
+        raise ValueError("jobs epoch needs the epoch: saelect jobs epoch JOB T")
+    idx = client.indices(args.target, args.epoch, args.rank, args.world_size)
+    out: dict[str, Any] = {
+        "job": args.target,
+        "epoch": args.epoch,
+        "rank": args.rank,
+        "world_size": args.world_size,
+        "count": int(idx.shape[0]),
+        "unique": int(np.unique(idx).shape[0]),
+        "head": idx[:10].tolist(),
+        "stats": client.stats(args.target, args.epoch),
+    }
+    if args.out:
+        np.save(args.out, idx)
+        out["out"] = str(Path(args.out).resolve())
+    return out
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
     from client import SelectionError
 
     client = _client(args)
     try:
         if args.action == "create":
-            spec = json.loads(Path(args.target).read_text())
-            out: object = client.create_job(spec)
+            out: object = client.create_job(_read_spec(args.target))
+            if args.wait:
+                return _wait(client, out["id"], args)  # type: ignore[index]
+        elif args.action == "wait":
+            return _wait(client, args.target, args)
+        elif args.action == "epoch":
+            out = _epoch(client, args)
         elif args.action == "list":
             out = client.jobs()
         elif args.action == "status":
@@ -82,11 +226,11 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         else:
             client.delete(args.target)
             out = {"deleted": args.target}
-    except SelectionError as exc:
+    except (SelectionError, OSError, ValueError) as exc:  # ValueError: a spec that is not JSON
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     print(json.dumps(out, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -111,15 +255,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `saelect`, one subparser per command of DESIGN section 5."""
-    parser = argparse.ArgumentParser(prog="saelect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="saelect",
+        description="Dynamic data selection as a service on Ray.",
+        epilog="examples:\n"
+        + "\n".join(f"  {e}" for e in EXAMPLES.values())
+        + "\n\nexit codes: 0 success, 1 the job failed, 2 usage or service error, 3 timed out",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"saelect {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="write a dataset as Parquet (image, label)")
+    def example(name: str) -> dict[str, Any]:
+        return {
+            "epilog": f"example:\n  {EXAMPLES[name]}",
+            "formatter_class": argparse.RawDescriptionHelpFormatter,
+        }
+
+    data = sub.add_parser(
+        "data", help="write a dataset as Parquet (image, label)", **example("data")
+    )
     data.add_argument("name", choices=["fashion-mnist", "digits"])
     data.add_argument("--out", required=True, help="output directory")
     data.set_defaults(func=_cmd_data)
 
-    serve = sub.add_parser("serve", help="run the selection service (embedded Ray by default)")
+    serve = sub.add_parser(
+        "serve", help="run the selection service (embedded Ray by default)", **example("serve")
+    )
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--store", default=None, help="store root: a path or a pyarrow URI")
@@ -149,9 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_cmd_serve)
 
-    jobs = sub.add_parser("jobs", help="create, list, inspect and delete jobs over HTTP")
-    jobs.add_argument("action", choices=["create", "list", "status", "delete"])
-    jobs.add_argument("target", nargs="?", help="SPEC.json for create, a job id for status/delete")
+    jobs = sub.add_parser(
+        "jobs",
+        help="create, follow, inspect and delete jobs over HTTP",
+        epilog=JOBS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    jobs.add_argument("action", choices=["create", "list", "status", "wait", "epoch", "delete"])
+    jobs.add_argument(
+        "target",
+        nargs="?",
+        help="SPEC.json (or - for stdin) for create, a job id for status/wait/epoch/delete",
+    )
+    jobs.add_argument("epoch", nargs="?", type=int, help="the epoch T of jobs epoch")
+    jobs.add_argument("--wait", action="store_true", help="create: follow the job until ready")
+    jobs.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for ready")
+    jobs.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
+    jobs.add_argument("--rank", type=int, default=0, help="epoch: this rank's share")
+    jobs.add_argument("--world-size", type=int, default=1, help="epoch: number of ranks")
+    jobs.add_argument("--out", default=None, help="epoch: save the indices as .npy here")
     jobs.add_argument(
         "--url",
         default=None,
@@ -160,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.set_defaults(func=_cmd_jobs)
 
-    sim = sub.add_parser("simulate", help="preview a policy's epochs in-process (no training)")
+    sim = sub.add_parser(
+        "simulate",
+        help="preview a policy's epochs in-process (no training)",
+        **example("simulate"),
+    )
     sim.add_argument("uri", help="Parquet file or directory")
     sim.add_argument("--policy", default="factor")
     sim.add_argument("--ratio", type=float, default=0.3)
@@ -181,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", default=".saelect/simulate.png")
     sim.set_defaults(func=_cmd_simulate)
 
-    demo = sub.add_parser("demo", help="the whole main job on an embedded local Ray")
+    demo = sub.add_parser(
+        "demo", help="the whole main job on an embedded local Ray", **example("demo")
+    )
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--ratio", type=float, default=0.5)
     demo.add_argument("--workers", type=int, default=2)

@@ -7,6 +7,8 @@ small SAE, so a job is ready in seconds.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import SelectionClient
+from service.backend import PHASES
+from service.cli import main
 from service.server import ServiceHandle, start_service
 from service.settings import Settings
 from workers.datasets import write_image_parquet
@@ -30,7 +34,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def spec(data_dir: Path, column: str = "image", epochs: int = 4) -> dict[str, Any]:
+def spec(data_dir: Path, column: str = "image", sae_seed: int = 0) -> dict[str, Any]:
     return {
         "name": "digits-ops",
         "dataset": {
@@ -38,8 +42,8 @@ def spec(data_dir: Path, column: str = "image", epochs: int = 4) -> dict[str, An
             "label_column": "label",
             "feature": {"kind": "pixels", "column": column, "dim": 16},
         },
-        "policy": {"name": "factor", "ratio": 0.3, "epochs": epochs, "seed": 1},
-        "sae": {"units": 64, "k": 4, "epochs": 2, "batch_size": 512, "seed": 0},
+        "policy": {"name": "factor", "ratio": 0.3, "epochs": 4, "seed": 1},
+        "sae": {"units": 64, "k": 4, "epochs": 2, "batch_size": 512, "seed": sae_seed},
     }
 
 
@@ -91,3 +95,31 @@ def test_metrics_after_a_job_served_two_epochs(service: ServiceHandle, data_dir:
     after = scrape(service.url)
     assert not [k for k in after if ("job", job) in k[1]]
     assert after[("saelect_epochs_computed_total", frozenset({("policy", "factor")}))] == 2
+
+
+def test_jobs_wait_shows_the_phases_in_order_and_exits_0(
+    service: ServiceHandle, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = SelectionClient(service.url).create_job(spec(data_dir, sae_seed=1))["id"]  # scored anew
+    assert main(["jobs", "wait", job, "--poll", "0.1", "--url", service.url]) == 0
+    captured = capsys.readouterr()
+    shown = re.findall(rf"^job {job}: (\w+)$", captured.err, flags=re.M)
+    assert shown[-1] == "ready" and len(shown) >= 3, captured.err
+    assert [PHASES.index(p) for p in shown] == sorted({PHASES.index(p) for p in shown})
+    assert {"training_sae", "encoding", "scoring"} & set(shown), shown
+    assert json.loads(captured.out)["phase"] == "ready"
+
+
+def test_jobs_create_wait_on_a_bad_column_exits_1_with_the_error(
+    service: ServiceHandle,
+    data_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(spec(data_dir, column="no_such_column")))
+    argv = ["jobs", "create", str(path), "--wait", "--poll", "0.1", "--url", service.url]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if line.startswith("error: job ")]
+    assert len(error) == 1 and "failed: " in error[0] and "no_such_column" in error[0], captured

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import json
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from service.cli import DEFAULT_URL, build_parser, default_url, main
+from service.app import create_app
+from service.backend import JobStatus, Progress
+from service.cli import DEFAULT_URL, EXAMPLES, build_parser, default_url, main
+from service.selection.partition import rank_indices
 from service.server import write_url_file
+from service.settings import Settings
+from tests.unit.fakes import FakeBackend
+from tests.unit.test_client import ServerThread, free_socket
 from workers.datasets import load_image_parquet
 
 
@@ -84,3 +95,148 @@ def test_jobs_url_defaults_to_the_env_then_the_url_file(
     monkeypatch.setenv("SAELECT_URL", "http://other:9000")
     assert default_url() == "http://other:9000"
     assert build_parser().parse_args(["jobs", "list"]).url is None  # resolved when it runs
+
+
+# --- version, help, and the jobs commands against a fake service -----------------------------
+
+JOB_SPEC = {
+    "name": "cli",
+    "dataset": {
+        "uri": "/usr/share/datasets/x.parquet",
+        "label_column": "label",
+        "feature": {"kind": "pixels", "column": "image", "dim": 16},
+    },
+    "policy": {"name": "rs2", "ratio": 0.25, "epochs": 3, "seed": 5},
+}
+SCRIPT = [("pending", 0, 0), ("queued", 0, 0), ("featurizing", 0, 40), ("featurizing", 40, 40)]
+SCRIPT += [("training_sae", 1, 1), ("encoding", 20, 40), ("encoding", 40, 40)]
+SCRIPT += [("scoring", 40, 40)]
+
+
+class ScriptedBackend(FakeBackend):
+    """A fake service whose job walks through SCRIPT, one step per status poll, then ends
+    ``ready`` (or ``failed`` with ``FAIL`` when the job's name says ``fail``)."""
+
+    FAIL = "KeyError: column 'nope' not in the dataset"
+
+    def __init__(self) -> None:
+        super().__init__(400, ready=False)
+        self.polls: dict[str, int] = {}
+
+    async def get_job(self, job_id: str) -> JobStatus:
+        step = self.polls[job_id] = self.polls.get(job_id, -1) + 1
+        job = self.jobs[job_id]
+        if step < len(SCRIPT):
+            phase, done, total = SCRIPT[step]
+            reason = "waits for 2 x {CPU: 1} to score" if phase == "queued" else None
+            job.status = JobStatus(
+                job_id, job.status.name, phase, Progress(done, total), None, reason=reason
+            )
+        elif job.spec.name == "fail":
+            self.set_phase(job_id, "failed", self.FAIL)
+        else:
+            self.set_phase(job_id, "ready")
+        return job.status
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[tuple[str, ScriptedBackend]]:
+    backend = ScriptedBackend()
+    settings = Settings(store="/tmp/unused-store", allowed_roots=["/usr/share/datasets"])
+    server = ServerThread(create_app(backend, settings), free_socket()).start()
+    yield server.url, backend
+    server.stop()
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert re.fullmatch(r"saelect (\d+\.\d+\.\d+\S*|unknown)\n", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", ["data", "serve", "jobs", "simulate", "demo"])
+def test_every_command_help_shows_an_example(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = capsys.readouterr().out
+    assert f"\n  saelect {command} " in help_text, help_text
+    assert EXAMPLES[command] in help_text or command == "jobs"
+
+
+def test_jobs_create_reads_stdin_and_epoch_saves_a_rank_share(
+    scripted: tuple[str, ScriptedBackend],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, backend = scripted
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(JOB_SPEC)))
+    assert main(["jobs", "create", "-", "--url", url]) == 0
+    job = json.loads(capsys.readouterr().out)["id"]
+    assert backend.jobs[job].spec.name == "cli"
+    backend.set_phase(job, "ready")
+    out = tmp_path / "e1.npy"
+    argv = ["jobs", "epoch", job, "1", "--rank", "1", "--world-size", "2", "--out", str(out)]
+    assert main([*argv, "--url", url]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    expected = rank_indices(backend.epoch_order(backend.jobs[job].spec, 1), 1, 2)
+    assert np.array_equal(np.load(out), expected)
+    assert summary["count"] == expected.size and summary["head"] == expected[:10].tolist()
+    assert summary["stats"]["epoch"] == 1
+    assert main(["jobs", "epoch", job, "--url", url]) == 2  # no epoch given
+    assert main(["jobs", "epoch", job, "3", "--url", url]) == 2  # out of range: the 404
+    assert "epoch_out_of_range" in capsys.readouterr().err
+
+
+def test_jobs_create_wait_shows_each_phase_once_in_order_and_exits_0(
+    scripted: tuple[str, ScriptedBackend],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, _ = scripted
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(JOB_SPEC))
+    assert main(["jobs", "create", str(spec), "--wait", "--poll", "0.01", "--url", url]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["phase"] == "ready"
+    shown = re.findall(r"^job \S+: (\w+)$", captured.err, flags=re.M)
+    assert shown == [
+        "pending",
+        "queued",
+        "featurizing",
+        "training_sae",
+        "encoding",
+        "scoring",
+        "ready",
+    ]
+    assert "waits: waits for 2 x {CPU: 1} to score" in captured.err
+    assert re.search(r"encoding: 100%.*40/40", captured.err)  # the bar, with its count
+
+
+def test_jobs_wait_on_a_failing_job_exits_1_with_its_error(
+    scripted: tuple[str, ScriptedBackend], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = scripted
+    from client import SelectionClient
+
+    job = SelectionClient(url).create_job({**JOB_SPEC, "name": "fail"})["id"]
+    capsys.readouterr()
+    assert main(["jobs", "wait", job, "--poll", "0.01", "--url", url]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"error: job {job} failed: {ScriptedBackend.FAIL}" in captured.err
+
+
+def test_wait_ready_calls_back_with_every_status(scripted: tuple[str, ScriptedBackend]) -> None:
+    from client import SelectionClient
+
+    url, _ = scripted
+    client = SelectionClient(url)
+    job = client.create_job(JOB_SPEC)["id"]
+    seen: list[dict[str, Any]] = []
+    final = client.wait_ready(job, timeout=30, poll=0.001, on_progress=seen.append)
+    assert [s["phase"] for s in seen[: len(SCRIPT)]] == [p for p, _, _ in SCRIPT]
+    assert seen[-1] == final and final["phase"] == "ready"

@@ -43,6 +43,12 @@ class SelectionActorImpl:
     """
 
     def __init__(self, settings: Settings, pipeline_options: Any = None) -> None:
+        from service.logs import configure_logging
+
+        configure_logging()  # SAELECT_LOG_LEVEL / SAELECT_LOG_FORMAT of the node's environment
+        # Every blocking Ray call of the job manager runs in a worker thread (asyncio.to_thread),
+        # never on this event loop; Ray warns about any ray.get in an async actor's process.
+        os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
         self.settings = settings
         self.manager = JobManager(
             JobStore(settings.store),

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,23 @@ class PhaseProgress:
     """A tqdm bar per phase of a job, fed with polled statuses (``wait_ready``'s callback).
 
     Prints one line when the phase changes (with the reason while ``queued``), then a bar of the
-    phase's ``progress {done, total}`` with its rate; bars go to ``file`` (stderr).
+    phase's ``progress {done, total}`` with its rate; bars go to ``file`` (stderr). Where ``file``
+    is not a terminal (a log), each phase ends with one summary line instead of a bar.
     """
 
     def __init__(self, job_id: str, file: Any = None) -> None:
+        from service.logs import is_terminal
+
         self.job_id = job_id
         self.file = file if file is not None else sys.stderr
         self.phases: list[str] = []
         """Phases seen, in order."""
         self._bar: Any = None
         self._reason: str | None = None
+        self._tty = is_terminal(self.file)
+        self._counted: tuple[int, int] | None = None
+        """(done, total) of the current counted phase; None in the others."""
+        self._since = 0.0
 
     def __call__(self, status: dict[str, Any]) -> None:
         from tqdm import tqdm
@@ -83,28 +91,42 @@ class PhaseProgress:
             self.phases.append(phase)
             print(f"job {self.job_id}: {phase}", file=self.file, flush=True)
             if phase in PHASE_UNITS:
-                self._bar = tqdm(
-                    total=total or None,
-                    desc=phase,
-                    unit=PHASE_UNITS[phase],
-                    file=self.file,
-                    leave=True,
-                    dynamic_ncols=True,
-                )
+                self._counted, self._since = (0, 0), time.monotonic()
+                if self._tty:
+                    self._bar = tqdm(
+                        total=total or None,
+                        desc=phase,
+                        unit=PHASE_UNITS[phase],
+                        file=self.file,
+                        leave=True,
+                        dynamic_ncols=True,
+                    )
         reason = status.get("reason")
         if phase == "queued" and reason and reason != self._reason:
             print(f"  waits: {reason}", file=self.file, flush=True)
         self._reason = reason
+        if self._counted is not None:
+            self._counted = (done, total)
         if self._bar is not None:
             if total and self._bar.total != total:
                 self._bar.total = total
             self._bar.update(max(0, done - self._bar.n))
 
     def close(self) -> None:
-        """Close the current phase's bar."""
+        """End the current phase: close its bar, or (no terminal) print its one summary line."""
         if self._bar is not None:
             self._bar.close()
-            self._bar = None
+        elif self._counted is not None:
+            phase, (done, total) = self.phases[-1], self._counted
+            seconds = time.monotonic() - self._since
+            unit = PHASE_UNITS[phase]
+            rate = f", {done / seconds:.0f} {unit}/s" if seconds > 0 and done else ""
+            print(
+                f"{phase}: {done}/{total or '?'} {unit} in {seconds:.1f} s{rate}",
+                file=self.file,
+                flush=True,
+            )
+        self._bar, self._counted = None, None
 
 
 def default_url() -> str:
@@ -377,8 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `saelect` console script."""
+    from service.logs import configure_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()  # SAELECT_LOG_LEVEL, SAELECT_LOG_FORMAT; httpx at WARNING
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines show up when piped
     if args.command == "jobs" and args.action != "list" and not args.target:

@@ -121,14 +121,17 @@ def _train(config: dict[str, Any]) -> None:
 
     from client import SelectionClient
     from client.ray_train import sampler_from_context
+    from service.logs import quiet_http_logs
     from workers.datasets import load_image_parquet
 
+    quiet_http_logs()  # Ray Train set up this process's logging: no INFO line per request
     torch.set_num_threads(1)
     x_tr, y_tr = load_image_parquet(config["train"])
     x_te, y_te = load_image_parquet(config["test"])
     to_t = lambda x: torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28)  # noqa: E731
-    train_set = TensorDataset(to_t(x_tr), torch.from_numpy(y_tr))
-    xt, yt = to_t(x_te), torch.from_numpy(y_te)
+    # labels copied: the Parquet reader's arrays are read-only, which torch warns about
+    train_set = TensorDataset(to_t(x_tr), torch.from_numpy(y_tr.copy()))
+    xt, yt = to_t(x_te), torch.from_numpy(y_te.copy())
 
     model = prepare_model(_cnn())
     client = SelectionClient(config["url"])
@@ -207,6 +210,9 @@ def train_with_service(
     from ray.train.torch import TorchTrainer
 
     result_path = cfg.out_dir / f"result_{policy}.json"
+    name = f"saelect-demo-{policy}"
+    storage = (cfg.out_dir / "ray").resolve()
+    shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run, not a resumed snapshot
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -221,9 +227,7 @@ def train_with_service(
             "result": str(result_path.resolve()),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": 0.9}),
-        run_config=RunConfig(
-            name=f"saelect-demo-{policy}", storage_path=str((cfg.out_dir / "ray").resolve())
-        ),
+        run_config=RunConfig(name=name, storage_path=str(storage)),
     )
     trainer.fit()
     return json.loads(result_path.read_text())
@@ -264,12 +268,17 @@ def plot_demo(results: dict[str, dict[str, Any]], num_samples: int, path: Path) 
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     """Run the demo end to end; returns per-policy results (history, times)."""
     from client import SelectionClient
+    from service.cli import PhaseProgress
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train, test = prepare_data(cfg)
     print(f"data: {train} ({time.perf_counter() - t0:.1f}s)")
-    init_ray(log_to_driver=True)  # the workers' per-epoch lines show up here
+    # Ray Train's print patch would log each worker print a second time: print once, as is
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # the workers' per-epoch lines show up here; Ray Train's controller queries actor states
+    # through the state API, which the dashboard serves
+    init_ray(log_to_driver=True, include_dashboard=True)
     store = cfg.out_dir / "store"
     if store.exists():  # a fresh store, so that the scoring time below is a real one
         shutil.rmtree(store)
@@ -289,7 +298,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         for policy in cfg.policies:
             t_score = time.perf_counter()
             job = client.create_job(_job_spec(cfg, policy, str(train.resolve())))
-            status = client.wait_ready(job["id"], timeout=1800, poll=1.0)
+            bars = PhaseProgress(job["id"])  # what `saelect jobs wait` shows
+            status = client.wait_ready(job["id"], timeout=1800, poll=1.0, on_progress=bars)
+            bars.close()
             score_s = time.perf_counter() - t_score
             num_samples = int(status["num_samples"])
             plan = client.plan(job["id"], cfg.workers)

@@ -12,6 +12,7 @@ file that `saelect jobs` reads (deploy/README.md).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -30,11 +31,16 @@ _LOOPBACK_ENV = {
 
 
 def init_ray(
-    address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    log_to_driver: bool = False,
+    include_dashboard: bool = False,
 ) -> bool:
     """Connect to Ray unless connected; returns True when this call started a local Ray.
 
-    ``address`` None and no ``RAY_ADDRESS``: a private local Ray (no dashboard, loopback only).
+    ``address`` None and no ``RAY_ADDRESS``: a private local Ray (loopback only; no dashboard
+    unless ``include_dashboard``: Ray Train's state queries need it, the service does not).
     """
     import ray
 
@@ -49,8 +55,9 @@ def init_ray(
     ray.init(
         address="local",
         namespace=NAMESPACE,
+        logging_level=logging.WARNING,  # not Ray's start-up banner (colour codes included)
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=include_dashboard,
         log_to_driver=log_to_driver,
         object_store_memory=512 * 1024**2,
     )

@@ -66,6 +66,8 @@ SPEC = {
     },
     "policy": {"name": "factor", "ratio": 0.3, "epochs": 3, "seed": 0},
     "sae": {"units": 64, "k": 4, "epochs": 2},
+    # two scoring workers: one per CPU raylet (SPREAD), fewer torch imports on a busy machine
+    "scoring": {"cpu_workers": 2},
 }
 FETCH = """
 import hashlib, json, sys

@@ -198,4 +198,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     add_listener = getattr(backend, "add_epoch_listener", None)  # optional Backend method
     if add_listener is not None:
         add_listener(app.state.metrics.observe_epoch)
+    add_feedback_listener = getattr(backend, "add_feedback_listener", None)
+    if add_feedback_listener is not None:
+        add_feedback_listener(app.state.metrics.observe_feedback_lag)
     return app

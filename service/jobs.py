@@ -124,6 +124,12 @@ class JobManager:
         """Stored jobs that could not be resumed: id -> why (listed as failed)."""
         self._scoring_locks: dict[str, asyncio.Lock] = {}
         self._epoch_listeners: list[Callable[[str, str, int, float], None]] = []
+        self._feedback_listeners: list[Callable[[str, str, int, int], None]] = []
+
+    def add_feedback_listener(self, fn: Callable[[str, str, int, int], None]) -> None:
+        """Call ``fn(job_id, policy, lag, samples)`` after each feedback applied; ``lag`` is how
+        many epochs were committed after the one the losses are for (0: none yet)."""
+        self._feedback_listeners.append(fn)
 
     def add_epoch_listener(self, fn: Callable[[str, str, int, float], None]) -> None:
         """Call ``fn(job_id, policy, epoch, selection_seconds)`` after each epoch computed
@@ -555,6 +561,8 @@ class JobManager:
             idx.shape[0],
             before,
         )
+        for listener in self._feedback_listeners:
+            listener(job_id, job.spec.policy.name, max(0, before - 1 - epoch), int(idx.shape[0]))
 
     def _feedback_log(self, job_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
         js = self.store.job_storage(job_id)

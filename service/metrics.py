@@ -2,9 +2,10 @@
 
 Counted as they happen: HTTP requests by method, route template and status, and their latency by
 route; epoch index responses by format and the indices served; feedback samples received; epochs
-computed and their selection seconds, by policy (the job manager reports each epoch through
-`Metrics.observe_epoch`). Read from the backend at scrape time (`Metrics.render`): jobs by phase,
-and per job its phase progress, epochs committed and the cluster resources its scoring reserves.
+computed and their selection seconds, by policy, and how many epochs late feedback arrives (the
+job manager reports them through `Metrics.observe_epoch` and `Metrics.observe_feedback_lag`).
+Read from the backend at scrape time (`Metrics.render`): jobs by phase, and per job its phase
+progress, epochs committed and the cluster resources its scoring reserves.
 
 Why ``prometheus_client`` and not ``ray.util.metrics``: docs/api.md, section Metrics.
 
@@ -64,6 +65,9 @@ SELECTION_BUCKETS_S: tuple[float, ...] = (
     60.0,
 )
 """Upper bounds (seconds) of the epoch selection histogram; +Inf is implicit."""
+
+FEEDBACK_LAG_BUCKETS: tuple[float, ...] = (0, 1, 2, 3, 5, 10, 20)
+"""Upper bounds (epochs) of the feedback lag histogram; +Inf is implicit."""
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
@@ -131,6 +135,13 @@ class Metrics:
             buckets=SELECTION_BUCKETS_S,
             registry=reg,
         )
+        self.feedback_lag = Histogram(
+            "saelect_feedback_lag_epochs",
+            "Epochs committed after the one a feedback's losses are for, by policy.",
+            ["policy"],
+            buckets=FEEDBACK_LAG_BUCKETS,
+            registry=reg,
+        )
         start = Gauge("saelect_start_time_seconds", "Unix time the app started.", registry=reg)
         start.set(time.time())
         self.jobs = Gauge("saelect_jobs", "Jobs by phase.", ["phase"], registry=reg)
@@ -179,6 +190,11 @@ class Metrics:
         del job_id, epoch  # by policy only: a label per job would grow without bound
         self.epochs_computed.labels(policy).inc()
         self.selection_seconds.labels(policy).observe(seconds)
+
+    def observe_feedback_lag(self, job_id: str, policy: str, lag: int, samples: int) -> None:
+        """Record how late one applied feedback was, in epochs (the job manager's hook)."""
+        del job_id, samples  # samples are counted by the route, as they arrive
+        self.feedback_lag.labels(policy).observe(lag)
 
     def request_count(self, route: str | None = None) -> int:
         """Total requests seen (for one route template when given)."""

@@ -123,3 +123,20 @@ def test_jobs_create_wait_on_a_bad_column_exits_1_with_the_error(
     captured = capsys.readouterr()
     error = [line for line in captured.err.splitlines() if line.startswith("error: job ")]
     assert len(error) == 1 and "failed: " in error[0] and "no_such_column" in error[0], captured
+
+
+def test_feedback_lag_counts_epochs_committed_since(service: ServiceHandle, data_dir: Path) -> None:
+    client = SelectionClient(service.url)
+    body = spec(data_dir)
+    body["policy"] = {"name": "ucb", "ratio": 0.3, "epochs": 4, "seed": 1}
+    job = client.create_job(body)["id"]  # a loss-based policy: not scored, ready at once
+    client.wait_ready(job, timeout=120, poll=0.2)
+    idx = client.indices(job, 1)  # epochs 0 and 1 committed
+    client.feedback(job, 0, idx[:5], [1.0] * 5)  # one epoch late
+    client.feedback(job, 1, idx, [0.5] * idx.size)  # on time
+    got = scrape(service.url)
+    lag = {k[0]: v for k, v in got.items() if ("policy", "ucb") in k[1] and "le" not in dict(k[1])}
+    assert lag["saelect_feedback_lag_epochs_count"] == 2
+    assert lag["saelect_feedback_lag_epochs_sum"] == 1
+    assert got[("saelect_feedback_samples_total", frozenset())] == 5 + idx.size
+    client.delete(job)

@@ -63,6 +63,7 @@ class HookedBackend(FakeBackend):
     def __init__(self, num_samples: int = 400) -> None:
         super().__init__(num_samples)
         self.listeners: list[Any] = []
+        self.feedback_listeners: list[Any] = []
 
     def add_epoch_listener(self, fn: Any) -> None:
         self.listeners.append(fn)
@@ -74,6 +75,15 @@ class HookedBackend(FakeBackend):
             for fn in self.listeners:
                 fn(job_id, self.jobs[job_id].spec.policy.name, t, 0.02)
         return idx
+
+    def add_feedback_listener(self, fn: Any) -> None:
+        self.feedback_listeners.append(fn)
+
+    async def feedback(self, job_id: str, epoch: int, indices: Any, losses: Any) -> None:
+        await super().feedback(job_id, epoch, indices, losses)
+        lag = self.jobs[job_id].status.epochs_committed - 1 - epoch
+        for fn in self.feedback_listeners:
+            fn(job_id, self.jobs[job_id].spec.policy.name, lag, len(indices))
 
     async def job_metrics(self) -> list[JobMetrics]:
         return [
@@ -165,6 +175,17 @@ def test_the_app_wires_the_optional_backend_hooks(
     assert value(text, "saelect_job_epochs_committed", job=ready, policy="rs2") == 2
     assert value(text, "saelect_job_resources_reserved", job=waiting, resource="CPU") == 2
     assert value(text, "saelect_indices_served_total") == 100 + 50
+    ucb = client.post("/v1/jobs", json={**SPEC, "policy": {**SPEC["policy"], "name": "ucb"}})
+    job = ucb.json()["id"]
+    client.get(f"/v1/jobs/{job}/epochs/2/indices")  # epochs 0..2 committed
+    body = {"indices": [1, 2, 3], "losses": [0.5, 0.1, 2.0]}
+    assert client.post(f"/v1/jobs/{job}/epochs/0/feedback", json=body).status_code == 200
+    assert client.post(f"/v1/jobs/{job}/epochs/2/feedback", json=body).status_code == 200
+    text = client.get("/metrics").text
+    assert value(text, "saelect_feedback_samples_total") == 6
+    assert value(text, "saelect_feedback_lag_epochs_count", policy="ucb") == 2
+    assert value(text, "saelect_feedback_lag_epochs_sum", policy="ucb") == 2  # lags 2 and 0
+    assert value(text, "saelect_feedback_lag_epochs_bucket", policy="ucb", le="0.0") == 1
 
 
 def test_the_dashboard_reads_only_exported_series() -> None:

@@ -151,16 +151,40 @@ def target_check(task: str, groups: dict[tuple[str, str, float], list[dict]]) ->
     return lines
 
 
+def http_lines(task: str, epochs: int, runs: list[dict], local: dict[str, dict]) -> list[str]:
+    """One line per run of ``task`` served over HTTP, against the in-process run of its key."""
+    out = []
+    for r in sorted(runs, key=lambda r: r["key"]):
+        if r["task"] != task or r["epochs"] != epochs:
+            continue
+        twin = local.get(r["key"])
+        same = twin is not None and twin.get("served_digest") == r.get("served_digest")
+        cmp = (
+            f"in-process {100 * twin['final_acc']:.2f}%, served indices "
+            f"{'identical' if same else 'different'}"
+            if twin
+            else "no in-process twin"
+        )
+        out.append(
+            f"- over HTTP (`saelect serve`): `{row_name(r)}` r = {r['ratio']:g}, seed "
+            f"{r['seed']}: {100 * r['final_acc']:.2f}% ({cmp})."
+        )
+    return out
+
+
 def render(records: list[dict[str, Any]]) -> str:
-    """The generated markdown block (without the markers)."""
-    groups = group_runs(records)
-    tasks = sorted({k[0] for k in groups})
+    """The generated markdown block (without the markers); tables and targets from the
+    in-process runs, HTTP runs as one line each against their in-process twin."""
+    local_recs = [r for r in records if r.get("via", "inprocess") == "inprocess"]
+    http = [r for r in records if r.get("kind") == "run" and r.get("via") == "http"]
+    local = {r["key"]: r for r in local_recs if r.get("kind") == "run"}
     out: list[str] = []
-    for task in tasks:
-        epochs = next(r["epochs"] for k, runs in groups.items() if k[0] == task for r in runs)
-        out += [f"#### Task `{task}` (in-process, E = {epochs})", ""]
-        out += [*task_table(task, groups), ""]
-        out += [*target_check(task, groups), ""]
+    for epochs in sorted({r["epochs"] for r in local.values()}):
+        groups = group_runs([r for r in local.values() if r["epochs"] == epochs])
+        for task in sorted({k[0] for k in groups}):
+            out += [f"#### Task `{task}` (in-process, E = {epochs})", ""]
+            out += [*task_table(task, groups), ""]
+            out += [*target_check(task, groups), *http_lines(task, epochs, http, local), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

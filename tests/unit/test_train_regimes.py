@@ -193,6 +193,9 @@ def test_regimes_report_tables_and_target_check(tmp_path: Path) -> None:
         records.append(rec("full_fewer", "-", 0.2, seed, 0.79 + noise))
         records.append(rec("factor_loss", "-", 0.2, seed, 0.83 + noise))
     records.append(rec("full", "-", 1.0, 0, 0.88))
+    for r in records:
+        r.update(via="inprocess", served_digest=["a"])
+    records.append({**records[0], "via": "http"})
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     block = rep.render(rep.read_results(path))
@@ -200,6 +203,8 @@ def test_regimes_report_tables_and_target_check(tmp_path: Path) -> None:
     assert "| factor_loss | 0.2 | 3 | 83.00 ± 0.40 |" in block
     assert "**beats**" in block and "+3.00 ± 0.00 points" in block
     assert "full data (1 seed(s)): 88.00%" in block
+    assert "`rs2` r = 0.2, seed 0: 80.00% (in-process 80.00%, " in block
+    assert "served indices identical" in block
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{rep.BEGIN}\nold\n{rep.END}\noutro\n")
     rep.write_doc(block, doc)

@@ -631,7 +631,7 @@ def scoring_key(spec: JobSpec) -> str:
 SCORING_PHASES = frozenset({"featurizing", "training_sae", "encoding", "scoring"})
 """Phases in which a job's scoring holds its reservation."""
 
-SCORED_POLICIES = frozenset({"factor"})
+SCORED_POLICIES = frozenset({"factor", "factor_loss"})
 """Policies that read R, D or codes: only their jobs are scored."""
 
 

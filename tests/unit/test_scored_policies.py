@@ -1,0 +1,23 @@
+"""Every policy that reads scores is scored by the service; the others run on bare shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.jobs import SCORED_POLICIES
+from service.policies import POLICIES, PolicyConfig, make_policy
+from service.selection.engine import SingleProcessSelector
+from workers.selection_shard import ShardData
+
+
+@pytest.mark.parametrize("name", sorted(set(POLICIES) - SCORED_POLICIES))
+def test_score_free_policies_select_without_scores(name: str) -> None:
+    """A job the service does not score gets a shard with labels only: it must still select."""
+    engine = SingleProcessSelector(
+        make_policy(PolicyConfig(name, 0.3, 3, seed=1)),
+        ShardData(0, 200, labels=np.arange(200) % 4),
+    )
+    sizes = engine.plan()
+    for t in range(3):
+        assert engine.step().indices.shape[0] == sizes[t]

@@ -36,6 +36,11 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.doc_block import replace_block  # noqa: E402
+
 DOC = ROOT / "docs" / "scaling.md"
 BEGIN = "<!-- BEGIN GENERATED: benchmarks/jobs_bench.py -->"
 END = "<!-- END GENERATED: benchmarks/jobs_bench.py -->"
@@ -203,16 +208,7 @@ def render(result: dict[str, Any]) -> str:
 
 def write_doc(block: str, path: Path = DOC) -> None:
     """Replace the generated block of docs/scaling.md (append it when the markers are absent)."""
-    text = path.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## Jobs on a small cluster\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_block(path, BEGIN, END, block, heading="Jobs on a small cluster")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from benchmarks.train_bench import read_results
+from benchmarks.train_runs import read_results
 from benchmarks.train_report import row_name, runs_of, sections
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from benchmarks.train_bench import read_results
+from benchmarks.train_runs import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks_train.md"

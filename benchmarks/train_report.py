@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 import numpy as np
 
-from benchmarks.train_bench import read_results
+from benchmarks.train_runs import read_results
 
 BEGIN = "<!-- BEGIN GENERATED -->"
 END = "<!-- END GENERATED -->"

@@ -15,7 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import train_bench, train_plots, train_report
+from benchmarks import (
+    train_bench,
+    train_plots,
+    train_report,
+    train_runs,
+    train_tasks,
+    train_variants,
+)
+from benchmarks.train_data import TaskData
 from benchmarks.train_loop import OptimConfig, lr_at, steps_per_epoch, train
 from benchmarks.train_models import AugmentConfig, augment_batch
 
@@ -28,7 +36,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
     argv = ["--task", "digits", "--quick", "--via", "inprocess", "--out", str(out)]
     argv += ["--data-root", str(tmp / "data"), "--threads", "1"]
     assert train_bench.main(argv) == 0
-    return tmp, train_bench.read_results(out)
+    return tmp, train_runs.read_results(out)
 
 
 def test_quick_digits_records_every_run(quick_run: tuple[Path, list[dict[str, Any]]]) -> None:
@@ -81,11 +89,11 @@ def test_resume_skips_done_runs(quick_run: tuple[Path, list[dict[str, Any]]]) ->
     # a torn last line (crash while writing) is ignored and the done keys stay
     with out.open("a") as f:
         f.write('{"kind": "run", "key": "torn')
-    assert train_bench.done_keys(out) == {r["key"] for r in records if r["kind"] == "run"}
+    assert train_runs.done_keys(out) == {r["key"] for r in records if r["kind"] == "run"}
 
 
 def test_plan_runs_order_and_keys() -> None:
-    runs = train_bench.plan_runs(
+    runs = train_runs.plan_runs(
         "fmnist",
         policies=["full", "rs2", "factor", "full_fewer", "infobatch"],
         ratios=[0.5, 0.1, 0.2],
@@ -110,12 +118,12 @@ def test_plan_runs_order_and_keys() -> None:
 
 
 def test_variants_expand_and_reach_the_job_spec() -> None:
-    names = train_bench.expand_variants(["default", "beyond", "quotas"])
+    names = train_variants.expand_variants(["default", "beyond", "quotas"])
     assert names[0] == "default" and names.count("quotas") == 1
     with pytest.raises(ValueError, match="unknown variant"):
-        train_bench.expand_variants(["nope"])
-    task = train_bench.TASKS["fmnist"]
-    data = train_bench.TaskData(
+        train_variants.expand_variants(["nope"])
+    task = train_tasks.TASKS["fmnist"]
+    data = TaskData(
         x_train=torch.zeros(1),
         y_train=torch.zeros(1),
         x_test=torch.zeros(1),
@@ -124,19 +132,19 @@ def test_variants_expand_and_reach_the_job_spec() -> None:
         uri="/d/train.parquet",
         feature={"kind": "pixels", "column": "image", "dim": 256},
     )
-    spec = train_bench.RunSpec("fmnist", "factor_gumbel", 0.2, 1, 20, "pca64").job_spec(task, data)
+    spec = train_runs.RunSpec("fmnist", "factor_gumbel", 0.2, 1, 20, "pca64").job_spec(task, data)
     assert spec["policy"]["name"] == "factor" and spec["policy"]["params"]["sampling"] == "gumbel"
     assert spec["dataset"]["feature"]["dim"] == 64
-    ss = train_bench.RunSpec("fmnist", "factor", 0.1, 0, 20, "qd_selfsup").job_spec(task, data)
+    ss = train_runs.RunSpec("fmnist", "factor", 0.1, 0, 20, "qd_selfsup").job_spec(task, data)
     assert ss["dataset"]["feature"] == {"kind": "selfsup", "column": "image", "dim": 128}
     assert ss["policy"]["params"]["class_quotas"] is True
-    soft = train_bench.RunSpec("fmnist", "factor", 0.1, 0, 20, "qd_gumbel0.5").job_spec(task, data)
+    soft = train_runs.RunSpec("fmnist", "factor", 0.1, 0, 20, "qd_gumbel0.5").job_spec(task, data)
     assert (
         soft["policy"]["params"]["sampling"] == "gumbel" and soft["policy"]["params"]["tau"] == 0.5
     )
     for group in ("penalty", "soft", "features"):  # every preset of a group is a known variant
-        assert train_bench.expand_variants([group]) == list(train_bench.VARIANT_GROUPS[group])
-    fewer = train_bench.RunSpec("fmnist", "full_fewer", 0.3, 0, 20, "-").job_spec(task, data)
+        assert train_variants.expand_variants([group]) == list(train_variants.VARIANT_GROUPS[group])
+    fewer = train_runs.RunSpec("fmnist", "full_fewer", 0.3, 0, 20, "-").job_spec(task, data)
     assert fewer["policy"] == {"name": "full", "ratio": 1.0, "epochs": 6, "seed": 0, "params": {}}
 
 
@@ -241,7 +249,7 @@ def test_augment_is_a_shift_and_optional_flip(seed: int, pad: int, flip: bool) -
 
 # --------------------------------------------------------------------------- report and plots
 def _record(policy: str, ratio: float, seed: int, acc: float, frac: float, **kw: Any) -> dict:
-    run = train_bench.RunSpec("toy", policy, ratio, seed, 4, kw.pop("variant", "-"))
+    run = train_runs.RunSpec("toy", policy, ratio, seed, 4, kw.pop("variant", "-"))
     rec = {
         "kind": "run",
         "key": run.key,
@@ -320,8 +328,8 @@ def _tiny_results() -> list[dict[str, Any]]:
 def test_report_tables_from_tiny_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     for rec in _tiny_results():
-        train_bench.append_record(path, rec)
-    records = train_bench.read_results(path)
+        train_runs.append_record(path, rec)
+    records = train_runs.read_results(path)
     twin = [dict(r, served_digest=["ab", "cd"]) for r in records if r.get("policy") == "rs2"]
     twin += [dict(r, via="http") for r in twin]
     twin[-1]["served_digest"] = ["ab", "ce"]  # one http run served other indices

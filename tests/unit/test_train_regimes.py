@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import train_bench
+from benchmarks import train_runs, train_tasks, train_variants
 from benchmarks.train_data import TaskData
 from benchmarks.train_regimes import (
     build_regime,
@@ -128,7 +128,7 @@ def test_class_accuracy_matches_the_confusion() -> None:
 
 
 def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
-    task = train_bench.TASKS["fmnist-dup"]
+    task = train_tasks.TASKS["fmnist-dup"]
     assert task.eval_every == 5 and task.data_args == {"base_size": 10000}
     data = TaskData(
         x_train=torch.zeros(4, 1, 2, 2),
@@ -141,7 +141,7 @@ def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
     )
 
     def spec(policy: str, variant: str = "-") -> dict:
-        run = train_bench.RunSpec("fmnist-dup", policy, 0.2, 0, 10, variant)
+        run = train_runs.RunSpec("fmnist-dup", policy, 0.2, 0, 10, variant)
         return run.job_spec(task, data)["policy"]
 
     assert spec("rs2_prop")["name"] == "rs2"
@@ -149,14 +149,14 @@ def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
     assert spec("rs2_equal")["params"] == {"class_quotas": "equal"}
     assert spec("factor_loss")["name"] == "factor_loss"
     assert spec("factor_loss_eq") == {**spec("factor_loss"), "params": {"class_quotas": "equal"}}
-    assert spec("factor_loss_clean")["params"] == train_bench.FACTOR_LOSS_CLEAN
+    assert spec("factor_loss_clean")["params"] == train_variants.FACTOR_LOSS_CLEAN
     # fgamma variants sit on factor's current defaults (not the pinned literal form)
     assert spec("factor", "fgamma1")["params"] == {"factor_gamma": 1.0}
-    run = train_bench.RunSpec("fmnist-dup", "factor", 0.2, 0, 10, "selfsup_default")
+    run = train_runs.RunSpec("fmnist-dup", "factor", 0.2, 0, 10, "selfsup_default")
     assert run.job_spec(task, data)["dataset"]["feature"]["kind"] == "selfsup"
-    assert "factor_loss" in train_bench.FEEDBACK_POLICIES
+    assert "factor_loss" in train_variants.FEEDBACK_POLICIES
     with pytest.raises(ValueError, match="eval_every"):
-        train_bench.TaskSpec(
+        train_tasks.TaskSpec(
             name="x",
             data="fmnist",
             model=task.model,

@@ -8,14 +8,14 @@ methods raise the named errors of ``service.errors`` (``UnknownJob``, ``EpochOut
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
 if TYPE_CHECKING:
     from service.specs import JobSpec
 
-PHASES: tuple[str, ...] = (
+Phase = Literal[
     "pending",
     "queued",
     "featurizing",
@@ -24,7 +24,8 @@ PHASES: tuple[str, ...] = (
     "scoring",
     "ready",
     "failed",
-)
+]
+PHASES: tuple[str, ...] = get_args(Phase)
 """Job phases in order; ``failed`` can follow any phase."""
 
 

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.backend import Phase
+
 # --- requests -----------------------------------------------------------------------------
 
 
@@ -150,16 +152,7 @@ class JobStatusModel(BaseModel):
 
     id: str
     name: str
-    phase: Literal[
-        "pending",
-        "queued",
-        "featurizing",
-        "training_sae",
-        "encoding",
-        "scoring",
-        "ready",
-        "failed",
-    ]
+    phase: Phase
     progress: ProgressModel
     reason: str | None = Field(
         default=None, description="why the job waits (queued): the resources it needs, what is free"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -22,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from service.actor import ACTOR_NAME, NAMESPACE, selection_actor_class
+from service.lease import StoreLease, StoreOwnedError
+from service.ray_local import check_embedded, prepare_embedded_env
 from service.settings import Settings
-
-_LOOPBACK_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # embedded Ray binds 127.0.0.1 only
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+from workers.storage import Storage
 
 
 def init_ray(
@@ -39,19 +38,26 @@ def init_ray(
 ) -> bool:
     """Connect to Ray unless connected; returns True when this call started a local Ray.
 
-    ``address`` None and no ``RAY_ADDRESS``: a private local Ray (loopback only; no dashboard
-    unless ``include_dashboard``: Ray Train's state queries need it, the service does not).
-    """
-    import ray
+    ``address`` None and no ``RAY_ADDRESS``: a private local Ray, every socket of every one of its
+    processes on 127.0.0.1 and Ray's token authentication on, whatever the caller's environment
+    says (`service.ray_local`); no dashboard unless ``include_dashboard`` (Ray Train's state
+    queries need it, the service does not).
 
-    if ray.is_initialized():
+    Raises
+    ------
+    RuntimeError
+        When the started Ray is not on loopback or runs without token authentication.
+    """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        prepare_embedded_env()  # before ray is imported here, and corrected if it already was
+    import ray
+
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         return False
-    for key, value in _LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
     ray.init(
         address="local",
         namespace=NAMESPACE,
@@ -61,6 +67,7 @@ def init_ray(
         log_to_driver=log_to_driver,
         object_store_memory=512 * 1024**2,
     )
+    check_embedded()
     return True
 
 
@@ -70,15 +77,19 @@ class ServiceHandle:
 
     actor: Any
     url: str
+    lease: StoreLease | None = None
+    """The store's lease, held by this process while the service runs (`service.lease`)."""
 
     def stop(self) -> None:
-        """Stop the server and the jobs' shard actors, then the SelectionActor."""
+        """Stop the server and the jobs' shard actors, then the SelectionActor; free the store."""
         import ray
 
         try:
             ray.get(self.actor.shutdown.remote(), timeout=60)
         finally:
             ray.kill(self.actor, no_restart=True)
+            if self.lease is not None:
+                self.lease.release()
 
 
 def actor_placement(settings: Settings) -> dict[str, Any]:
@@ -127,6 +138,7 @@ def start_service(
     pipeline_options: Any = None,
     name: str | None = ACTOR_NAME,
     max_restarts: int = -1,
+    lease: StoreLease | None = None,
 ) -> ServiceHandle:
     """Start a SelectionActor serving ``settings`` (Ray must be initialized).
 
@@ -141,28 +153,52 @@ def start_service(
     max_restarts:
         Ray restarts of the actor after a crash (-1: always); each restart lands on the same node
         (`actor_placement`) and binds the same port.
+    lease:
+        The store's lease, already taken (None: take it here). This process renews it until
+        `ServiceHandle.stop`; a second service on the store refuses to start meanwhile.
 
     Raises
     ------
     ValueError
         A non-loopback bind without a token, or a ``pin_resource`` no node declares.
+    service.lease.StoreOwnedError
+        When another live service owns the store.
     """
     import ray
 
     settings.check_bind()
-    cls = selection_actor_class(max_restarts=max_restarts)
-    opts: dict[str, Any] = {"namespace": NAMESPACE, **actor_placement(settings)}
-    if name:
-        opts.update(name=name, get_if_exists=False)
-    actor = cls.options(**opts).remote(settings, pipeline_options)
-    url = ray.get(actor.url.remote(), timeout=settings.start_timeout_s)
-    return ServiceHandle(actor=actor, url=url)
+    lease = lease or StoreLease(Storage(settings.store)).acquire()
+    try:
+        cls = selection_actor_class(max_restarts=max_restarts)
+        opts: dict[str, Any] = {"namespace": NAMESPACE, **actor_placement(settings)}
+        if name:
+            opts.update(name=name, get_if_exists=False)
+        actor = cls.options(**opts).remote(settings, pipeline_options)
+        url = ray.get(actor.url.remote(), timeout=settings.start_timeout_s)
+    except BaseException:
+        lease.release()
+        raise
+    return ServiceHandle(actor=actor, url=url, lease=lease)
 
 
 def serve_forever(settings: Settings) -> int:
-    """`saelect serve`: run until interrupted; the store keeps every job for the next start."""
-    started_local = init_ray(settings.ray_address)
-    handle = start_service(settings)
+    """`saelect serve`: run until interrupted; the store keeps every job for the next start.
+
+    The store's lease is taken before Ray starts, so a second service on a store that a live one
+    owns refuses at once (rc 3, the owner named); losing the lease to another service stops this
+    one (rc 3).
+    """
+    try:
+        lease = StoreLease(Storage(settings.store)).acquire()
+    except StoreOwnedError as exc:
+        print(f"saelect serve: {exc}", file=sys.stderr)
+        return 3
+    try:
+        started_local = init_ray(settings.ray_address)
+        handle = start_service(settings, lease=lease)
+    except BaseException:
+        lease.release()
+        raise
     where = "embedded local Ray" if started_local else "Ray cluster"
     url_file = write_url_file(handle.url, settings.url_path)
     print(f"saelect serving on {handle.url} (store {settings.store}, {where}); Ctrl-C stops it")
@@ -170,13 +206,16 @@ def serve_forever(settings: Settings) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(1.0):
+        if lease.lost.is_set():
+            print("saelect serve: another service took the store's lease", file=sys.stderr)
+            break
     print("stopping")
     try:
         handle.stop()
     finally:
         _remove_url_file(url_file, handle.url)
-    return 0
+    return 3 if lease.lost.is_set() else 0
 
 
 def _remove_url_file(path: Path, url: str) -> None:

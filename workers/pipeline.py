@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from workers import ranks, scoring_steps, shard_scoring
+from workers import scoring_tasks as tasks
 from workers.admission import (
     PlacementTimeoutError,
     Reservation,
@@ -56,7 +57,7 @@ from workers.factors import factor_frequencies
 from workers.features import FeatureSpec
 from workers.sae import SAEConfig
 from workers.scores import ScoreConfig
-from workers.shard_plan import ShardPlan, ShardSpec, plan_shards
+from workers.shard_plan import ShardPlan, plan_shards
 from workers.shard_scoring import (
     ENCODING_RECORD,
     EXTRACTOR_FILE,
@@ -80,7 +81,6 @@ PHASES = ("queued", "featurizing", "training_sae", "encoding", "scoring", "ready
 """The pipeline's phases in order (the job status adds ``pending`` and ``failed``)."""
 STATE_FILE = "pipeline.json"
 """Pipeline state below the job storage: fingerprint, shard boundaries, phases done, error."""
-RANK_SAMPLE = 1024
 """Values each shard contributes to the choice of the rank splitters."""
 
 ProgressFn = Callable[[str, int, int], None]
@@ -193,106 +193,6 @@ class ScoringResult:
             sd = self.storage.child(shard_dir(s.shard_id))
             out.append(sd.read_json(ENCODING_RECORD) if sd.exists(ENCODING_RECORD) else {})
         return out
-
-
-# ---------------------------------------------------------------------------- Ray tasks
-# Plain functions; `_remote` wraps them with ray.remote when the pipeline first runs, and every
-# call places them in the run's reservation.
-
-
-def _node_id() -> str | None:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _task_take_raw(spec: ShardSpec, feature: FeatureSpec, idx: np.ndarray) -> Any:
-    return shard_scoring.take_raw(spec, feature, idx)
-
-
-def _task_fit_extractor(feature: FeatureSpec, *parts: Any) -> dict[str, np.ndarray]:
-    return scoring_steps.fit_extractor_state(feature, shard_scoring.concat_values(parts))
-
-
-def _task_sample_features(
-    spec: ShardSpec, feature: FeatureSpec, state: dict[str, np.ndarray], idx: np.ndarray
-) -> np.ndarray:
-    values = shard_scoring.take_raw(spec, feature, idx)
-    if len(values) == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    extractor = shard_scoring.extractor_from_state(feature, state)
-    return np.asarray(extractor.transform(values, progress=False), dtype=np.float32)
-
-
-def _task_train_sae(config: SAEConfig, threads: int, *parts: np.ndarray) -> dict[str, bytes]:
-    import torch
-
-    torch.set_num_threads(threads)  # the CPUs of its bundle
-    feats = np.concatenate([p for p in parts if p.shape[0]])
-    return scoring_steps.train_sae_files(feats, config)
-
-
-def _task_encode(
-    spec: ShardSpec,
-    storage: Storage,
-    config: ShardConfig,
-    state: dict[str, np.ndarray],
-    sae_files: dict[str, bytes],
-) -> np.ndarray:
-    return shard_scoring.encode_shard(spec, storage, config, state, sae_files, node_id=_node_id())
-
-
-def _task_raw_scores(
-    storage: Storage, shard_id: int, p: np.ndarray, score_config: ScoreConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    raw_r, raw_d = shard_scoring.raw_shard_scores(storage, shard_id, p, score_config)
-    return (
-        ranks.value_sample(np.sort(raw_r), RANK_SAMPLE),
-        ranks.value_sample(np.sort(raw_d), RANK_SAMPLE),
-    )
-
-
-def _task_split(
-    storage: Storage,
-    shard_id: int,
-    score_config: ScoreConfig,
-    split_r: np.ndarray,
-    split_d: np.ndarray,
-) -> tuple[Any, ...]:
-    """(sizes_r, sizes_d, *R parts, *D parts): the shard's sorted raw scores cut into buckets."""
-    raw_r, raw_d = shard_scoring.raw_shard_scores(storage, shard_id, np.zeros(0), score_config)
-    parts_r, sizes_r = ranks.split_sorted(np.sort(raw_r), split_r)
-    parts_d, sizes_d = ranks.split_sorted(np.sort(raw_d), split_d)
-    return (sizes_r, sizes_d, *parts_r, *parts_d)
-
-
-def _task_bucket(offset: int, total: int, *parts: np.ndarray) -> Any:
-    out = ranks.bucket_ranks(parts, offset, total)
-    return out[0] if len(out) == 1 else tuple(out)
-
-
-def _task_write_scores(
-    storage: Storage, shard_id: int, score_config: ScoreConfig, num_buckets: int, *parts: Any
-) -> int:
-    raw_r, raw_d = shard_scoring.raw_shard_scores(storage, shard_id, np.zeros(0), score_config)
-    r = ranks.scatter_ranks(raw_r, parts[:num_buckets])
-    d = ranks.scatter_ranks(raw_d, parts[num_buckets:])
-    shard_scoring.write_shard_scores(storage, shard_id, r, d)
-    return int(raw_r.shape[0])
-
-
-_REMOTE: dict[str, Any] = {}
-
-
-def _remote(fn: Callable[..., Any], reservation: Reservation, retries: int, **kw: Any) -> Any:
-    import ray
-
-    if fn.__name__ not in _REMOTE:
-        _REMOTE[fn.__name__] = ray.remote(fn)
-    gpu, bundle = kw.pop("gpu", False), kw.pop("bundle", None)
-    return _REMOTE[fn.__name__].options(
-        max_retries=retries, **reservation.options(gpu=gpu, bundle=bundle), **kw
-    )
 
 
 # ---------------------------------------------------------------------------- driver
@@ -510,7 +410,7 @@ def run_scoring(
         def task(fn: Callable[..., Any], *, gpu: bool = False, **kw: Any) -> Any:
             """``fn`` as a task in the reservation; ``bundle=i`` pins shard i's tasks."""
             assert reservation is not None
-            return _remote(fn, reservation, retries, gpu=gpu and use_gpu, **kw)
+            return tasks.remote(fn, reservation, retries, gpu=gpu and use_gpu, **kw)
 
         sizes = [s.num_rows for s in plan.shards]
 
@@ -525,11 +425,11 @@ def run_scoring(
             seed = scoring_steps.sample_seed(sae_config.seed, scoring_steps.FIT_STREAM)
             fit_idx = scoring_steps.sample_indices(n, fit_count, seed)
             raw = [
-                task(_task_take_raw, bundle=spec.shard_id).remote(spec, feature_spec, ix)
+                task(tasks.take_raw, bundle=spec.shard_id).remote(spec, feature_spec, ix)
                 for spec, ix in zip(plan.shards, _split(fit_idx, plan), strict=True)
             ]
             extractor_state = ray.get(
-                task(_task_fit_extractor, gpu=True).remote(feature_spec, *raw)
+                task(tasks.fit_extractor, gpu=True).remote(feature_spec, *raw)
             )
             job_storage.write_npz(EXTRACTOR_FILE, **extractor_state)
         progress("featurizing", fit_count, fit_count)
@@ -549,7 +449,7 @@ def run_scoring(
                 n, scoring_steps.sae_train_count(sae_config, n), seed
             )
             feats = [
-                task(_task_sample_features, gpu=True, bundle=spec.shard_id).remote(
+                task(tasks.sample_features, gpu=True, bundle=spec.shard_id).remote(
                     spec, feature_spec, state_ref, ix
                 )
                 for spec, ix in zip(plan.shards, _split(sae_idx, plan), strict=True)
@@ -571,7 +471,7 @@ def run_scoring(
                 threads = max(1, int(request.cpus))  # its own bundle: OpenMP threads beyond
                 # the reserved CPUs spin against other work (measured 10-80x slower on 2 busy cores)
                 sae_files = ray.get(
-                    task(_task_train_sae, gpu=True, bundle=0).remote(sae_config, threads, *feats)
+                    task(tasks.train_sae, gpu=True, bundle=0).remote(sae_config, threads, *feats)
                 )
             # the weights first, the config last: sae.json existing means the SAE is complete
             for name in SAE_FILES:
@@ -592,7 +492,7 @@ def run_scoring(
         state_ref, sae_ref = ray.put(extractor_state), ray.put(sae_files)
         shard_counts = _wait_all(
             [
-                task(_task_encode, gpu=True, bundle=spec.shard_id).remote(
+                task(tasks.encode, gpu=True, bundle=spec.shard_id).remote(
                     spec, job_storage, shard_config, state_ref, sae_ref
                 )
                 for spec in plan.shards
@@ -621,7 +521,7 @@ def run_scoring(
         S = plan.num_shards
         samples = ray.get(
             [
-                task(_task_raw_scores, bundle=s.shard_id).remote(
+                task(tasks.raw_scores, bundle=s.shard_id).remote(
                     job_storage, s.shard_id, p_ref, score_config
                 )
                 for s in plan.shards
@@ -631,7 +531,7 @@ def run_scoring(
         split_d = ranks.choose_splitters([d for _, d in samples], S)
         br, bd = split_r.shape[0] + 1, split_d.shape[0] + 1
         cut = [
-            task(_task_split, num_returns=2 + br + bd, bundle=s.shard_id).remote(
+            task(tasks.split, num_returns=2 + br + bd, bundle=s.shard_id).remote(
                 job_storage, s.shard_id, score_config, split_r, split_d
             )
             for s in plan.shards
@@ -644,7 +544,7 @@ def run_scoring(
             """Per bucket: the S refs of its ranked parts (one per shard)."""
             out = []
             for b in range(num):
-                refs = task(_task_bucket, num_returns=S).remote(
+                refs = task(tasks.bucket, num_returns=S).remote(
                     int(offsets[b]), n, *[c[first + b] for c in cut]
                 )
                 out.append([refs] if S == 1 else list(refs))
@@ -653,7 +553,7 @@ def run_scoring(
         rank_r, rank_d = ranked(2, br, off_r), ranked(2 + br, bd, off_d)
         _wait_all(
             [
-                task(_task_write_scores, bundle=s.shard_id).remote(
+                task(tasks.write_scores, bundle=s.shard_id).remote(
                     job_storage,
                     s.shard_id,
                     score_config,

@@ -54,6 +54,11 @@ POLICIES = [
 QUIET = {"progress_bar": False}
 
 
+def _score(storage: Storage, uri: str, **kw: Any) -> Any:
+    """run_scoring with this module's feature, SAE and score configs, without a progress bar."""
+    return run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, **QUIET, **kw)
+
+
 @pytest.fixture(scope="module")
 def digits(digits_uri: str) -> tuple[str, SingleProcessScores]:
     """The digits dataset as Parquet and its single-process scores."""
@@ -68,16 +73,11 @@ def digits_job(
     uri, _ = digits
     storage = Storage(str(tmp_path_factory.mktemp("digits-job")))
     seen: list[tuple[str, int, int]] = []
-    result = run_scoring(
+    result = _score(
         storage,
         uri,
-        FEATURE,
-        "label",
-        SAE,
-        SCORE,
         num_shards=4,
         on_progress=lambda *a: seen.append(a),
-        **QUIET,
     )
     return storage, result, seen
 
@@ -211,9 +211,7 @@ def test_sharded_scores_follow_the_documented_formulas(
 def test_four_shards_equal_single_process_on_fashion_mnist(fmnist_uri: str, tmp_path: Path) -> None:
     uri = fmnist_uri
     ref = score_single_process(uri, FEATURE, "label", SAE, SCORE)
-    result = run_scoring(
-        Storage(str(tmp_path / "job")), uri, FEATURE, "label", SAE, SCORE, num_shards=4, **QUIET
-    )
+    result = _score(Storage(str(tmp_path / "job")), uri, num_shards=4)
     assert result.plan.num_shards == 4
     _assert_same_scores(result, ref)
     _assert_same_selections(result, ref)
@@ -277,9 +275,7 @@ def test_scoring_worker_killed_mid_encoding_is_retried_and_gives_the_same_result
 
     def run() -> None:
         try:
-            out["result"] = run_scoring(
-                storage, uri, FEATURE, "label", SAE, SCORE, num_shards=2, options=opts, **QUIET
-            )
+            out["result"] = _score(storage, uri, num_shards=2, options=opts)
         except BaseException as exc:
             out["error"] = exc
 
@@ -322,7 +318,7 @@ def test_rerun_skips_done_shards_and_ignores_half_written_files(
         (root / shard_dir(1) / f".{name}.tmp-{uuid.uuid4().hex}").write_bytes(b"garbage")
     storage.child(shard_dir(3)).delete("scores.npz")
     stamp = os.stat(root / shard_dir(0) / "codes.npz").st_mtime_ns
-    result = run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, **QUIET)
+    result = _score(storage, uri)
     assert result.plan.num_shards == 4  # the stored plan is reused
     _assert_same_scores(result, ref)
     assert os.stat(root / shard_dir(0) / "codes.npz").st_mtime_ns == stamp  # not recomputed
@@ -341,16 +337,11 @@ def test_a_fully_scored_storage_reattaches_without_reserving(
     ray.get(hog.ready())
     try:
         seen: list[str] = []
-        result = run_scoring(
+        result = _score(
             Storage(str(tmp_path / "job")),
             uri,
-            FEATURE,
-            "label",
-            SAE,
-            SCORE,
             on_progress=lambda ph, d, t: seen.append(ph),
             resources=ScoringResources(placement_timeout_s=1),
-            **QUIET,
         )
     finally:
         ray.util.remove_placement_group(hog)
@@ -367,17 +358,12 @@ def test_unplaceable_scoring_fails_in_time_naming_the_resource(
     reasons: list[str | None] = []
     t0 = time.monotonic()
     with pytest.raises(ScoringError, match=r"GPU: needs 4, the cluster has 0") as info:
-        run_scoring(
+        _score(
             storage,
             uri,
-            FEATURE,
-            "label",
-            SAE,
-            SCORE,
             resources=ScoringResources(gpus=4, placement_timeout_s=2),
             on_wait=reasons.append,
             options=PipelineOptions(poll_s=0.2),
-            **QUIET,
         )
     assert time.monotonic() - t0 < 30
     assert info.value.phase == "queued"
@@ -389,17 +375,12 @@ def test_unplaceable_scoring_fails_in_time_naming_the_resource(
         raise RuntimeError("job deleted")
 
     with pytest.raises(ScoringError, match="job deleted"):
-        run_scoring(
+        _score(
             storage,
             uri,
-            FEATURE,
-            "label",
-            SAE,
-            SCORE,
             resources=ScoringResources(gpus=4),  # would wait an hour: the cancel ends it
             on_wait=cancel,
             options=PipelineOptions(poll_s=0.2),
-            **QUIET,
         )
     assert time.monotonic() - t0 < 60
     assert not ray.util.placement_group_table() or all(
@@ -421,7 +402,7 @@ def test_unretriable_failure_marks_the_pipeline_failed(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path / "job"))
     uri = _write_ragged(tmp_path / "ragged")
     with pytest.raises(ScoringError, match="ragged") as info:
-        run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, num_shards=2, **QUIET)
+        _score(storage, uri, num_shards=2)
     assert info.value.phase == "featurizing"
     state = storage.read_json("pipeline.json")
     assert state["failed"]["phase"] == "featurizing" and "ragged" in state["failed"]["error"]
@@ -438,7 +419,7 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path / "job"))
 
     def run(uri: str, **kw: Any) -> None:
-        run_scoring(storage, uri, FEATURE, "label", SAE, SCORE, num_shards=2, **QUIET, **kw)
+        _score(storage, uri, num_shards=2, **kw)
 
     with pytest.raises(ScoringError, match="does not exist"):
         run(str(tmp_path / "missing.parquet"))

@@ -2,7 +2,8 @@
 
 Every error answer has the shape ``{"error": {"code": "...", "message": "..."}}``: validation
 errors and malformed JSON are 400 (not FastAPI's 422), bad tokens 401, unknown jobs and epochs
-out of range 404, jobs not ready and feedback to feedback-free policies 409, oversized bodies 413.
+out of range 404, jobs not ready and feedback to feedback-free policies 409, oversized bodies (and
+feedback batches) 413, one job past the live-jobs limit 429.
 A 500 in the same shape is reserved for real bugs.
 
 Example:
@@ -15,15 +16,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.backend import Backend
 from service.errors import PayloadTooLarge, SaelectError
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import epochs, health, jobs
+from service.routes import epochs, health, jobs, require_token_for_docs
 from service.routes import metrics as metrics_route
 from service.routes.health import VERSION
 from service.settings import Settings
@@ -164,6 +166,24 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+def install_docs(app: FastAPI) -> None:
+    """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``, behind the token unless
+    ``Settings.docs_open`` (a browser opening ``/docs`` sends no bearer token)."""
+    guard = [Depends(require_token_for_docs)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guard)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guard)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guard)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
 def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     """The HTTP app over ``backend``.
 
@@ -178,19 +198,23 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     Returns
     -------
     FastAPI
-        Routes of DESIGN 4, OpenAPI UI at ``/docs``.
+        The routes of docs/api.md; OpenAPI UI at ``/docs`` (behind the token unless
+        ``settings.docs_open``).
     """
     settings = settings if settings is not None else Settings()
     app = FastAPI(
         title="saelect",
         version=VERSION,
         description="Dynamic data selection: per-epoch, per-rank training subsets.",
-        docs_url="/docs",
+        docs_url=None,  # served by `install_docs`, behind the token unless docs_open
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.backend = backend
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    install_docs(app)
     for module in (health, metrics_route, jobs, epochs):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

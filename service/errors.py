@@ -80,6 +80,13 @@ class PayloadTooLarge(SaelectError):  # noqa: N818 - API names
     code = "payload_too_large"
 
 
+class TooManyJobs(SaelectError):  # noqa: N818 - API names
+    """The service holds ``settings.max_jobs`` live jobs already: 429 (delete one first)."""
+
+    status = 429
+    code = "too_many_jobs"
+
+
 ERRORS: dict[str, type[SaelectError]] = {
     cls.code: cls
     for cls in (
@@ -90,6 +97,7 @@ ERRORS: dict[str, type[SaelectError]] = {
         FeedbackNotAccepted,
         Unauthorized,
         PayloadTooLarge,
+        TooManyJobs,
     )
 }
 """Error classes by their wire ``code``."""

@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     """Ray cluster address; None starts a private local Ray."""
     api_token: SecretStr | None = None
-    """Bearer token required on every /v1 route when set (/healthz, /metrics, /docs stay open)."""
+    """Bearer token required, when set, on every /v1 route, and on /metrics and /docs unless
+    ``metrics_open`` / ``docs_open``; /healthz stays open."""
     insecure: bool = False
     """Allow binding a non-loopback address without a token."""
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
@@ -89,13 +90,35 @@ class Settings(BaseSettings):
     url_file: str | None = None
     """Where `saelect serve` writes the advertised URL (None: ``SAELECT_URL_FILE`` or
     ``~/.saelect/url``); `saelect jobs` reads it as its default ``--url``."""
+    metrics_open: bool = False
+    """Serve ``/metrics`` without the token (a scraper that cannot send a bearer token); by
+    default it needs the token like ``/v1`` (when a token is set). ``/healthz`` is always open."""
+    docs_open: bool = False
+    """Serve ``/docs``, ``/redoc`` and ``/openapi.json`` without the token; by default they need
+    it (when a token is set), which a browser opening ``/docs`` cannot send."""
+    max_world_size: int = Field(default=65536, ge=1)
+    """Largest ``world_size`` a request may ask for; beyond it 400 ``invalid_request``."""
+    max_epochs: int = Field(default=100_000, ge=1)
+    """Largest ``policy.epochs`` of a new job; beyond it 400 ``invalid_request``."""
+    max_feedback_batch: int = Field(default=4 * 1024 * 1024, ge=1)
+    """Most samples in one feedback post; beyond it 413 ``payload_too_large``."""
+    max_jobs: int = Field(default=256, ge=1)
+    """Most live jobs (any phase but ``failed``); creating one more is 429 ``too_many_jobs``
+    until one is deleted."""
+    tls_cert: str | None = None
+    """PEM certificate chain to serve HTTPS with (with ``tls_key``); None serves plain HTTP.
+    The files are read on the node the SelectionActor runs on."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
 
     @field_validator("api_token")
     @classmethod
     def _empty_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
         return None if v is None or not v.get_secret_value() else v
 
-    @field_validator("advertise_url", "pin_resource", "url_file", mode="before")
+    @field_validator(
+        "advertise_url", "pin_resource", "url_file", "tls_cert", "tls_key", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return None if v is None or not str(v).strip() else str(v).strip()
@@ -118,6 +141,12 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
+
+    @model_validator(mode="after")
     def _default_roots(self) -> Settings:
         if not self.allowed_roots:
             roots = [os.getcwd(), DEFAULT_DATASET_ROOT, store_data_dir(self.store)]
@@ -138,7 +167,8 @@ class Settings(BaseSettings):
         """The URL to report for a server bound to ``host:port`` on a node with IP ``node_ip``.
 
         ``advertise_url`` when set; otherwise the bind host, except that a wildcard bind
-        (``0.0.0.0``, ``::``) reports ``node_ip`` (loopback when unknown).
+        (``0.0.0.0``, ``::``) reports ``node_ip`` (loopback when unknown); ``https`` when the
+        service has ``tls_cert``.
 
         Example:
             >>> Settings(host="0.0.0.0", insecure=True).public_url(8000, "10.0.0.7")
@@ -150,7 +180,8 @@ class Settings(BaseSettings):
         if is_wildcard(host):
             host = node_ip or "127.0.0.1"
         host = host.strip("[]")
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
     @property
     def token(self) -> str | None:

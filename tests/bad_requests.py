@@ -20,6 +20,12 @@ BIG_EPOCH = 10**9
 """An epoch far beyond any job's epochs: 404 ``epoch_out_of_range``, like any t >= epochs."""
 HUGE_EPOCH = 2**70
 """An epoch that does not fit in int64: still 404 ``epoch_out_of_range``, never a 500."""
+MAX_WORLD_SIZE = 65536
+"""``Settings.max_world_size``'s default."""
+MAX_EPOCHS = 100_000
+"""``Settings.max_epochs``'s default."""
+MAX_FEEDBACK_BATCH = 4 * 1024 * 1024
+"""``Settings.max_feedback_batch``'s default."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,9 @@ class BadRequest:
     """Lower-case text the error message must contain."""
     params: dict[str, Any] = field(default_factory=dict)
     json: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    """A raw body (with ``headers`` giving its type), instead of ``json``."""
 
     @property
     def label(self) -> str:
@@ -43,10 +52,64 @@ class BadRequest:
         return f"{self.method} {self.path}" + (f"?{query}" if query else "")
 
 
-def bad_requests(job: str, *, epochs: int) -> list[BadRequest]:
-    """The table for ``job``, a ready ``factor`` job with ``epochs`` epochs."""
+def bad_requests(job: str, *, epochs: int, spec: dict[str, Any] | None = None) -> list[BadRequest]:
+    """The table for ``job``, a ready ``factor`` job with ``epochs`` epochs, on a service with
+    the default limits (``service.settings.Settings``); with ``spec``, a valid job spec, also
+    the creation of a job past the epochs limit."""
     base = f"/v1/jobs/{job}"
     ok_feedback = {"indices": [0, 1], "losses": [0.1, 0.2]}
+    over_batch = {
+        "Content-Type": "application/octet-stream",
+        "X-Saelect-Count": str(MAX_FEEDBACK_BATCH + 1),
+    }
+    limits = [
+        # the service's limits (Settings.max_*): 400 for a value, 413 for a batch
+        BadRequest(
+            "GET",
+            f"{base}/epochs/0/indices",
+            400,
+            "invalid_request",
+            "max_world_size",
+            {"rank": 0, "world_size": MAX_WORLD_SIZE + 1},
+        ),
+        BadRequest(
+            "GET",
+            f"{base}/epochs/0/weights",
+            400,
+            "invalid_request",
+            "max_world_size",
+            {"rank": 0, "world_size": MAX_WORLD_SIZE + 1},
+        ),
+        BadRequest(
+            "GET",
+            f"{base}/plan",
+            400,
+            "invalid_request",
+            "max_world_size",
+            {"world_size": MAX_WORLD_SIZE + 1},
+        ),
+        BadRequest(
+            "POST",
+            f"{base}/epochs/0/feedback",
+            413,
+            "payload_too_large",
+            "max_feedback_batch",
+            headers=over_batch,
+            content=b"",
+        ),
+    ]
+    if spec is not None:
+        policy = {**spec["policy"], "epochs": MAX_EPOCHS + 1}
+        limits.append(
+            BadRequest(
+                "POST",
+                "/v1/jobs",
+                400,
+                "invalid_request",
+                "max_epochs",
+                json={**spec, "policy": policy},
+            )
+        )
     return [
         # 400 invalid_request: a bad value
         BadRequest("GET", f"{base}/epochs/0/indices", 400, "invalid_request", "rank",
@@ -90,4 +153,5 @@ def bad_requests(job: str, *, epochs: int) -> list[BadRequest]:
         BadRequest("PUT", "/v1/jobs", 405, "method_not_allowed", "method"),
         BadRequest("POST", f"{base}/epochs/0/feedback", 409, "feedback_not_accepted", "factor",
                    json=ok_feedback),
+        *limits,
     ]  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from service.backend import Backend
-from service.errors import Unauthorized
+from service.errors import InvalidRequest, Unauthorized
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -58,6 +58,34 @@ def require_token(request: Request) -> None:
         raise Unauthorized("malformed Authorization header; expected 'Bearer <token>'")
     if not hmac.compare_digest(value.strip().encode(), token.encode()):
         raise Unauthorized("invalid API token")
+
+
+def require_token_for_metrics(request: Request) -> None:
+    """The token check of ``/metrics``, skipped when ``Settings.metrics_open``."""
+    if not get_settings(request).metrics_open:
+        require_token(request)
+
+
+def require_token_for_docs(request: Request) -> None:
+    """The token check of ``/docs``, ``/redoc`` and ``/openapi.json``, skipped when
+    ``Settings.docs_open``."""
+    if not get_settings(request).docs_open:
+        require_token(request)
+
+
+def check_world_size(world_size: int, settings: Settings) -> None:
+    """Refuse a ``world_size`` above ``settings.max_world_size``.
+
+    Raises
+    ------
+    InvalidRequest
+        (400) naming the limit and its setting.
+    """
+    if world_size > settings.max_world_size:
+        raise InvalidRequest(
+            f"world_size {world_size} exceeds the service's limit of {settings.max_world_size} "
+            "(SAELECT_MAX_WORLD_SIZE)"
+        )
 
 
 BackendDep = Annotated[Backend, Depends(get_backend)]

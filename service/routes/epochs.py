@@ -10,9 +10,17 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, PayloadTooLarge
 from service.models import ErrorModel, FeedbackAckModel, FeedbackModel, IndicesModel, StatsModel
-from service.routes import BackendDep, Epoch, JobId, MetricsDep, require_token
+from service.routes import (
+    BackendDep,
+    Epoch,
+    JobId,
+    MetricsDep,
+    SettingsDep,
+    check_world_size,
+    require_token,
+)
 
 try:  # optional fast JSON encoder
     import orjson
@@ -28,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorModel, "description": "missing or wrong bearer token"},
     404: {"model": ErrorModel, "description": "unknown job, or epoch >= the policy's epochs"},
     409: {"model": ErrorModel, "description": "job not ready, or policy takes no feedback"},
-    413: {"model": ErrorModel, "description": "request body too large"},
+    413: {"model": ErrorModel, "description": "request body or feedback batch too large"},
 }
 
 router = APIRouter(
@@ -77,11 +85,13 @@ async def get_indices(
     request: Request,
     backend: BackendDep,
     metrics: MetricsDep,
+    settings: SettingsDep,
     rank: Annotated[int, Query(ge=0, description="this trainer's rank R")] = 0,
-    world_size: Annotated[int, Query(ge=1, le=65536, description="number of ranks W")] = 1,
+    world_size: Annotated[int, Query(ge=1, description="number of ranks W")] = 1,
 ) -> Response:
     """Rank R's indices of epoch t: the epoch order padded to a multiple of W, positions
     R, R+W, ... Computes the epoch when needed. Same request, same answer."""
+    check_world_size(world_size, settings)
     if rank >= world_size:
         raise InvalidRequest(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
     idx_n = np.ascontiguousarray(
@@ -116,10 +126,12 @@ async def get_weights(
     epoch: Epoch,
     request: Request,
     backend: BackendDep,
+    settings: SettingsDep,
     rank: Annotated[int, Query(ge=0, description="this trainer's rank R")] = 0,
-    world_size: Annotated[int, Query(ge=1, le=65536, description="number of ranks W")] = 1,
+    world_size: Annotated[int, Query(ge=1, description="number of ranks W")] = 1,
 ) -> Response:
     """Loss weights for rank R's indices of epoch t, position by position (same partition)."""
+    check_world_size(world_size, settings)
     if rank >= world_size:
         raise InvalidRequest(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
     w_n = np.ascontiguousarray(
@@ -133,17 +145,30 @@ async def get_weights(
     return Response(memoryview(w_n), media_type=BINARY, headers=headers)  # type: ignore[arg-type]
 
 
-def parse_feedback(content_type: str | None, count: str | None, body: bytes) -> tuple[Any, Any]:
+def _check_batch(n: int, max_batch: int | None) -> None:
+    """413 when a feedback batch of ``n`` samples exceeds ``max_batch`` (None: no limit)."""
+    if max_batch is not None and n > max_batch:
+        raise PayloadTooLarge(
+            f"feedback batch of {n} samples exceeds the service's limit of {max_batch} "
+            "(SAELECT_MAX_FEEDBACK_BATCH); send it in several posts"
+        )
+
+
+def parse_feedback(
+    content_type: str | None, count: str | None, body: bytes, max_batch: int | None = None
+) -> tuple[Any, Any]:
     """Decode a feedback body into (indices int64 (n,), losses float32 (n,)).
 
     Binary (``application/octet-stream``): n little-endian int64 indices then n float32 losses,
-    with n in ``X-Saelect-Count``. JSON: ``{"indices": [...], "losses": [...]}``.
+    with n in ``X-Saelect-Count``. JSON: ``{"indices": [...], "losses": [...]}``. A batch above
+    ``max_batch`` samples is refused (413) before it is decoded.
     """
     ctype = (content_type or JSON).split(";", 1)[0].strip().lower()
     if ctype == BINARY:
         if count is None or not count.strip().isdigit():
             raise InvalidRequest(f"binary feedback needs a {COUNT_HEADER} header (n >= 0)")
         n = int(count)
+        _check_batch(n, max_batch)
         if len(body) != 12 * n:
             raise InvalidRequest(
                 f"binary feedback for {n} samples must be {12 * n} bytes (n int64 indices, "
@@ -157,6 +182,7 @@ def parse_feedback(content_type: str | None, count: str | None, body: bytes) -> 
         except ValidationError as exc:
             errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             raise RequestValidationError(errors) from exc
+        _check_batch(max(len(model.indices), len(model.losses)), max_batch)
         if len(model.indices) != len(model.losses):
             raise InvalidRequest(
                 f"indices and losses must have equal lengths, got {len(model.indices)} "
@@ -198,11 +224,19 @@ def parse_feedback(content_type: str | None, count: str | None, body: bytes) -> 
     },
 )
 async def post_feedback(
-    job_id: JobId, epoch: Epoch, request: Request, backend: BackendDep, metrics: MetricsDep
+    job_id: JobId,
+    epoch: Epoch,
+    request: Request,
+    backend: BackendDep,
+    metrics: MetricsDep,
+    settings: SettingsDep,
 ) -> FeedbackAckModel:
     """Per-sample losses of epoch t for loss-based policies (409 for policies without)."""
     indices, losses = parse_feedback(
-        request.headers.get("content-type"), request.headers.get(COUNT_HEADER), await request.body()
+        request.headers.get("content-type"),
+        request.headers.get(COUNT_HEADER),
+        await request.body(),
+        settings.max_feedback_batch,
     )
     await backend.feedback(job_id, epoch, indices, losses)
     metrics.observe_feedback(int(indices.shape[0]))

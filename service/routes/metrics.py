@@ -1,19 +1,31 @@
-"""``GET /metrics``: Prometheus text, open without a token."""
+"""``GET /metrics``: Prometheus text; needs the token (when one is set) unless
+``Settings.metrics_open``."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from service.backend import JobStatus
 from service.errors import SaelectError
 from service.metrics import CONTENT_TYPE, JobMetrics
-from service.routes import BackendDep, MetricsDep
+from service.models import ErrorModel
+from service.routes import BackendDep, MetricsDep, require_token_for_metrics
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=[Depends(require_token_for_metrics)])
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        401: {"model": ErrorModel, "description": "missing or wrong bearer token"},
+    },
+)
 async def metrics(backend: BackendDep, registry: MetricsDep) -> Response:
     """Requests, latency, indices served, epochs and their selection time, jobs by phase, and
     per job its progress, epochs committed and reserved resources."""

@@ -204,9 +204,14 @@ def test_each_bad_input_gets_its_one_documented_status(
     _, job = ready_job
     url = f"{service.url}/v1/jobs"
     with httpx.Client(timeout=30) as http:
-        for bad in bad_requests(job, epochs=EPOCHS):
+        for bad in bad_requests(job, epochs=EPOCHS, spec=_spec(data_dir)):
             resp = http.request(
-                bad.method, f"{service.url}{bad.path}", params=bad.params, json=bad.json
+                bad.method,
+                f"{service.url}{bad.path}",
+                params=bad.params,
+                json=bad.json,
+                headers=bad.headers,
+                content=bad.content,
             )
             assert _error(resp) == (bad.status, bad.code), (bad.label, resp.text)
             assert bad.fragment in resp.json()["error"]["message"].lower(), (bad.label, resp.text)

@@ -88,13 +88,20 @@ def decode(r: Any) -> np.ndarray:
 # --- health, metrics, docs ---------------------------------------------------------------
 
 
-def test_healthz_metrics_docs_are_open_even_with_auth(tmp_path: Path) -> None:
+def test_healthz_is_open_metrics_and_docs_need_the_token(tmp_path: Path) -> None:
+    """With a token set, only /healthz answers without it by default (docs/api.md)."""
     client, _ = make_client(tmp_path, api_token="s3cret")
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert client.get("/metrics").status_code == 200
-    assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
+    good = {"Authorization": "Bearer s3cret"}
+    for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+        assert_error(client.get(path), 401, "unauthorized")
+        assert client.get(path, headers=good).status_code == 200, path
+    opened, _ = make_client(tmp_path, api_token="s3cret", metrics_open=True, docs_open=True)
+    for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+        assert opened.get(path).status_code == 200, path
+    assert_error(opened.get("/v1/jobs"), 401, "unauthorized")
+    paths = opened.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}/epochs/{epoch}/indices", "/healthz"} <= set(paths)
 
 
@@ -356,12 +363,19 @@ FAKE_JOB = "job-0"
 """The id the FakeBackend gives its first job."""
 
 
-@pytest.mark.parametrize("bad", bad_requests(FAKE_JOB, epochs=4), ids=lambda b: b.label)
+@pytest.mark.parametrize("bad", bad_requests(FAKE_JOB, epochs=4, spec=SPEC), ids=lambda b: b.label)
 def test_each_bad_request_gets_its_one_status_and_code(tmp_path: Path, bad: BadRequest) -> None:
     """The shared table of bad inputs (also walked against the real service on Ray)."""
     client, _ = make_client(tmp_path)
     assert create(client) == FAKE_JOB  # a ready factor job with 4 epochs
-    r = client.request(bad.method, bad.path, params=bad.params, json=bad.json)
+    r = client.request(
+        bad.method,
+        bad.path,
+        params=bad.params,
+        json=bad.json,
+        headers=bad.headers,
+        content=bad.content,
+    )
     assert_error(r, bad.status, bad.code, bad.fragment)
 
 
@@ -392,7 +406,7 @@ def test_error_table_in_the_docs_matches_the_error_classes() -> None:
             assert table[code] == status, code
     assert table["malformed_json"] == 400 and table["internal_error"] == 500
     assert table["epoch_out_of_range"] == 404
-    for bad in bad_requests(FAKE_JOB, epochs=4):
+    for bad in bad_requests(FAKE_JOB, epochs=4, spec=SPEC):
         assert table[bad.code] == bad.status, bad.label
 
 

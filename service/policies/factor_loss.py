@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.policies.base import Policy, Stage, add_counts
-from service.policies.loss_ema import ema_counters, ema_feedback
+from service.policies.base import Stage, add_counts
+from service.policies.loss_ema import LossEMAPolicy
 from service.policies.rs2 import class_quota_counts
 from service.selection.hashing import STREAM_GUMBEL, gumbel
 from workers.selection_shard import ShardData
@@ -95,11 +95,10 @@ def hump(rank: np.ndarray, q: float) -> np.ndarray:
     return np.where(rank <= q, rank, q * (1.0 - rank) / (1.0 - q))
 
 
-class FactorLossPolicy(Policy):
+class FactorLossPolicy(LossEMAPolicy):
     """Rare-factor diversity plus a clipped loss rank, rotated by a usage penalty."""
 
     name = "factor_loss"
-    needs_feedback = True
     params_type = FactorLossParams
     params: FactorLossParams
 
@@ -125,10 +124,8 @@ class FactorLossPolicy(Policy):
             return [Stage("classes", int(sum(ctx["quotas"])), tuple(ctx["quotas"]))]
         return [Stage("main", int(ctx["size"]))]
 
-    # ----------------------------------------------------------------- shard side
-    def init_counters(self, n: int) -> dict[str, np.ndarray]:
-        return ema_counters(n)
-
+    # ----------------------------------------------------------------- shard side (the loss
+    # EMA counters and their feedback come from LossEMAPolicy)
     def local_stats(
         self, epoch: int, data: ShardData, counters: dict[str, np.ndarray], ctx: dict | None
     ) -> dict:
@@ -169,12 +166,3 @@ class FactorLossPolicy(Policy):
             noise = gumbel(self.config.seed, epoch, STREAM_GUMBEL, np.arange(data.lo, data.hi))
             s += self.params.tau * noise
         return s
-
-    def feedback(
-        self,
-        data: ShardData,
-        counters: dict[str, np.ndarray],
-        local_idx: np.ndarray,
-        losses: np.ndarray,
-    ) -> None:
-        ema_feedback(counters, local_idx, losses, self.params.alpha)

@@ -4,23 +4,38 @@ Every rank of an epoch gets the same length (the service pads the epoch order li
 DistributedSampler), so DDP never hangs on unequal batch counts. Lengths of every epoch come from
 the plan, fetched once.
 
+Resumable: ``state_dict()`` holds (job id, world size, rank, epoch, position within this rank's
+list) and ``load_state_dict()`` makes the next iteration start at that position. torchdata's
+``StatefulDataLoader`` calls both on its own (its snapshots also cover prefetching workers); with a
+plain ``DataLoader`` and ``num_workers=0`` the sampler's state after k batches of B is position
+k * B, so ``sampler.state_dict()`` can be saved beside the model.
+
 Example:
     >>> sampler = SelectionSampler(client, job_id, rank=0, world_size=2)   # doctest: +SKIP
     >>> for epoch in range(len(sampler.plan["epochs"])):                   # doctest: +SKIP
     ...     sampler.set_epoch(epoch)
     ...     for x, y in DataLoader(train_set, batch_size=256, sampler=sampler): ...
+    >>> loader = StatefulDataLoader(train_set, batch_size=256, sampler=sampler)  # doctest: +SKIP
+    >>> ckpt = loader.state_dict()          # mid-epoch; later, in a new process:  # doctest: +SKIP
+    >>> loader.load_state_dict(ckpt)        # the next batch is the one after ckpt # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from client.errors import SelectionError
 from client.http import SelectionClient
+
+if TYPE_CHECKING:
+    from client.feedback import FeedbackReporter
+
+STATE_KEYS = ("job_id", "world_size", "rank", "epoch", "position")
+"""Keys of `SelectionSampler.state_dict`."""
 
 
 class SelectionSampler(Sampler[int]):
@@ -65,6 +80,11 @@ class SelectionSampler(Sampler[int]):
         self._per_rank = [int(e["per_rank"]) for e in self.plan["epochs"]]
         self.epoch = 0
         self._indices: np.ndarray | None = None  # int64 (per_rank,) of self.epoch, once fetched
+        self._position = 0
+        """Indices of ``self.epoch`` yielded so far (or to skip, after a resume)."""
+        self._resume_at: int | None = None
+        """Where the next iteration starts (set by `load_state_dict`, taken by `__iter__`)."""
+        self._reporter: FeedbackReporter | None = None
 
     @property
     def num_epochs(self) -> int:
@@ -81,6 +101,11 @@ class SelectionSampler(Sampler[int]):
         """
         if not 0 <= epoch < self.num_epochs:
             raise ValueError(f"epoch must be in [0, {self.num_epochs}), got {epoch}")
+        if self._reporter is not None:  # the losses of the epoch before land first
+            self._reporter.set_epoch(epoch)
+        if epoch != self.epoch:  # a resumed position belongs to its own epoch only
+            self._resume_at = None
+            self._position = 0
         self.epoch = epoch
         try:
             self._indices = self.client.indices(self.job_id, epoch, self.rank, self.world_size)
@@ -103,4 +128,60 @@ class SelectionSampler(Sampler[int]):
         return self._per_rank[self.epoch]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
+        """This rank's indices of the current epoch, from the resumed position (else 0).
+
+        A generator: nothing runs before the first ``next``, so an iterator made and dropped
+        before ``load_state_dict`` (as ``StatefulDataLoader`` does) takes no resumed position.
+        """
+        start = self._resume_at or 0
+        self._resume_at = None
+        indices = self.indices().tolist()
+        self._position = start
+        for i in range(start, len(indices)):
+            self._position = i + 1  # counted before the yield: a snapshot then includes it
+            yield indices[i]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank stands: ``{"job_id", "world_size", "rank", "epoch", "position"}``.
+
+        ``position`` is the number of this epoch's indices already yielded (0 to per_rank).
+        """
+        return {
+            "job_id": self.job_id,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "epoch": self.epoch,
+            "position": self._position,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from `state_dict`: the next iteration yields the same indices, from the same
+        position, as the interrupted one would have.
+
+        Raises
+        ------
+        ValueError
+            When ``state`` lacks a key, or was saved for another job, world size or rank, or
+            for an epoch or position outside this job's plan.
+        """
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"sampler state lacks {missing} (keys: {sorted(state)})")
+        mine = {"job_id": self.job_id, "world_size": self.world_size, "rank": self.rank}
+        for key, value in mine.items():
+            if state[key] != value:
+                raise ValueError(
+                    f"sampler state is for {key}={state[key]!r}, this sampler has {value!r}"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if not 0 <= epoch < self.num_epochs:
+            raise ValueError(f"sampler state epoch {epoch} outside [0, {self.num_epochs})")
+        if not 0 <= position <= self._per_rank[epoch]:
+            raise ValueError(
+                f"sampler state position {position} outside [0, {self._per_rank[epoch]}] "
+                f"(epoch {epoch})"
+            )
+        if epoch != self.epoch or self._indices is None:
+            self.set_epoch(epoch)
+        self._position = position
+        self._resume_at = position

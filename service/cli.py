@@ -168,6 +168,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "advertise_url": args.advertise_url,
         "pin_resource": args.pin_resource,
         "url_file": args.url_file,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     return serve_forever(settings)
@@ -331,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where to write the URL for saelect jobs (default: SAELECT_URL_FILE, ~/.saelect/url)",
     )
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.set_defaults(func=_cmd_serve)
 
     jobs = sub.add_parser(

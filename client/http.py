@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -70,6 +72,28 @@ def _read_float32(resp: httpx.Response) -> np.ndarray:
     return _read_array(resp, "<f4").astype(np.float32, copy=False)
 
 
+def tls_context(verify: bool | str | os.PathLike[str] | ssl.SSLContext) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: a CA bundle path becomes an ``ssl.SSLContext`` that trusts it."""
+    if isinstance(verify, bool | ssl.SSLContext):
+        return verify
+    path = os.fspath(verify)
+    if not os.path.isfile(path):
+        raise ValueError(f"verify: no CA bundle file at {path!r}")
+    return ssl.create_default_context(cafile=path)
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind a connection error (a certificate that fails), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 class SelectionClient:
     """Talks to one saelect service.
 
@@ -90,6 +114,10 @@ class SelectionClient:
         Keyword-only. Largest single delay.
     transport:
         Keyword-only. An httpx transport (tests use ``httpx.MockTransport``).
+    verify:
+        Keyword-only. How an ``https://`` server's certificate is checked: True (the default)
+        against the system's CAs, a path to a PEM CA bundle (a private CA, or the service's
+        self-signed certificate), an ``ssl.SSLContext``, or False (no check: tests only).
 
     Raises
     ------
@@ -108,6 +136,7 @@ class SelectionClient:
         *,
         max_backoff: float = 5.0,
         transport: httpx.BaseTransport | None = None,
+        verify: bool | str | os.PathLike[str] | ssl.SSLContext = True,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -122,7 +151,11 @@ class SelectionClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, headers=headers, transport=transport
+            base_url=self.url,
+            timeout=timeout,
+            headers=headers,
+            transport=transport,
+            verify=tls_context(verify),
         )
 
     def __repr__(self) -> str:
@@ -176,6 +209,11 @@ class SelectionClient:
                 finally:
                     resp.close()
             except retryable as exc:
+                tls = _tls_failure(exc)
+                if tls is not None:  # retrying cannot fix a certificate
+                    raise SelectionError(
+                        0, "tls_error", f"{method} {self.url}{path}: TLS failed: {tls}"
+                    ) from exc
                 if attempt >= self.retries:
                     raise SelectionError(
                         0,

@@ -63,19 +63,12 @@ class SelectionActorImpl:
         import uvicorn
 
         from service.app import create_app
+        from service.server import server_config
 
         self.settings.check_bind()
         await self.manager.resume()
         app = create_app(self.manager, self.settings)
-        config = uvicorn.Config(
-            app,
-            host=self.settings.host,
-            port=self.settings.port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-        )
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(server_config(app, self.settings))
         self._server.install_signal_handlers = lambda: None  # the actor owns no signals
         serving = asyncio.get_running_loop().create_task(self._server.serve())
         while not self._server.started:

@@ -121,6 +121,36 @@ def actor_placement(settings: Settings) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
 
 
+def server_config(app: Any, settings: Settings, **overrides: Any) -> Any:
+    """The ``uvicorn.Config`` the SelectionActor serves ``app`` with: host, port, quiet logs, and
+    HTTPS when ``settings.tls_cert``/``tls_key`` are set (uvicorn's ``ssl_certfile`` and
+    ``ssl_keyfile``, read here, on the actor's node).
+
+    Raises
+    ------
+    FileNotFoundError
+        When a TLS file does not exist on this node.
+    """
+    import uvicorn
+
+    tls: dict[str, str] = {}
+    if settings.tls_cert and settings.tls_key:
+        for label, path in (("certificate", settings.tls_cert), ("key", settings.tls_key)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"TLS {label} {path!r} not found on this node")
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    kw: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "lifespan": "off",
+        "access_log": False,
+        **tls,
+    }
+    kw.update(overrides)
+    return uvicorn.Config(app, **kw)
+
+
 def write_url_file(url: str, path: str) -> Path:
     """Write ``url`` (one line) to ``path`` atomically, creating its directory; returns the path."""
     target = Path(path)

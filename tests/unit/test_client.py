@@ -52,9 +52,10 @@ def free_socket() -> socket.socket:
 class ServerThread:
     """uvicorn serving ``app`` on ``sock`` in a background thread."""
 
-    def __init__(self, app: Any, sock: socket.socket) -> None:
+    def __init__(self, app: Any, sock: socket.socket, config: Any = None) -> None:
         self.sock = sock
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        if config is None:
+            config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
@@ -63,7 +64,8 @@ class ServerThread:
     @property
     def url(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        scheme = "https" if self.server.config.ssl_certfile else "http"
+        return f"{scheme}://{host}:{port}"
 
     def start(self, wait: bool = True) -> ServerThread:
         self.thread.start()

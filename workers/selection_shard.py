@@ -29,6 +29,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from workers.shard_derived import LabelLayout, ShardDerived
+
 __all__ = [
     "GroupSummary",
     "LabelLayout",
@@ -40,7 +42,6 @@ __all__ = [
 ]
 
 _SIGN = np.uint64(1 << 63)
-_PROFILE_MEMO = 3  # coverage weight vectors whose products a shard keeps
 NO_KEY = (1 << 64) - 1
 """Take threshold meaning "take nothing by key" (above every score key)."""
 
@@ -106,156 +107,6 @@ class ShardData:
         return state
 
 
-class LabelLayout(NamedTuple):
-    """The shard's positions grouped by label (a counting sort, built once)."""
-
-    order: np.ndarray
-    """int64 (n,) local positions sorted by label, ascending positions within a label."""
-    starts: np.ndarray
-    """int64 (C + 1,) label c's positions are ``order[starts[c]:starts[c + 1]]``."""
-    inverse: np.ndarray
-    """int64 (n,) where each position sits in ``order`` (``order[inverse[i]] == i``): putting an
-    array in label order as ``out[inverse] = x`` reads x once, in order."""
-
-    def segment(self, c: int) -> np.ndarray:
-        """int64 ascending local positions of label c (empty beyond the local labels)."""
-        if c + 1 >= self.starts.shape[0]:
-            return self.order[:0]
-        return self.order[self.starts[c] : self.starts[c + 1]]
-
-
-class ShardDerived:
-    """Read-only structures derived from one :class:`ShardData`, built on first use.
-
-    Everything here is a pure function of the data (and of the arguments, for the two
-    memoized products), so sharing it between engines or policies over the same data is safe.
-    """
-
-    def __init__(self, data: ShardData) -> None:
-        self._data = data
-        self._layout: LabelLayout | None = None
-        self._class_counts: np.ndarray | None = None
-        self._codes: Any = None  # scipy.sparse CSR (n, M) float32 activations (clipped at 0)
-        self._active: Any = None  # CSR (n, M) float32: 1 where the activation is > 0
-        self._mass: np.ndarray | None = None  # float32 (n,) sum of the clipped activations
-        self._massless: np.ndarray | None = None  # int64 positions whose mass is 0
-        self._profile_memo: list[tuple[np.ndarray, np.ndarray]] = []  # [(g (M,), h (n,))]
-        self._counts_memo: tuple[np.ndarray, np.ndarray] | None = None  # (rows, counts (M,))
-
-    def nbytes(self) -> int:
-        """Bytes held by the structures built so far (for memory accounting).
-
-        With codes of k units per sample: 8 k + 4 bytes per sample (float32 activations and 0/1
-        pattern; the column ids are the stored ``code_ids``), plus the last coverage weights
-        (4 bytes each, up to 3); with labels, 16 bytes per sample for the label layout.
-        """
-        total = 0
-        for matrix in (self._codes, self._active):
-            if matrix is not None:
-                total += int(matrix.data.nbytes)
-        if self._codes is not None:
-            total += int(self._codes.indptr.nbytes)
-            if not np.shares_memory(self._codes.indices, self._data.code_ids):
-                total += int(self._codes.indices.nbytes)
-        for arr in (self._mass, self._class_counts):
-            total += 0 if arr is None else int(arr.nbytes)
-        if self._layout is not None:
-            total += sum(int(a.nbytes) for a in self._layout)
-        total += sum(int(h.nbytes) for _, h in self._profile_memo)
-        return total
-
-    def _labels(self) -> np.ndarray:
-        if self._data.labels is None:
-            raise ValueError("the shard data holds no labels")
-        return self._data.labels
-
-    def label_layout(self) -> LabelLayout:
-        """Positions grouped by label (stable: ascending positions within each label)."""
-        if self._layout is None:
-            labels = self._labels()
-            counts = self.class_counts()
-            small = counts.shape[0] <= np.iinfo(np.uint16).max
-            keys = labels.astype(np.uint16) if small else labels  # uint16 sorts by radix
-            order = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
-            starts = np.zeros(counts.shape[0] + 1, dtype=np.int64)
-            np.cumsum(counts, out=starts[1:])
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(order.shape[0])
-            self._layout = LabelLayout(order, starts, inverse)
-        return self._layout
-
-    def class_counts(self) -> np.ndarray:
-        """int64 (C,) samples per label, C = the largest local label + 1."""
-        if self._class_counts is None:
-            self._class_counts = np.bincount(self._labels()).astype(np.int64, copy=False)
-        return self._class_counts
-
-    def _codes_matrix(self) -> Any:
-        """CSR (n, M) float32 of the clipped activations; the column ids reuse ``code_ids``."""
-        if self._codes is None:
-            import scipy.sparse as sp
-
-            d = self._data
-            if d.code_ids is None or d.code_values is None or d.p is None:
-                raise ValueError("the shard data holds no codes")
-            n, k = d.code_ids.shape
-            vals = d.code_values.astype(np.float32)  # (n, k), as the literal computation
-            np.maximum(vals, 0, out=vals)
-            self._mass = vals.sum(axis=1)  # (n,) float32, the literal per-sample mass
-            self._massless = np.flatnonzero(self._mass <= 0)  # usually empty
-            index = np.int32 if n * k < np.iinfo(np.int32).max else np.int64
-            indices = np.ascontiguousarray(d.code_ids, dtype=index).reshape(-1)
-            indptr = np.arange(0, n * k + 1, k, dtype=index)
-            self._codes = sp.csr_matrix(
-                (vals.reshape(-1), indices, indptr), shape=(n, d.p.shape[0]), copy=False
-            )
-        return self._codes
-
-    def profile_dot(self, g: np.ndarray) -> np.ndarray:
-        """float32 (n,) ``sum_j a_ij g_j / sum_j a_ij`` over each sample's clipped activations
-        a_i (1 where the sample has no positive activation); g: float32 (M,). The last results
-        are memoized (the engine asks again for the selected samples' stats; a policy may use
-        a few weight vectors per epoch)."""
-        g = np.asarray(g, dtype=np.float32)
-        for seen, h in self._profile_memo:
-            if np.array_equal(seen, g):
-                return h
-        matrix = self._codes_matrix()
-        h = matrix @ g  # (n,) float32, one pass over the n k stored activations
-        mass, massless = self._mass, self._massless
-        assert mass is not None and massless is not None
-        np.divide(h, mass, out=h, where=mass > 0)
-        h[massless] = 1.0  # no positive activation: weight 1
-        self._profile_memo = [(g.copy(), h), *self._profile_memo[: _PROFILE_MEMO - 1]]
-        return h
-
-    def unit_counts(self, rows: np.ndarray) -> np.ndarray:
-        """int64 (M,) how many of the samples ``rows`` (local positions) have each unit active
-        (activation > 0). The last result is memoized by the identity of ``rows``."""
-        memo = self._counts_memo
-        if memo is not None and memo[0] is rows:
-            return memo[1]
-        matrix = self._codes_matrix()
-        n = self._data.n
-        if n < (1 << 24):  # float32 sums of 0/1 stay exact: one pass, no gather of rows
-            if self._active is None:
-                import scipy.sparse as sp
-
-                ones = (matrix.data > 0).astype(np.float32)
-                self._active = sp.csr_matrix(
-                    (ones, matrix.indices, matrix.indptr), shape=matrix.shape, copy=False
-                )
-            x = np.zeros(n, dtype=np.float32)
-            x[rows] = 1.0
-            counts = np.rint(self._active.T @ x).astype(np.int64)
-        else:
-            ids = self._data.code_ids[rows]  # type: ignore[index]  # (m, k)
-            active = matrix.data.reshape(n, -1)[rows] > 0  # (m, k)
-            counts = np.bincount(ids[active], minlength=matrix.shape[1]).astype(np.int64)
-        self._counts_memo = (rows, counts)
-        return counts
-
-
 class ShardPolicy(Protocol):
     """The part of a selection policy that runs where the samples live (see service/policies).
 
@@ -275,7 +126,12 @@ class ShardPolicy(Protocol):
     def local_scores(
         self, stage: Any, epoch: int, ctx: dict, data: ShardData, counters: dict[str, np.ndarray]
     ) -> np.ndarray:
-        """float64 (n,) stage scores; -inf = ineligible."""
+        """float64 (n,) stage scores; -inf = ineligible.
+
+        A policy may also define ``local_scores_into(stage, epoch, ctx, data, counters, out)``
+        returning the same scores, written into ``out`` (float64 (n,), a buffer the shard
+        reuses for every stage) where it can: the shard then calls that instead.
+        """
         ...
 
     def tiebreak(self, epoch: int, global_idx: np.ndarray) -> np.ndarray:
@@ -384,6 +240,7 @@ class SelectionShard:
         self._taken = np.zeros(data.n, dtype=bool)  # (n,) selected so far in this epoch
         self._taken_count = 0
         self._pending: tuple[int, np.ndarray] | None = None  # (epoch, selected local positions)
+        self._buffer: np.ndarray | None = None  # float64 (n,) stage scores, reused (see below)
         self._reset_stage()
 
     # ----------------------------------------------------------------- epoch and stage set-up
@@ -434,10 +291,14 @@ class SelectionShard:
         if epoch != self._epoch:
             raise ValueError(f"begin_stage for epoch {epoch}, but epoch {self._epoch} is open")
         self._reset_stage()
-        scores = np.asarray(
-            self.policy.local_scores(stage, epoch, ctx, self.data, self.counters),
-            dtype=np.float64,
-        )
+        into = getattr(self.policy, "local_scores_into", None)
+        if into is not None:  # the policy writes into this shard's buffer, reused every stage
+            if self._buffer is None:
+                self._buffer = np.empty(self.data.n, dtype=np.float64)
+            raw = into(stage, epoch, ctx, self.data, self.counters, self._buffer)
+        else:
+            raw = self.policy.local_scores(stage, epoch, ctx, self.data, self.counters)
+        scores = np.asarray(raw, dtype=np.float64)
         if scores.shape != (self.data.n,):
             raise ValueError(
                 f"policy returned scores of shape {scores.shape}, need ({self.data.n},)"

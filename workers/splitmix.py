@@ -25,12 +25,13 @@ C2 = 0x94D049BB133111EB
 """Second multiplier of the finalizer."""
 
 
-def mix64(z: np.ndarray) -> np.ndarray:
+def mix64(z: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
     """Apply splitmix64's finalizer to the uint64 array ``z`` in place; returns ``z``.
 
     z ^= z >> 30; z *= C1; z ^= z >> 27; z *= C2; z ^= z >> 31 (all modulo 2**64).
+    ``scratch``: a uint64 array of z's shape for the shifted copies (allocated when None).
     """
-    t = np.right_shift(z, np.uint64(30))
+    t = np.right_shift(z, np.uint64(30), out=scratch)
     z ^= t
     z *= np.uint64(C1)
     np.right_shift(z, np.uint64(27), out=t)

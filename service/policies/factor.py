@@ -33,6 +33,7 @@ from typing import Any, cast
 import numpy as np
 
 from service.policies.base import Policy, PolicyConfig, Stage, add_counts, epoch_size
+from service.policies.factor_scores import ScoreTerms, factor_scores
 from service.schedules import ScheduleConfig, lambda_at
 from service.selection.hashing import STREAM_GUMBEL, gumbel_range
 from workers.selection_shard import ShardData
@@ -238,19 +239,26 @@ class FactorPolicy(Policy):
             out["class_counts"] = data.derived.class_counts()
         return out
 
-    def _diversity(self, ctx: dict, data: ShardData, idx: np.ndarray | None) -> np.ndarray:
-        """D_i(t) for the local positions idx (all when None), float64."""
-        (D_all,) = _need(data, ("D",), "policy 'factor'")
-        D = D_all if idx is None else D_all[idx]
+    def _profile(self, ctx: dict, data: ShardData) -> np.ndarray | None:
+        """float32 (n,) h_i = sum_j a_ij g(rho_j) / sum_j a_ij of every local sample, or None
+        while dynamic coverage is off or nothing was selected yet (D is used as it is)."""
         total = ctx.get("selected_total", 0)
         if not ctx.get("dynamic") or not total or ctx.get("coverage") is None:
-            return D
+            return None
         _need(data, _CODES, "dynamic_coverage")
         p = np.asarray(data.p, dtype=np.float64)  # (M,)
         expected = p * total
         rho = np.divide(ctx["coverage"], expected, out=np.zeros_like(p), where=expected > 0)
         g = (1.0 / (1.0 + rho)).astype(np.float32)  # (M,)
-        h = data.derived.profile_dot(g)  # (n,) float32: sum_j a_ij g_j / sum_j a_ij
+        return data.derived.profile_dot(g)  # memoized: the stats ask again
+
+    def _diversity(self, ctx: dict, data: ShardData, idx: np.ndarray | None) -> np.ndarray:
+        """D_i(t) for the local positions idx (all when None), float64."""
+        (D_all,) = _need(data, ("D",), "policy 'factor'")
+        D = D_all if idx is None else D_all[idx]
+        h = self._profile(ctx, data)
+        if h is None:
+            return D
         return np.multiply(D, h if idx is None else h[idx], dtype=np.float64)
 
     def _parts(
@@ -305,8 +313,48 @@ class FactorPolicy(Policy):
     def local_scores(
         self, stage: Stage, epoch: int, ctx: dict, data: ShardData, counters: dict[str, np.ndarray]
     ) -> np.ndarray:
+        return self.local_scores_into(stage, epoch, ctx, data, counters, None)
+
+    def local_scores_into(
+        self,
+        stage: Stage,
+        epoch: int,
+        ctx: dict,
+        data: ShardData,
+        counters: dict[str, np.ndarray],
+        out: np.ndarray | None,
+    ) -> np.ndarray:
+        """:meth:`local_scores` written into ``out`` (float64 (n,), a shard's reused buffer)
+        when given: one blocked pass (`service.policies.factor_scores`), no full-length
+        temporaries; the same values as the unblocked formula."""
         if stage.key == "all":
             return np.zeros(data.n)
+        R, D = _need(data, ("R", "D"), "policy 'factor'")
+        if R.dtype != np.float64 or D.dtype != np.float64:  # keep their own arithmetic
+            return self._scores_unblocked(epoch, ctx, data, counters)
+        h = self._profile(ctx, data)
+        fpen = self._factor_usage_penalty(ctx, data, None)
+        gamma = self.params.gamma
+        penalty: str | None = None if gamma == 0 else self.params.penalty
+        if penalty == "multiplicative":
+            coef = -gamma / (self.config.ratio * epoch + 1.0)
+        else:
+            coef = gamma / max(epoch, 1)
+        noisy = self.params.sampling == "gumbel" and self.params.tau > 0
+        terms = ScoreTerms(
+            float(ctx["lambda"]),
+            penalty,
+            coef,
+            self.config.seed if noisy else None,
+            epoch,
+            self.params.tau,
+        )
+        return factor_scores(R, D, h, counters["usage"], fpen, terms, data.lo, out)
+
+    def _scores_unblocked(
+        self, epoch: int, ctx: dict, data: ShardData, counters: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """The scores by whole-array passes (R or D not float64: their own precision)."""
         s, pen = self._parts(epoch, ctx, data, counters, None)
         if pen is not None:
             s -= pen

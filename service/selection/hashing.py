@@ -116,20 +116,57 @@ def gumbel(seed: int, epoch: int, stream: int, index: np.ndarray) -> np.ndarray:
     return _gumbel_of(hash_u64(seed, epoch, stream, index))
 
 
-def gumbel_range(seed: int, epoch: int, stream: int, lo: int, hi: int) -> np.ndarray:
-    """:func:`gumbel` of the indices ``lo .. hi - 1`` (float64 (hi - lo,))."""
-    return _gumbel_of(hash_range(seed, epoch, stream, lo, hi))
+BLOCK = 1 << 15
+"""Samples per block of the blocked element-wise passes (a few float64 blocks fit in L2)."""
+
+
+def gumbel_range(
+    seed: int, epoch: int, stream: int, lo: int, hi: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`gumbel` of the indices ``lo .. hi - 1`` (float64 (hi - lo,)), written into
+    ``out`` (float64 (hi - lo,)) when given.
+
+    Computed in blocks of :data:`BLOCK` samples whose temporaries stay in cache: the same
+    draws as :func:`gumbel` (every step is element-wise), without full-length temporaries.
+    """
+    if hi < lo:
+        raise ValueError(f"a range needs hi >= lo, got lo={lo}, hi={hi}")
+    n = hi - lo
+    if out is None:
+        out = np.empty(n, dtype=np.float64)
+    elif out.shape != (n,) or out.dtype != np.float64:
+        raise ValueError(f"out must be float64 ({n},), got {out.dtype} {out.shape}")
+    if n == 0:
+        return out
+    key = stream_key(seed, epoch, stream)
+    size = min(n, BLOCK)
+    steps = np.arange(size, dtype=np.uint64)
+    steps *= np.uint64(_GOLDEN)  # j * GOLDEN: block a's hashes are these + (a GOLDEN + key)
+    z = np.empty(size, dtype=np.uint64)
+    t = np.empty(size, dtype=np.uint64)
+    for a in range(0, n, size):
+        k = min(size, n - a)
+        zb, tb = z[:k], t[:k]
+        np.add(steps[:k], np.uint64(((lo + a) * _GOLDEN + key) & _MASK), out=zb)
+        mix64(zb, tb)
+        _gumbel_into(zb, out[a : a + k])
+    return out
+
+
+def _gumbel_into(h: np.ndarray, u: np.ndarray) -> None:
+    """u (float64) = ``-log(-log((top 53 bits of h + 0.5) 2**-53))``; h (uint64) is consumed."""
+    h >>= np.uint64(11)
+    np.copyto(u, h, casting="unsafe")  # exact: h < 2**53
+    u += 0.5
+    u *= 1.0 / (1 << 53)  # the same two roundings as (h + 0.5) * 2**-53
+    np.log(u, out=u)
+    np.negative(u, out=u)
+    np.log(u, out=u)
+    np.negative(u, out=u)
 
 
 def _gumbel_of(h: np.ndarray) -> np.ndarray:
     """``-log(-log(u))`` with u = (top 53 bits of h + 0.5) 2**-53; h is consumed."""
-    h >>= np.uint64(11)
-    u = h.astype(np.float64)
-    del h
-    u += 0.5
-    u *= 1.0 / (1 << 53)  # the same two roundings as (h + 0.5) * 2**-53, without temporaries
-    np.log(u, out=u)
-    np.negative(u, out=u)
-    np.log(u, out=u)
-    np.negative(u, out=u)
+    u = np.empty(h.shape, dtype=np.float64)
+    _gumbel_into(h, u)
     return u

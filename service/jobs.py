@@ -43,11 +43,13 @@ from service.selection.engine import SelectionEngine
 from service.selection.partition import per_rank_length, rank_indices, rank_slice
 from service.specs import JobSpec
 from service.store import JobState, JobStore, check_job_id, new_job_id
-from workers.storage import Storage
+from workers.storage import Storage, tree_digests, verify_tree, write_manifest
 
 log = logging.getLogger(__name__)
 
 FEEDBACK_LOG = "feedback_log"
+SCORING_MANIFEST = "manifest.json"
+"""Digests of a scoring's outputs, written each time `run_scoring` returns (`seal_scoring`)."""
 T = TypeVar("T")
 
 
@@ -156,6 +158,7 @@ class JobManager:
             try:
                 spec = self.store.read_spec(job_id)
                 state = self.store.read_state(job_id)
+                self.store.verify_job(job_id)  # every committed file against its checksum
             except Exception as exc:  # one bad file fails one job, never the service
                 log.error("job %s: cannot resume, its stored files are unreadable: %s", job_id, exc)
                 self._broken[job_id] = f"stored job files unreadable: {type(exc).__name__}: {exc}"
@@ -252,6 +255,7 @@ class JobManager:
                     )
                 async with lock:
                     self._on_wait(job, None)
+                    await asyncio.to_thread(self._check_scoring, job, key)
                     result = await asyncio.to_thread(
                         run_scoring,
                         self.scoring_storage(key),
@@ -270,6 +274,7 @@ class JobManager:
                         options=self.pipeline_options,
                         reservation_name=f"saelect-scoring-{key}",
                     )
+                    await asyncio.to_thread(seal_scoring, self.scoring_storage(key))
                 job.scoring = result
                 plan, storage = result.plan, result.storage
                 scored_s = sum(v for k, v in result.timings.items() if k != "queued")
@@ -321,6 +326,13 @@ class JobManager:
             self._on_progress(job, "failed", 0, 0)
             if not job.deleted:
                 self._write_state(job)
+
+    def _check_scoring(self, job: Job, key: str) -> None:
+        """Drop a stored scoring that fails its checksums: it is derived, so it is recomputed."""
+        problem = verify_tree(self.scoring_storage(key), SCORING_MANIFEST)
+        if problem is not None:
+            log.warning("job %s: %s; recomputing the scoring %s", job.id, problem, key)
+            self.store.storage.delete(f"scoring/{key}")
 
     def _build_engine(self, job: Job) -> SelectionEngine:
         """Attach the policy to the shards, then replay stored epochs and feedback in order."""
@@ -477,11 +489,7 @@ class JobManager:
         stats = dict(res.stats)
         stats["selection_seconds"] = time.perf_counter() - t0
         # store first, then commit: a crash in between replays the stored epoch identically
-        self.store.write_epoch(job.id, t, res.indices)
-        job_storage = self.store.job_storage(job.id)
-        job_storage.write_json(f"epochs/{t:06d}.json", _jsonable(stats))
-        if res.weights is not None:
-            job_storage.write_npy(f"epochs/{t:06d}.weights.npy", res.weights)
+        self.store.write_epoch(job.id, t, res.indices, stats=_jsonable(stats), weights=res.weights)
         engine.commit(t)
         job.stats[t] = stats
         job.epochs[t] = res.indices
@@ -497,9 +505,8 @@ class JobManager:
             listener(job.id, job.spec.policy.name, t, stats["selection_seconds"])
 
     def _read_stats(self, job_id: str, epoch: int, fallback: dict[str, Any]) -> dict[str, Any]:
-        js = self.store.job_storage(job_id)
-        rel = f"epochs/{epoch:06d}.json"
-        return js.read_json(rel) if js.exists(rel) else dict(fallback)
+        stored = self.store.read_epoch_stats(job_id, epoch)
+        return stored if stored is not None else dict(fallback)
 
     async def epoch_indices(
         self, job_id: str, epoch: int, rank: int, world_size: int
@@ -517,11 +524,10 @@ class JobManager:
     ) -> np.ndarray:
         """float32 (per_rank,) loss weights aligned with the rank's indices (1 when unweighted)."""
         order = await self.epoch_indices(job_id, epoch, rank, world_size)
-        js = self.store.job_storage(job_id)
-        rel = f"epochs/{epoch:06d}.weights.npy"
-        if not js.exists(rel):
+        weights = await asyncio.to_thread(self.store.read_epoch_weights, job_id, epoch)
+        if weights is None:
             return np.ones(order.shape[0], dtype=np.float32)
-        return rank_slice(js.read_npy(rel), rank, world_size).astype(np.float32)
+        return rank_slice(weights, rank, world_size).astype(np.float32)
 
     async def feedback(
         self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
@@ -547,8 +553,10 @@ class JobManager:
                 raise JobNotReady(f"job {job_id!r} has no selection engine (phase {job.phase})")
             before = engine.last_committed + 1
             seq = job.feedback_seq
-            self.store.job_storage(job_id).write_bytes(
-                f"{FEEDBACK_LOG}/{seq:08d}.npz", _npz(before=before, epoch=epoch, idx=idx, loss=val)
+            self.store.write_file(
+                job_id,
+                f"{FEEDBACK_LOG}/{seq:08d}.npz",
+                _npz(before=before, epoch=epoch, idx=idx, loss=val),
             )
             job.feedback_seq += 1
             await asyncio.to_thread(
@@ -565,11 +573,11 @@ class JobManager:
             listener(job_id, job.spec.policy.name, max(0, before - 1 - epoch), int(idx.shape[0]))
 
     def _feedback_log(self, job_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        js = self.store.job_storage(job_id)
         out = []
-        for name in sorted(js.list_dir(FEEDBACK_LOG)):
-            if name.endswith(".npz"):
-                d = _unnpz(js.read_bytes(f"{FEEDBACK_LOG}/{name}"))
+        for name in self.store.committed_files(job_id, f"{FEEDBACK_LOG}/"):
+            data = self.store.read_file(job_id, f"{FEEDBACK_LOG}/{name}")
+            if name.endswith(".npz") and data is not None:
+                d = _unnpz(data)
                 out.append((int(d["before"]), d["idx"], d["loss"]))
         return out
 
@@ -638,6 +646,12 @@ SCORED_POLICIES = frozenset({"factor", "factor_loss"})
 def needs_scores(spec: JobSpec) -> bool:
     """Whether the job's policy reads scores (R, D, codes), so the job must be scored first."""
     return spec.policy.name in SCORED_POLICIES
+
+
+def seal_scoring(storage: Storage) -> None:
+    """Record the digests of every output of a finished scoring (read back: one pass of I/O)."""
+    files = tree_digests(storage, exclude=(SCORING_MANIFEST,))
+    write_manifest(storage, SCORING_MANIFEST, {rel: [d] for rel, d in files.items()})
 
 
 def _cluster_cpus() -> float:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -197,3 +198,109 @@ class Storage:
             self.fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(path)
+
+
+# -- checksums ---------------------------------------------------------------------------------
+MANIFEST_VERSION = 1
+
+
+class CorruptFileError(OSError):
+    """A stored file differs from what was committed (checksum, size, or missing)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"stored file {path} is corrupted: {why}")
+        self.path = path
+
+
+def digest(data: bytes | bytearray | memoryview) -> list[Any]:
+    """``[sha256 hex, size]`` of ``data``: one manifest entry."""
+    view = memoryview(data)
+    return [hashlib.sha256(view).hexdigest(), view.nbytes]
+
+
+def _manifest_hash(files: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(storage: Storage, rel: str, files: dict[str, list[list[Any]]]) -> None:
+    """Write a manifest: ``files`` maps a path (relative to ``storage``) to the digests a reader
+    accepts for it; the document carries its own sha256, so a damaged manifest is detected."""
+    doc = {"version": MANIFEST_VERSION, "files": files, "sha256": _manifest_hash(files)}
+    storage.write_bytes(rel, json.dumps(doc, sort_keys=True).encode())
+
+
+def read_manifest(storage: Storage, rel: str) -> dict[str, list[list[Any]]] | None:
+    """The ``files`` of the manifest at ``rel``; None when there is none.
+
+    Raises
+    ------
+    CorruptFileError
+        When the manifest itself is unreadable or fails its own checksum.
+    """
+    try:
+        raw = storage.read_bytes(rel)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+        files = doc["files"]
+        ok = doc["sha256"] == _manifest_hash(files)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"{storage.root}/{rel}", f"unreadable manifest ({exc})") from exc
+    if not ok:
+        raise CorruptFileError(f"{storage.root}/{rel}", "the manifest fails its own checksum")
+    return files
+
+
+def check_digest(storage: Storage, rel: str, data: bytes, accepted: list[list[Any]]) -> bytes:
+    """Return ``data`` (the bytes of ``rel``) if its digest is one of ``accepted``.
+
+    Raises
+    ------
+    CorruptFileError
+        Naming the file, with the size found and the size committed.
+    """
+    got = digest(data)
+    if got in [list(a) for a in accepted]:
+        return data
+    sizes = sorted({int(a[1]) for a in accepted})
+    why = (
+        f"{got[1]} bytes where {' or '.join(map(str, sizes))} were committed (truncated?)"
+        if got[1] not in sizes
+        else "its sha256 differs from the one recorded when it was committed"
+    )
+    raise CorruptFileError(f"{storage.root}/{rel}", why)
+
+
+def tree_digests(storage: Storage, *, exclude: tuple[str, ...] = ()) -> dict[str, list[Any]]:
+    """``{relative path: digest}`` of every file under ``storage`` (temporaries and ``exclude``
+    left out); reads every byte."""
+    out: dict[str, list[Any]] = {}
+    if storage.fs.get_file_info(storage.base).type != pafs.FileType.Directory:
+        return out
+    infos = storage.fs.get_file_info(pafs.FileSelector(storage.base, recursive=True))
+    prefix = storage.base.rstrip("/") + "/"
+    for info in infos:
+        if info.type != pafs.FileType.File or TMP_MARKER in info.path:
+            continue
+        rel = info.path[len(prefix) :] if info.path.startswith(prefix) else info.path
+        if rel not in exclude:
+            out[rel] = digest(storage.read_bytes(rel))
+    return out
+
+
+def verify_tree(storage: Storage, manifest_rel: str) -> str | None:
+    """None when every file the manifest at ``manifest_rel`` lists is intact (or there is no
+    manifest); else why the first bad one is bad, naming it."""
+    try:
+        files = read_manifest(storage, manifest_rel)
+    except CorruptFileError as exc:
+        return str(exc)
+    for rel, accepted in sorted((files or {}).items()):
+        try:
+            check_digest(storage, rel, storage.read_bytes(rel), accepted)
+        except FileNotFoundError:
+            return f"stored file {storage.root}/{rel} is missing"
+        except CorruptFileError as exc:
+            return str(exc)
+    return None

@@ -104,3 +104,70 @@ def test_an_unreadable_stored_job_fails_alone(digits_uri: str, tmp_path: Path) -
         await manager.close()
 
     asyncio.run(second())
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "flip":
+        path.write_bytes(data[:40] + bytes([data[40] ^ 1]) + data[41:])
+    else:
+        path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_corrupt_file_fails_its_own_job_and_a_corrupt_scoring_is_recomputed(
+    digits_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checksums (the store's manifests): a flipped epoch and a truncated feedback-log entry fail
+    their own jobs, naming the file; a truncated scoring output is recomputed and its job serves
+    the same epochs; the untouched job resumes identically."""
+    store = str(tmp_path / "store")
+    scored = job_spec_from_dict(
+        {**_spec(digits_uri).to_dict(), "name": "scored",
+         "policy": {"name": "factor", "ratio": 0.3, "epochs": 4, "seed": 2},
+         "sae": {"units": 64, "k": 4, "epochs": 2}},
+        allowed_roots=[str(Path(digits_uri).parent)],
+    )  # fmt: skip
+
+    async def first() -> tuple[dict[str, str], dict[str, list[np.ndarray]]]:
+        manager = JobManager(JobStore(store))
+        specs = {"good": _spec(digits_uri, "ucb"), "epoch": _spec(digits_uri),
+                 "feedback": _spec(digits_uri, "ucb"), "scored": scored}  # fmt: skip
+        ids = {k: (await manager.create_job(s)).id for k, s in specs.items()}
+        served: dict[str, list[np.ndarray]] = {}
+        for kind, job in ids.items():
+            assert (await manager.wait_ready(job, timeout=300)).phase == "ready", kind
+            served[kind] = [await manager.epoch_indices(job, 0, 0, 1)]
+            if kind in ("good", "feedback"):
+                losses = np.linspace(0, 1, served[kind][0].size, dtype=np.float32)
+                await manager.feedback(job, 0, served[kind][0], losses)
+            served[kind].append(await manager.epoch_indices(job, 1, 0, 1))
+        await manager.close()
+        return ids, served
+
+    ids, served = asyncio.run(first())
+    jobs = tmp_path / "store" / "jobs"
+    _damage(jobs / ids["epoch"] / "epochs" / "000001.npy", "flip")
+    _damage(jobs / ids["feedback"] / "feedback_log" / "00000000.npz", "truncate")
+    (codes,) = list((tmp_path / "store" / "scoring").glob("*/shards/00000/codes.npz"))
+    _damage(codes, "truncate")
+
+    async def second() -> None:
+        manager = JobManager(JobStore(store))
+        await manager.resume()
+        for kind, rel in (("epoch", "epochs/000001.npy"), ("feedback", "feedback_log/0000")):
+            status = await manager.get_job(ids[kind])
+            assert status.phase == "failed", kind
+            assert f"{ids[kind]}/{rel}" in (status.error or "") and "corrupted" in status.error
+            with pytest.raises(JobNotReady, match="corrupted"):
+                await manager.epoch_indices(ids[kind], 0, 0, 1)
+        for kind in ("good", "scored"):
+            assert (await manager.wait_ready(ids[kind], timeout=300)).phase == "ready", kind
+            for t in (0, 1):
+                got = await manager.epoch_indices(ids[kind], t, 0, 1)
+                np.testing.assert_array_equal(got, served[kind][t])
+        await manager.close()
+
+    with caplog.at_level(logging.WARNING, logger="service.jobs"):
+        asyncio.run(second())
+    assert any("codes.npz" in r.getMessage() and "recomputing" in r.getMessage()
+               for r in caplog.records)  # fmt: skip

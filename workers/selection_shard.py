@@ -261,6 +261,10 @@ class SelectionShard:
         self._refined = np.zeros(0, dtype=bool)  # (G,) groups whose window was narrowed
         self._tie_key = np.zeros(0, dtype=np.uint64)  # (G,) boundary key per tie group
 
+    def buffer_nbytes(self) -> int:
+        """Bytes of the stage-score buffer the shard reuses (0 before the first stage)."""
+        return 0 if self._buffer is None else int(self._buffer.nbytes)
+
     def info(self) -> tuple[int, int]:
         """The shard's global range (lo, hi)."""
         return self.data.lo, self.data.hi

@@ -34,20 +34,46 @@ from workers.shard_scoring import (
 )
 from workers.storage import Storage
 
-__all__ = ["SelectionShards", "SelectionStateActor", "actor_broadcast", "state_bytes"]
+__all__ = [
+    "SelectionShards",
+    "SelectionStateActor",
+    "actor_broadcast",
+    "shard_memory",
+    "state_bytes",
+]
 
 _BASE_MEMORY = 64 * 2**20
 """Bytes reserved per state actor beyond its arrays (interpreter, numpy, transient copies)."""
 
 
+_HELD_PER_ROW = 8 + 16 + 24 + 8
+"""Bytes per sample held by every state actor: labels, their class layout (order and inverse,
+int64 each), usage and policy counters (about 24 B), the reused float64 stage-score buffer."""
+_SCORED_PER_ROW = 16 + 4 + 5 + 12
+"""Bytes per sample held with scores, besides the codes: R and D (float64), the sparse
+matrices' row pointers (int32), per-sample activation mass and its sign, and up to three
+memoized coverage profiles (float32)."""
+_CODES_PER_UNIT = 6 + 8
+"""Bytes per sample and code unit: the stored codes (int32 id, float16 value) and the two
+float32 sparse matrices over them (activations and 0/1 pattern; the ids are shared)."""
+_TRANSIENT_PER_ROW = 64
+"""Bytes per sample of an epoch's transient arrays: the score keys (uint64) and their class
+order, the class-ordered scores, the selection mask, usage after the epoch, the unit-count
+vector and gathers of the selection."""
+
+
 def state_bytes(num_rows: int, k: int | None, with_scores: bool) -> int:
     """An upper estimate of the bytes one state actor holds for ``num_rows`` samples.
 
-    R, D, labels (8 B each), codes (6 B x k), usage and policy counters (about 24 B), doubled
-    for the transient arrays of an epoch.
+    What it keeps (:data:`_HELD_PER_ROW`; with scores also :data:`_SCORED_PER_ROW` and
+    :data:`_CODES_PER_UNIT` per code unit, k per sample: R, D, the codes and the structures
+    derived from them, see ``workers.shard_derived``) plus an epoch's transient arrays
+    (:data:`_TRANSIENT_PER_ROW`), and a fixed base for the interpreter.
     """
-    per_row = 8 + 24 + ((16 + 6 * (k or 0)) if with_scores else 0)
-    return _BASE_MEMORY + 2 * per_row * num_rows
+    per_row = _HELD_PER_ROW + _TRANSIENT_PER_ROW
+    if with_scores:
+        per_row += _SCORED_PER_ROW + _CODES_PER_UNIT * (k or 0)
+    return _BASE_MEMORY + per_row * num_rows
 
 
 class SelectionStateActor:
@@ -116,18 +142,24 @@ class SelectionStateActor:
         return getattr(self._selection, method)(*args)
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held per structure (arrays only)."""
-        sel = self._selection
-        if sel is None:
-            return {}
-        out: dict[str, int] = {}
-        data = sel.data
-        for name in ("R", "D", "labels", "code_ids", "code_values"):
-            arr = getattr(data, name, None)
-            if arr is not None:
-                out[name] = int(arr.nbytes)
-        out["counters"] = int(sum(v.nbytes for v in sel.counters.values()))
-        return out
+        """:func:`shard_memory` of the attached shard ({} before ``attach``)."""
+        return {} if self._selection is None else shard_memory(self._selection)
+
+
+def shard_memory(sel: SelectionShard) -> dict[str, int]:
+    """Bytes held per structure (arrays only): the shard data's arrays, the counters, the
+    derived structures (class layout, sparse code matrices, memoized profiles) and the
+    stage-score buffer."""
+    out: dict[str, int] = {}
+    data = sel.data
+    for name in ("R", "D", "labels", "code_ids", "code_values"):
+        arr = getattr(data, name, None)
+        if arr is not None:
+            out[name] = int(arr.nbytes)
+    out["counters"] = int(sum(v.nbytes for v in sel.counters.values()))
+    out["derived"] = int(data.derived.nbytes())
+    out["score_buffer"] = sel.buffer_nbytes()
+    return out
 
 
 _PUT_BYTES = 1 << 16

@@ -23,6 +23,7 @@ from service.selection.engine import SelectionEngine, SingleProcessSelector
 from service.selection.hashing import BLOCK, STREAM_GUMBEL, gumbel, gumbel_range
 from service.selection.threshold import local_broadcast
 from workers.selection_shard import SelectionShard, ShardData
+from workers.selection_state import shard_memory, state_bytes
 
 
 def pinned_data(n: int = 70_000, seed: int = 14) -> ShardData:
@@ -221,3 +222,32 @@ def test_selection_threads_reads_the_environment(monkeypatch: pytest.MonkeyPatch
         shard_derived.selection_threads()
     monkeypatch.delenv("SAELECT_SELECTION_THREADS")
     assert 1 <= shard_derived.selection_threads() <= 2
+
+
+@pytest.mark.parametrize("k", [8, 32])
+def test_state_bytes_covers_what_a_shard_holds_with_its_derived_structures(k: int) -> None:
+    """After epochs of the defaults (class layout, both sparse matrices, memoized profiles and
+    the score buffer built), the held bytes stay within ``state_bytes``'s estimate, and the
+    derived structures are counted (at least 8 k + 25 bytes per sample)."""
+    n, units = 6000, 256
+    rng = np.random.default_rng(k)
+    ids = np.argsort(rng.random((n, units)), axis=1)[:, :k].astype(np.int32)
+    values = (rng.random((n, k)) + 0.01).astype(np.float16)
+    data = ShardData(
+        0,
+        n,
+        R=rng.random(n),
+        D=rng.random(n),
+        labels=rng.integers(0, 10, n),
+        code_ids=ids,
+        code_values=values,
+        p=np.bincount(ids.ravel(), minlength=units) / n,
+    )
+    sel = SingleProcessSelector(make_policy(PolicyConfig("factor", 0.3, 5, 0)), data)
+    for _ in range(4):
+        sel.step()
+    assert sel.shard is not None
+    held = shard_memory(sel.shard)
+    assert held["derived"] >= (8 * k + 16 + 4 + 5) * n  # matrices, layout, row pointers, mass
+    assert held["score_buffer"] == 8 * n
+    assert sum(held.values()) <= state_bytes(n, k, True) - state_bytes(0, k, True)

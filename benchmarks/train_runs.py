@@ -78,8 +78,13 @@ class RunSpec:
             return round(self.ratio * self.epochs)
         return self.epochs
 
-    def job_spec(self, task: TaskSpec, data: TaskData) -> dict[str, Any]:
-        """The ``POST /v1/jobs`` body of this run."""
+    @property
+    def variant_spec(self) -> Variant:
+        """The run's ``factor`` variant (an empty one for the other policies)."""
+        return VARIANTS[self.variant] if self.policy in FACTOR_POLICIES else Variant()
+
+    def policy_section(self) -> dict[str, Any]:
+        """The job spec's ``policy`` section: the service policy, ratio, epochs, seed, params."""
         name = SERVICE_NAMES.get(self.policy, self.policy)
         ratio = 1.0 if self.policy in ("full", "full_fewer") else self.ratio
         params: dict[str, Any] = {}
@@ -91,7 +96,7 @@ class RunSpec:
             params["class_quotas"] = "equal"
         if self.policy == "factor_loss_clean":
             params.update(FACTOR_LOSS_CLEAN)
-        variant = VARIANTS[self.variant] if self.policy in FACTOR_POLICIES else Variant()
+        variant = self.variant_spec
         if self.policy in FACTOR_POLICIES and self.variant not in ON_DEFAULTS:
             # every recorded variant was run against the literal form, before the ablation made
             # quotas + dynamic coverage the policy's default: pin it so the keys keep meaning
@@ -99,6 +104,17 @@ class RunSpec:
         if self.policy == "factor_gumbel":
             params["sampling"] = "gumbel"
         params.update(variant.params)
+        return {
+            "name": name,
+            "ratio": ratio,
+            "epochs": self.job_epochs,
+            "seed": self.seed,
+            "params": params,
+        }
+
+    def job_spec(self, task: TaskSpec, data: TaskData) -> dict[str, Any]:
+        """The ``POST /v1/jobs`` body of this run."""
+        variant = self.variant_spec
         spec: dict[str, Any] = {
             "name": self.key.replace("|", "_").replace("=", "")[:200],
             "dataset": {
@@ -106,13 +122,7 @@ class RunSpec:
                 "label_column": data.label_column,
                 "feature": {**data.feature, **task.feature_overrides, **variant.feature},
             },
-            "policy": {
-                "name": name,
-                "ratio": ratio,
-                "epochs": self.job_epochs,
-                "seed": self.seed,
-                "params": params,
-            },
+            "policy": self.policy_section(),
             "sae": {**task.sae, **variant.sae},
         }
         if variant.scores:

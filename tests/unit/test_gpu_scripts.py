@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import gpu_regimes
 from benchmarks.gpu_checks import digest
 from benchmarks.gpu_scoring import generate
+from benchmarks.train_regimes import lt_counts
 from service.policies import PolicyConfig, make_policy
 from service.selection.engine import SingleProcessSelector
 from tests.optional import requires_fashion_mnist
@@ -33,14 +35,16 @@ from workers.features import FeatureSpec
 from workers.sae import SAEConfig, encode, load_sae
 from workers.scores import ScoreConfig, score_codes
 from workers.scoring_local import score_single_process
+from workers.selection_shard import ShardData
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _run(script: str, *args: str) -> None:
+def _run(script: str, *args: str, rc: int = 0) -> str:
     cmd = [sys.executable, str(BENCH / script), "--device", "cpu", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+    assert out.returncode == rc, out.stdout[-3000:] + out.stderr[-4000:]
+    return out.stdout
 
 
 def _assert_checks_passed(report: dict[str, Any], expected: set[str]) -> None:
@@ -145,7 +149,7 @@ def test_gpu_train_counts_every_sample_and_trains_on_the_cpu_paths_selection(
     report = json.loads(out.read_text())
     args = report["args"]
     n, epochs = 600, args["epochs"]
-    assert (report["n_train"], report["n_test"], epochs) == (n, 200, 2)
+    assert (report["tasks"]["fmnist"]["n_train"], report["n_test"], epochs) == (n, 200, 2)
     runs = {(r["policy"], r["ratio"]): r for r in report["runs"]}
     assert set(runs) == {("full", 1.0), ("factor", 0.5)}
 
@@ -178,3 +182,112 @@ def test_gpu_train_counts_every_sample_and_trains_on_the_cpu_paths_selection(
             "full_s0_accuracy",
         },
     )
+
+
+# --- gpu_train.py --preset regimes --------------------------------------------------------
+
+SMOKE_ROWS = {"fmnist-noisy": 600, "fmnist-lt": 294, "fmnist-dup": 600}
+"""N per regime in the smoke form: 600 base rows; the long tail from a 120-image head."""
+
+
+def test_gpu_regime_plan_runs_each_regimes_policies_seed_by_seed() -> None:
+    tasks = ["fmnist-noisy", "fmnist-lt", "fmnist-dup"]
+    plan = gpu_regimes.run_plan(
+        tasks, [0.2, 0.3], [0, 1, 2, 3, 4], gpu_regimes.TASK_POLICIES, epochs=20
+    )
+    assert plan[0] == ("fmnist-noisy", "full", 1.0, 0)
+    assert [p for p in plan if p[1] == "full"] == [(t, "full", 1.0, 0) for t in tasks]
+    for task in tasks:
+        for seed in range(5):
+            for r in (0.2, 0.3):
+                got = [p[1] for p in plan if p[0] == task and p[2] == r and p[3] == seed]
+                assert got == list(gpu_regimes.TASK_POLICIES[task])
+    seeds = [p[3] for p in plan]
+    assert seeds == sorted(seeds)  # seed by seed: a cut by the budget keeps whole seeds first
+    short = gpu_regimes.run_plan(["fmnist-lt"], [0.2], [0], {"fmnist-lt": ("full_fewer",)}, 2)
+    assert short == [("fmnist-lt", "full", 1.0, 0)]  # round(0.2 * 2) = 0 epochs: left out
+
+
+@requires_fashion_mnist
+def test_gpu_train_regimes_count_samples_and_serve_what_the_cpu_path_selects(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "regimes.json"
+    _run("gpu_train.py", "--smoke", "--preset", "regimes", "--policies",
+         "rs2_prop,factor_loss_clean", "--out", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    epochs = report["args"]["epochs"]
+    assert epochs == 2 and report["n_test"] == 200
+    train = load_fashion_mnist(FMNIST_DIR, "train")
+    md = out.with_suffix(".md").read_text()
+    assert md == gpu_regimes.render(report)  # --render gives back the written block
+    for task, n in SMOKE_ROWS.items():
+        # the regime's rows, rebuilt here from the library
+        _, labels, meta = gpu_regimes.task_data(
+            task, train.images, train.labels, base_size=600, head_size=120
+        )
+        info = report["tasks"][task]
+        assert info["n_train"] == labels.shape[0] == n
+        assert info["class_counts"] == np.bincount(labels, minlength=10).tolist()
+        if task == "fmnist-lt":
+            assert info["class_counts"] == lt_counts(120, 10, 100.0).tolist()
+        assert info["noisy_rows"] == (180 if task == "fmnist-noisy" else 0)
+        rows = {r["policy"]: r for r in report["runs"] if r["task"] == task}
+        assert set(rows) == {"full", "rs2_prop", "factor_loss_clean"}, task
+
+        # samples counted: what the batches held; r = 0.5 keeps round(n / 2) rows per epoch
+        assert rows["full"]["samples_seen"] == n * epochs
+        for name in ("rs2_prop", "factor_loss_clean"):
+            assert rows[name]["samples_seen"] == (n // 2) * epochs, (task, name)
+            assert rows[name]["sample_fraction"] == 0.5
+        for r in rows.values():
+            acc = sum(r["class_correct"]) / 200
+            assert r["final_acc"] == acc and 0.0 <= acc <= 1.0
+            assert math.isfinite(r["train_samples_per_s"]) and r["train_samples_per_s"] > 0
+
+        # the class-balanced rotation trained on the CPU path's selection, and the served shares
+        # of the regime's rows are those of these indices
+        cfg = PolicyConfig("rs2", 0.5, epochs, 0, {"class_quotas": "proportional"})
+        sel = SingleProcessSelector(make_policy(cfg), ShardData(0, n, labels=labels))
+        served = [sel.step().indices for _ in range(epochs)]
+        reg = rows["rs2_prop"]["regime"]
+        assert rows["rs2_prop"]["epoch_sha256"] == [digest(i) for i in served]
+        all_idx = np.concatenate(served)
+        tail = np.isin(labels, [7, 8, 9])
+        assert reg["served_tail_share"] == pytest.approx(float(tail[all_idx].mean()))
+        if task == "fmnist-noisy":
+            assert reg["served_noisy_share"] == pytest.approx(meta["noisy"][all_idx].mean())
+        if task == "fmnist-dup":
+            dedup = int(np.unique(meta["group"]).shape[0])
+            assert info["dedup_n"] == reg["dedup_n"] == dedup < n
+            assert reg["sample_fraction_dedup"] == pytest.approx(all_idx.size / (dedup * epochs))
+
+        # the doc block has the task's table with its rows
+        assert f"#### Task `{task}` (GPU, N = {n:,}, E = 2)" in md
+        for name in ("rs2_prop", "factor_loss_clean"):
+            assert f"| {name} | 0.5 | 1 |" in md, (task, name)
+        assert "| full | 1 | 1 |" in md
+
+    _assert_checks_passed(
+        report,
+        {
+            "fmnist-noisy:noisy_rows",
+            "fmnist-lt:class_profile",
+            "fmnist-dup:dedup_n",
+            "fmnist-dup:scored_rows",
+            "fmnist-noisy:factor_loss_clean_r0.5_s0_reproducible",
+            "fmnist-lt:rs2_prop_r0.5_s0_samples_counted",
+            "fmnist-dup:full_s0_accuracy",
+            "runs_finished",
+        },
+    )
+
+
+@requires_fashion_mnist
+def test_gpu_train_budget_starts_nothing_it_cannot_finish_and_fails(tmp_path: Path) -> None:
+    out = tmp_path / "none.json"
+    _run("gpu_train.py", "--smoke", "--preset", "regimes", "--tasks", "fmnist-lt",
+         "--budget-s", "0", "--out", str(out), rc=1)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["runs"] == [] and len(report["skipped"]) == 5
+    assert report["checks"]["failed"] == ["runs_finished"]

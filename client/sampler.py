@@ -141,6 +141,29 @@ class SelectionSampler(Sampler[int]):
             self._position = i + 1  # counted before the yield: a snapshot then includes it
             yield indices[i]
 
+    # -- loss feedback -----------------------------------------------------------------------
+    @property
+    def feedback(self) -> FeedbackReporter:
+        """This rank's `client.feedback.FeedbackReporter` (made on first use, at this epoch);
+        `set_epoch` flushes it before moving on."""
+        if self._reporter is None:
+            from client.feedback import FeedbackReporter
+
+            self._reporter = FeedbackReporter(
+                self.client, self.job_id, self.rank, self.world_size, epoch=self.epoch
+            )
+        return self._reporter
+
+    def report(self, indices: Any, losses: Any) -> None:
+        """Per-sample losses of one batch (indices int (B,), losses float (B,), numpy or torch):
+        buffered and posted in the background by `feedback`."""
+        self.feedback.report(indices, losses)
+
+    def loss_weights(self, indices: Any) -> Any:
+        """float32 (B,) loss weights of the batch's ``indices`` in the current epoch (a tensor on
+        their device for a tensor): multiply them into the per-sample loss."""
+        return self.feedback.loss_weights(indices)
+
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands: ``{"job_id", "world_size", "rank", "epoch", "position"}``.
 

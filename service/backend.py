@@ -131,9 +131,20 @@ class Backend(Protocol):
         ...
 
     async def feedback(
-        self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
-    ) -> None:
+        self,
+        job_id: str,
+        epoch: int,
+        indices: np.ndarray,
+        losses: np.ndarray,
+        key: tuple[int, int] | None = None,
+    ) -> bool:
         """Record per-sample losses: indices int64 (n,), losses float32 (n,).
+
+        ``key`` = (rank, seq) names the post (the sender's rank, its sequence number within
+        ``epoch``): a key already recorded for ``epoch`` is acknowledged without applying the
+        losses again, and the call returns False. Without a key every call applies (True).
+        The routes pass ``key`` only when the client sent one, so a backend written before keys
+        existed keeps serving old clients.
 
         Raises UnknownJob, JobNotReady, EpochOutOfRange, FeedbackNotAccepted, InvalidRequest.
         """

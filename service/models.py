@@ -192,6 +192,9 @@ class IndicesModel(BaseModel):
 class FeedbackAckModel(BaseModel):
     epoch: int
     count: int
+    duplicate: bool | None = None
+    """Keyed posts only (absent otherwise): True when the post's (rank, seq) key was already
+    applied, so it was acknowledged without applying its losses again."""
 
 
 class UsageModel(BaseModel):

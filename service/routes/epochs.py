@@ -205,6 +205,7 @@ def parse_feedback(
 @router.post(
     "/{epoch}/feedback",
     response_model=FeedbackAckModel,
+    response_model_exclude_none=True,  # an unkeyed post's answer is {"epoch", "count"}
     responses=ERRORS,
     openapi_extra={
         "requestBody": {
@@ -230,17 +231,35 @@ async def post_feedback(
     backend: BackendDep,
     metrics: MetricsDep,
     settings: SettingsDep,
+    rank: Annotated[int | None, Query(ge=0, description="sender's rank (with seq)")] = None,
+    seq: Annotated[
+        int | None, Query(ge=0, description="the post's sequence number in (rank, epoch)")
+    ] = None,
 ) -> FeedbackAckModel:
-    """Per-sample losses of epoch t for loss-based policies (409 for policies without)."""
+    """Per-sample losses of epoch t for loss-based policies (409 for policies without).
+
+    With ``rank`` and ``seq`` the post is keyed: a key already applied for this epoch is
+    acknowledged (``duplicate: true``) without applying its losses again, so a client may retry
+    a post whose answer it lost. Without them every post applies."""
+    if (rank is None) != (seq is None):
+        raise InvalidRequest("feedback rank and seq go together: give both or neither")
     indices, losses = parse_feedback(
         request.headers.get("content-type"),
         request.headers.get(COUNT_HEADER),
         await request.body(),
         settings.max_feedback_batch,
     )
-    await backend.feedback(job_id, epoch, indices, losses)
-    metrics.observe_feedback(int(indices.shape[0]))
-    return FeedbackAckModel(epoch=epoch, count=int(indices.shape[0]))
+    n = int(indices.shape[0])
+    if rank is None or seq is None:
+        await backend.feedback(job_id, epoch, indices, losses)  # a backend without keys too
+        applied = True
+    else:
+        applied = (
+            await backend.feedback(job_id, epoch, indices, losses, key=(rank, seq)) is not False
+        )
+    if applied:
+        metrics.observe_feedback(n)
+    return FeedbackAckModel(epoch=epoch, count=n, duplicate=None if rank is None else not applied)
 
 
 @router.get("/{epoch}/stats", response_model=StatsModel, responses=ERRORS)

@@ -31,6 +31,8 @@ class FakeJob:
     spec: JobSpec
     status: JobStatus
     feedback: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    feedback_keys: set[tuple[int, int, int]] = field(default_factory=set)
+    """(epoch, rank, seq) of the keyed posts applied."""
 
 
 class FakeBackend:
@@ -136,8 +138,13 @@ class FakeBackend:
         return np.where(idx % 3 == 0, 2.0, 1.0).astype(np.float32)
 
     async def feedback(
-        self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
-    ) -> None:
+        self,
+        job_id: str,
+        epoch: int,
+        indices: np.ndarray,
+        losses: np.ndarray,
+        key: tuple[int, int] | None = None,
+    ) -> bool:
         self._count("feedback")
         job = self._ready(job_id)
         self._epoch(job, epoch)
@@ -145,7 +152,12 @@ class FakeBackend:
             raise FeedbackNotAccepted(f"policy {job.spec.policy.name!r} takes no feedback")
         if indices.size and int(indices.max()) >= self.num_samples:
             raise InvalidRequest(f"index {int(indices.max())} >= num_samples {self.num_samples}")
+        if key is not None:
+            if (epoch, *key) in job.feedback_keys:
+                return False
+            job.feedback_keys.add((epoch, *key))
         job.feedback.setdefault(epoch, []).append((indices.copy(), losses.copy()))
+        return True
 
     async def epoch_stats(self, job_id: str, epoch: int) -> dict[str, Any]:
         self._count("epoch_stats")

@@ -3,7 +3,7 @@
 The regimes are the ones of the CPU sweep (``benchmarks/train_regimes.py``: near-duplicates, a
 long tail with imbalance ratio 100, 30% symmetric label noise; built with seed 15, the test set
 untouched), at the full scale a GPU affords: ``base_size`` rows (all 60k by default) for the
-duplicate and noisy regimes, ``head_size`` head images (6000: 14,900 rows) for the long tail.
+duplicate and noisy regimes, ``head_size`` head images (6000: 14,886 rows) for the long tail.
 Each task has the policies its conclusion rests on (``TASK_POLICIES``, bench names of
 ``benchmarks/train_variants.py``, with the CPU bench's params through ``RunSpec``).
 

@@ -141,10 +141,15 @@ class SelectionActorImpl:
         return await self.manager.epoch_indices(job_id, epoch, rank, world_size)
 
     async def feedback(
-        self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
-    ) -> None:
+        self,
+        job_id: str,
+        epoch: int,
+        indices: np.ndarray,
+        losses: np.ndarray,
+        key: tuple[int, int] | None = None,
+    ) -> bool:
         await asyncio.shield(self._started)
-        await self.manager.feedback(job_id, epoch, indices, losses)
+        return await self.manager.feedback(job_id, epoch, indices, losses, key)
 
     async def epoch_stats(self, job_id: str, epoch: int) -> dict[str, Any]:
         await asyncio.shield(self._started)

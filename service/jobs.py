@@ -74,6 +74,9 @@ class Job:
     """Served epochs: int64 (size,) indices in serving order."""
     stats: dict[int, dict[str, Any]] = field(default_factory=dict)
     feedback_seq: int = 0
+    feedback_keys: set[tuple[int, int, int]] = field(default_factory=set)
+    """(epoch, rank, seq) of every keyed feedback applied: a repeated key is acknowledged, not
+    applied again (a client retrying a post whose answer it lost)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     phase_since: float = field(default_factory=time.monotonic)
     """When the job entered its current phase (monotonic seconds)."""
@@ -341,8 +344,9 @@ class JobManager:
         engine = SelectionEngine(policy, job.shards.broadcast())
         feedback = self._feedback_log(job.id)
         job.feedback_seq = len(feedback)
+        job.feedback_keys = {key for *_, key in feedback if key is not None}
         for epoch in self.store.committed_epochs(job.id):
-            for before, idx, losses in feedback:
+            for before, idx, losses, _ in feedback:
                 if before == epoch:
                     engine.feedback(idx, losses)
             stored = self.store.read_epoch(job.id, epoch)
@@ -357,7 +361,7 @@ class JobManager:
             engine.commit(epoch)
             job.epochs[epoch] = stored
             job.stats[epoch] = self._read_stats(job.id, epoch, res.stats)
-        for before, idx, losses in feedback:
+        for before, idx, losses, _ in feedback:
             if before > engine.last_committed:
                 engine.feedback(idx, losses)
         return engine
@@ -530,8 +534,16 @@ class JobManager:
         return rank_slice(weights, rank, world_size).astype(np.float32)
 
     async def feedback(
-        self, job_id: str, epoch: int, indices: np.ndarray, losses: np.ndarray
-    ) -> None:
+        self,
+        job_id: str,
+        epoch: int,
+        indices: np.ndarray,
+        losses: np.ndarray,
+        key: tuple[int, int] | None = None,
+    ) -> bool:
+        """Log and apply per-sample losses; False (nothing applied) for a ``key`` = (rank, seq)
+        already applied in ``epoch`` (the key is logged with the losses, so it survives a
+        restart)."""
         job = self._ready(job_id)
         self._check_epoch(job, epoch)
         if not job.engine.policy.needs_feedback:  # type: ignore[union-attr]
@@ -551,14 +563,21 @@ class JobManager:
             engine = job.engine
             if engine is None:
                 raise JobNotReady(f"job {job_id!r} has no selection engine (phase {job.phase})")
+            dedup = None if key is None else (epoch, int(key[0]), int(key[1]))
+            if dedup is not None and dedup in job.feedback_keys:
+                log.info("job %s: feedback %s already applied; acknowledged again", job_id, dedup)
+                return False
             before = engine.last_committed + 1
             seq = job.feedback_seq
+            rank_seq = np.asarray(dedup[1:] if dedup is not None else (-1, -1), dtype=np.int64)
             self.store.write_file(
                 job_id,
                 f"{FEEDBACK_LOG}/{seq:08d}.npz",
-                _npz(before=before, epoch=epoch, idx=idx, loss=val),
+                _npz(before=before, epoch=epoch, idx=idx, loss=val, key=rank_seq),
             )
             job.feedback_seq += 1
+            if dedup is not None:
+                job.feedback_keys.add(dedup)
             await asyncio.to_thread(
                 self._with_engine, job, lambda e: e.feedback(idx, val), retry=False
             )
@@ -571,14 +590,22 @@ class JobManager:
         )
         for listener in self._feedback_listeners:
             listener(job_id, job.spec.policy.name, max(0, before - 1 - epoch), int(idx.shape[0]))
+        return True
 
-    def _feedback_log(self, job_id: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def _feedback_log(
+        self, job_id: str
+    ) -> list[tuple[int, np.ndarray, np.ndarray, tuple[int, int, int] | None]]:
+        """(before, indices int64 (n,), losses float32 (n,), (epoch, rank, seq) or None) of
+        every stored feedback in arrival order; unkeyed posts (and logs from before keys) have
+        None."""
         out = []
         for name in self.store.committed_files(job_id, f"{FEEDBACK_LOG}/"):
             data = self.store.read_file(job_id, f"{FEEDBACK_LOG}/{name}")
             if name.endswith(".npz") and data is not None:
                 d = _unnpz(data)
-                out.append((int(d["before"]), d["idx"], d["loss"]))
+                rank, seq = (int(v) for v in d["key"]) if "key" in d else (-1, -1)
+                key = (int(d["epoch"]), rank, seq) if rank >= 0 else None
+                out.append((int(d["before"]), d["idx"], d["loss"], key))
         return out
 
     async def epoch_stats(self, job_id: str, epoch: int) -> dict[str, Any]:

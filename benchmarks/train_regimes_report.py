@@ -31,7 +31,14 @@ from benchmarks.train_runs import read_results
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks_train.md"
 BEGIN, END = "<!-- regimes:begin -->", "<!-- regimes:end -->"
-SAELECT = ("factor", "factor_gumbel", "factor_loss", "factor_loss_eq", "factor_loss_clean")
+SAELECT = (
+    "factor",
+    "factor_gumbel",
+    "factor_loss",
+    "factor_loss_eq",
+    "factor_loss_clean",
+    "factor_loss_clean_b1",
+)
 """Bench policies that are saelect's own (scored) policies."""
 BASELINES = ("rs2", "rs2_prop", "rs2_equal", "full_fewer")
 """The baselines of the target: random rotation, class-balanced rotation, fewer epochs."""

@@ -94,8 +94,10 @@ class RunSpec:
             params["class_quotas"] = "proportional" if self.policy == "rs2_prop" else "equal"
         if self.policy == "factor_loss_eq":
             params["class_quotas"] = "equal"
-        if self.policy == "factor_loss_clean":
+        if self.policy in ("factor_loss_clean", "factor_loss_clean_b1"):
             params.update(FACTOR_LOSS_CLEAN)
+        if self.policy == "factor_loss_clean_b1":
+            params["beta"] = 1.0  # the ablation: the clipped loss without the SAE's diversity
         variant = self.variant_spec
         if self.policy in FACTOR_POLICIES and self.variant not in ON_DEFAULTS:
             # every recorded variant was run against the literal form, before the ablation made

@@ -28,13 +28,15 @@ POLICIES: tuple[str, ...] = (
     "factor_loss",
     "factor_loss_eq",
     "factor_loss_clean",
+    "factor_loss_clean_b1",
 )
 """Bench policy names. ``rs2_prop`` / ``rs2_equal`` are ``rs2`` with ``class_quotas``
 ``proportional`` / ``equal`` (class-balanced random rotations, no scores); ``factor_loss`` is the
 hybrid policy (diversity + clipped loss feedback), ``factor_loss_eq`` the same with equal class
 quotas (for long-tailed data), ``factor_loss_clean`` the same with a low clip quantile and a
-strong loss term (``FACTOR_LOSS_CLEAN``: for noisy labels). ``full_fewer`` is the service's
-``full`` for round(r E) epochs;
+strong loss term (``FACTOR_LOSS_CLEAN``: for noisy labels), ``factor_loss_clean_b1`` its
+ablation without the SAE's diversity (beta = 1: the clipped loss alone). ``full_fewer`` is the
+service's ``full`` for round(r E) epochs;
 ``factor_gumbel`` is ``factor`` with ``sampling="gumbel"``; ``infobatch_max`` is ``infobatch``
 pruning every below-mean-loss sample until the last epoch (prune_ratio 1, delta 1), its smallest
 budget. InfoBatch ignores the keep ratio (its budget follows from the losses), so both run once
@@ -49,11 +51,17 @@ FEEDBACK_POLICIES = frozenset(
         "factor_loss",
         "factor_loss_eq",
         "factor_loss_clean",
+        "factor_loss_clean_b1",
     }
 )
 OWN_BUDGET_POLICIES = frozenset({"infobatch", "infobatch_max"})
 FACTOR_POLICIES = frozenset({"factor", "factor_gumbel"})
-SCORED_POLICIES = FACTOR_POLICIES | {"factor_loss", "factor_loss_eq", "factor_loss_clean"}
+SCORED_POLICIES = FACTOR_POLICIES | {
+    "factor_loss",
+    "factor_loss_eq",
+    "factor_loss_clean",
+    "factor_loss_clean_b1",
+}
 """Bench policies whose jobs need the scoring (R, D, codes)."""
 SERVICE_NAMES: dict[str, str] = {
     "full_fewer": "full",
@@ -63,6 +71,7 @@ SERVICE_NAMES: dict[str, str] = {
     "rs2_equal": "rs2",
     "factor_loss_eq": "factor_loss",
     "factor_loss_clean": "factor_loss",
+    "factor_loss_clean_b1": "factor_loss",
 }
 """Bench policy -> service policy name (the others are their own)."""
 FACTOR_LOSS_CLEAN: dict[str, Any] = {"clip_quantile": 0.6, "beta": 0.8, "tau": 0.3}

@@ -150,6 +150,11 @@ def test_regime_tasks_and_new_bench_policies_reach_the_job_spec() -> None:
     assert spec("factor_loss")["name"] == "factor_loss"
     assert spec("factor_loss_eq") == {**spec("factor_loss"), "params": {"class_quotas": "equal"}}
     assert spec("factor_loss_clean")["params"] == train_variants.FACTOR_LOSS_CLEAN
+    b1 = spec("factor_loss_clean_b1")  # the ablation: the clipped loss without D
+    assert b1["name"] == "factor_loss"
+    assert b1["params"] == {**train_variants.FACTOR_LOSS_CLEAN, "beta": 1.0}
+    both = train_variants.SCORED_POLICIES & train_variants.FEEDBACK_POLICIES
+    assert "factor_loss_clean_b1" in both
     # fgamma variants sit on factor's current defaults (not the pinned literal form)
     assert spec("factor", "fgamma1")["params"] == {"factor_gamma": 1.0}
     run = train_runs.RunSpec("fmnist-dup", "factor", 0.2, 0, 10, "selfsup_default")

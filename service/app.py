@@ -21,11 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.backend import Backend
 from service.errors import PayloadTooLarge, SaelectError
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import epochs, health, jobs, require_token_for_docs
+from service.routes import check_token, epochs, health, jobs, require_token_for_docs
 from service.routes import metrics as metrics_route
 from service.routes.health import VERSION
 from service.settings import Settings
@@ -72,6 +73,19 @@ def _validation_message(errors: list[Any]) -> str:
     return "; ".join(parts)
 
 
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route of ``app`` serves at the request's path, sorted (``Allow``)."""
+    allowed = []
+    for method in METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception to the error shape; the 500 handler only fires on real bugs."""
 
@@ -87,9 +101,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, code, _validation_message(errors))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:  # Starlette lists the first matching route's methods only
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
         return error_response(exc.status_code, code, str(exc.detail), headers)
 
     @app.exception_handler(Exception)
@@ -166,6 +182,44 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class TokenMiddleware:
+    """Pure ASGI middleware: 401 before routing for a guarded path without the right token.
+
+    The routes check the token too (a dependency), but FastAPI parses a request's body before
+    it runs dependencies: without this, an unauthenticated POST with a malformed body would get
+    400 and the parser's message instead of 401 (schemathesis found it). Guarded: ``/v1/...``,
+    ``/metrics`` unless ``metrics_open``, the docs unless ``docs_open``; never ``/healthz``.
+    """
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.token = settings.token
+        self.guarded = set() if settings.metrics_open else {"/metrics"}
+        if not settings.docs_open:
+            self.guarded |= {"/docs", "/redoc", "/openapi.json"}
+
+    def _guards(self, path: str) -> bool:
+        return path == "/v1" or path.startswith("/v1/") or path in self.guarded
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.token is None or not self._guards(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = None
+        for key, value in scope.get("headers") or ():
+            if key == b"authorization":
+                header = value.decode("latin-1")
+                break
+        try:
+            check_token(self.token, header)
+        except SaelectError as exc:
+            resp = _saelect_error(exc)
+            await send({"type": "http.response.start", "status": 401, "headers": resp.raw_headers})
+            await send({"type": "http.response.body", "body": resp.body})
+            return
+        await self.app(scope, receive, send)
+
+
 def install_docs(app: FastAPI) -> None:
     """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``, behind the token unless
     ``Settings.docs_open`` (a browser opening ``/docs`` sends no bearer token)."""
@@ -218,6 +272,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     for module in (health, metrics_route, jobs, epochs):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TokenMiddleware, settings=settings)  # outside the body limit: 401 first
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     add_listener = getattr(backend, "add_epoch_listener", None)  # optional Backend method
     if add_listener is not None:

@@ -47,10 +47,19 @@ def require_token(request: Request) -> None:
     Unauthorized
         When the header is missing, malformed, or carries another token.
     """
-    token = get_settings(request).token
+    check_token(get_settings(request).token, request.headers.get("authorization"))
+
+
+def check_token(token: str | None, header: str | None) -> None:
+    """``require_token`` on a token (None: auth off) and an ``Authorization`` header value.
+
+    Raises
+    ------
+    Unauthorized
+        When the header is missing, malformed, or carries another token.
+    """
     if token is None:
         return
-    header = request.headers.get("authorization")
     if header is None:
         raise Unauthorized("missing Authorization header; send 'Authorization: Bearer <token>'")
     scheme, _, value = header.partition(" ")

@@ -3,7 +3,7 @@
 Runs `saelect demo` (Fashion-MNIST, local Ray, the service, 2 Ray Train workers pulling their
 subsets over HTTP) and reports, per policy and epoch, the time a rank spends in
 ``SelectionSampler.set_epoch`` (the epoch's selection on the shards when it is the first request,
-plus the HTTP fetch) against the epoch's wall time. Target (DESIGN 8): < 1%.
+plus the HTTP fetch) against the epoch's wall time. Target (docs/benchmarks.md, Targets): < 1%.
 
 Writes docs/benchmarks_overhead.md and prints the table. Usage:
     python benchmarks/overhead_bench.py [--epochs 6] [--ratio 0.5] [--train-limit N]
@@ -33,8 +33,8 @@ def render(results: dict[str, dict[str, Any]], cfg: DemoConfig, wall_s: float) -
         "the service, Fashion-MNIST scored once, a small CNN trained by 2 Ray Train workers that",
         "pull each epoch's indices over HTTP. `fetch` is the time a rank spends in",
         "`SelectionSampler.set_epoch`: the epoch's selection on the shard actors (for the first",
-        "rank that asks), storing it, and the HTTP round trip. Target (DESIGN 8): < 1% of the",
-        "epoch's time.",
+        "rank that asks), storing it, and the HTTP round trip. Target (benchmarks.md, Targets):",
+        "< 1% of the epoch's time.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()};"
         f" load average at the end {load:.1f}. Command: `python benchmarks/overhead_bench.py "

@@ -1,4 +1,5 @@
-"""SAE throughput and fit on CPU (DESIGN 8: encode >= 50k samples/s for d=256, M=2048, k=32).
+"""SAE throughput and fit on CPU (target, docs/benchmarks.md: encode >= 50k samples/s for d=256,
+M=2048, k=32).
 
 Measures:
 
@@ -158,7 +159,7 @@ def _report(
         "which other processes on the machine cannot distort; two idle cores give at most twice "
         "it.",
         "",
-        f"Target (DESIGN 8): >= {TARGET_PER_S:,} samples/s on 2 CPU cores: "
+        f"Target (benchmarks.md, Targets): >= {TARGET_PER_S:,} samples/s on 2 CPU cores: "
         f"{'met' if best >= TARGET_PER_S else 'NOT met'} (best pass, {best_dtype}: {best:,.0f}).",
         "",
     ]

@@ -1,5 +1,5 @@
-"""Serving benchmark: one rank's index list over HTTP on loopback (DESIGN 8: <= 20 ms for 1M
-indices, binary; 64 concurrent ranks without error).
+"""Serving benchmark: one rank's index list over HTTP on loopback (target, docs/benchmarks.md:
+<= 20 ms for 1M indices, binary; 64 concurrent ranks without error).
 
 The real app (``service.app.create_app``) runs under uvicorn in a separate process over an
 in-memory backend whose epochs are seeded permutations; the client side is the real
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "meets" if binary_1m <= 20.0 else "misses"
     lines += [
         "",
-        f"Target (DESIGN 8): 1M indices binary <= 20 ms: {binary_1m:.2f} ms, {verdict} the target.",
+        f"Target (benchmarks.md, Targets): 1M indices binary <= 20 ms: {binary_1m:.2f} ms, "
+        f"{verdict} the target.",
         "",
         f"Concurrency: {args.world} ranks fetched their share of both epochs of a 1M-sample job "
         f"at once (one client per rank thread): {wall:.2f} s wall, {errors} errors; every "

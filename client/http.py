@@ -1,4 +1,4 @@
-"""HTTP client of the saelect service (DESIGN 4 and 6). Needs only httpx and numpy.
+"""HTTP client of the saelect service (docs/api.md). Needs only httpx and numpy.
 
 Example:
     >>> c = SelectionClient("http://127.0.0.1:8000")                       # doctest: +SKIP
@@ -237,7 +237,7 @@ class SelectionClient:
         return self._request("GET", "/healthz").json()
 
     def create_job(self, spec: Mapping[str, Any]) -> dict[str, Any]:
-        """``POST /v1/jobs``: register a job (spec as in DESIGN 4); returns its status."""
+        """``POST /v1/jobs``: register a job (spec as in docs/api.md); returns its status."""
         return self._request("POST", "/v1/jobs", json=dict(spec)).json()
 
     def jobs(self) -> list[dict[str, Any]]:

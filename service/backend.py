@@ -38,7 +38,7 @@ class Progress(NamedTuple):
 
 @dataclass(frozen=True)
 class JobStatus:
-    """A job's status as the API reports it (DESIGN 4)."""
+    """A job's status as the API reports it (docs/api.md, Job status)."""
 
     id: str
     """Job id (``[A-Za-z0-9_-]``)."""
@@ -116,7 +116,8 @@ class Backend(Protocol):
     async def epoch_indices(
         self, job_id: str, epoch: int, rank: int, world_size: int
     ) -> np.ndarray:
-        """int64 (per_rank,): rank ``rank``'s indices of ``epoch`` (padded partition, DESIGN 4).
+        """int64 (per_rank,): rank ``rank``'s indices of ``epoch`` (padded partition,
+        docs/api.md, Indices).
 
         Computes the epoch (and earlier ones) when not yet done. Raises UnknownJob,
         JobNotReady, EpochOutOfRange, InvalidRequest.

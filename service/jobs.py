@@ -6,9 +6,9 @@ keeps serving; the scoring reserves GPUs or CPUs only while it runs, and a job w
 cannot be placed yet is ``queued`` with the reason). A policy that reads no scores skips the
 scoring: its job is ready once the row count (and labels) are known. A ready job's selection
 state lives in ``workers.selection_state`` actors that reserve no CPU or GPU, and a
-`SelectionEngine` drives the job's policy over them. Epochs are computed in
-order, stored (DESIGN 7) and then committed; a served epoch is read back from memory or the store,
-so the same request always gets the same answer.
+`SelectionEngine` drives the job's policy over them. Epochs are computed in order, stored
+(docs/reliability.md, Persistence) and then committed; a served epoch is read back from memory or
+the store, so the same request always gets the same answer.
 
 Restart: the manager rebuilds every stored job. Scoring outputs are on the store, so the pipeline
 re-attaches to them without recomputing; the engine then replays the stored epochs (and the
@@ -103,7 +103,7 @@ class JobManager:
     Parameters
     ----------
     store:
-        The job store (DESIGN 7).
+        The job store (docs/reliability.md, Persistence).
     allowed_roots:
         Dataset roots a job's URI must lie under (checked again by the pipeline).
     pipeline_options:

@@ -1,4 +1,4 @@
-"""Pydantic request and response models of the HTTP API (DESIGN 4). Pydantic lives only here
+"""Pydantic request and response models of the HTTP API (docs/api.md). Pydantic lives only here
 and in settings; the core works on the frozen dataclasses of ``service.specs``."""
 
 from __future__ import annotations

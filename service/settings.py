@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port to bind (0 picks a free one)."""
     store: str = "./.saelect/store"
-    """Store root: a local directory or a pyarrow filesystem URI (DESIGN 7)."""
+    """Store root: a local directory or a pyarrow filesystem URI (docs/reliability.md,
+    Persistence)."""
     allowed_roots: list[str] = Field(default_factory=list)
     """Dataset roots a job's URI must lie under. Empty means the defaults: the current directory,
     /usr/share/datasets and the store's data dir ``{store}/data``."""

@@ -1,4 +1,4 @@
-"""The persistent job store of DESIGN 7, on top of ``workers.storage.Storage``.
+"""The persistent job store (docs/reliability.md, Persistence) on ``workers.storage.Storage``.
 
 Layout under the store root (a local directory or any pyarrow filesystem URI)::
 

@@ -1,4 +1,5 @@
-"""Factor statistics of sparse codes (DESIGN 2.3): counts, frequencies p, alive units, profiles.
+"""Factor statistics of sparse codes (docs/architecture.md, The method 3): counts, frequencies
+p, alive units, profiles.
 
 A unit ("factor") j is active in sample i when it is among the sample's k stored entries with a
 value > 0. Counts add over shards, so the global frequencies are
@@ -73,7 +74,7 @@ def profiles(codes: SparseCodes, p: np.ndarray | None = None) -> np.ndarray:
     """float64 (N, k) activation profile a_i = z_i / sum_j z_ij over the active entries.
 
     With ``p`` (float64 (M,) factor frequencies), entries on dead units (p_j = 0) are dropped
-    first (DESIGN 2.3). Rows with no active (alive) entry get an all-zero profile.
+    first (The method 3). Rows with no active (alive) entry get an all-zero profile.
     """
     z_NK = codes.values.astype(np.float64)
     dropped_NK = ~codes.active_mask()

@@ -1,4 +1,4 @@
-"""TopK sparse autoencoder over frozen features (DESIGN 2.2).
+"""TopK sparse autoencoder over frozen features (docs/architecture.md, The method 2).
 
 Inputs are standardized with the training set's per-feature mean and std (buffers ``mean_D``,
 ``std_D``; constant features get std 1). With x = (h - mean) / std:
@@ -92,7 +92,7 @@ class SAEConfig:
     k: int = 32
     """Active units per sample (TopK), and entries stored per sample for either activation."""
     activation: str = "topk"
-    """``topk`` (DESIGN default) or ``relu_l1`` (ReLU + L1 penalty)."""
+    """``topk`` (the default) or ``relu_l1`` (ReLU + L1 penalty)."""
     l1_coef: float = 1e-3
     """``relu_l1``: weight of the L1 penalty mean_B sum_j z_j."""
     aux_k: int | None = None

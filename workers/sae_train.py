@@ -1,4 +1,5 @@
-"""SAE training on one worker or data-parallel over Ray Train workers (DESIGN 3.2).
+"""SAE training on one worker or data-parallel over Ray Train workers (docs/architecture.md,
+Distributed shape 2).
 
 `train_sae_distributed` trains on a sample of features (the pipeline gathers at most
 ``sae.max_train_samples`` rows). One worker calls `workers.sae.fit_sae` in this process. More

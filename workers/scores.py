@@ -1,4 +1,5 @@
-"""Representativeness R and rare-factor diversity D of samples (DESIGN 2.4-2.5), and ranks.
+"""Representativeness R and rare-factor diversity D of samples, and ranks (docs/architecture.md,
+The method 4 and 5).
 
 Given sparse codes z (k entries per sample) and the global factor frequencies p (`workers.factors`):
 
@@ -44,9 +45,9 @@ __all__ = [
 ]
 
 REPRESENTATIVENESS_FORMS = ("weighted", "frequent_set")
-"""Forms of R (DESIGN 2.4)."""
+"""Forms of R (The method 4)."""
 DIVERSITY_FORMS = ("weighted", "max")
-"""Forms of D (DESIGN 2.5)."""
+"""Forms of D (The method 5)."""
 
 
 @dataclass(frozen=True)

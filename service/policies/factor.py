@@ -1,4 +1,4 @@
-"""``factor``: the paper's policy (DESIGN 2.6-2.8) with the reconstructed options.
+"""``factor``: the paper's policy (docs/architecture.md, The method 6 to 8) with our options.
 
 Per epoch t, with lambda(t) from the schedule:
 
@@ -8,7 +8,7 @@ Per epoch t, with lambda(t) from the schedule:
 
 and the epoch is the top m of s + tau * Gumbel(seed, t, i) (``sampling="gumbel"``, the default,
 tau = 1), or with ``sampling="topm"`` the top m of s itself (ties by a seeded hash; the paper's
-literal ranking). u_i counts the committed epochs that selected i. The literal form of DESIGN 2 is
+literal ranking). u_i counts the committed epochs that selected i. The literal form (The method) is
 ``{"sampling": "topm", "class_quotas": false, "dynamic_coverage": false}``.
 
 Options: ``class_quotas`` (each class keeps its share of every epoch: one stage that takes every
@@ -54,7 +54,7 @@ class FactorParams:
     sampling: str = "gumbel"
     """``gumbel`` (default: top m of s + tau Gumbel noise, i.e. m draws without replacement with
     probabilities ~ exp(s / tau)) or ``topm`` (the deterministic ranking of the paper's literal
-    form, which the hard no-monopoly bound of DESIGN 2.7 is about). The default comes from the
+    form, which the hard no-monopoly bound of The method 7 is about). The default comes from the
     ablation in docs/benchmarks_train.md: on Fashion-MNIST at r = 0.1 the ranking lost 2.4 points
     to sampling at tau = 1, which recovered all but ~0.2 points of the gap to ``rs2``."""
     tau: float = 1.0

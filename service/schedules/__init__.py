@@ -1,4 +1,5 @@
-"""Smooth schedules lambda(t) from representativeness to diversity (DESIGN 2.6).
+"""Smooth schedules lambda(t) from representativeness to diversity (docs/architecture.md, The
+method 6).
 
 One module per shape, dispatched by name from :data:`SCHEDULES`.
 

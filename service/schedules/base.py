@@ -1,4 +1,5 @@
-"""Schedule configuration and the progress variable shared by every shape (DESIGN 2.6)."""
+"""Schedule configuration and the progress variable shared by every shape (docs/architecture.md,
+The method 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dependency rules of DESIGN section 1, checked in fresh interpreters."""
+"""The dependency rules (docs/architecture.md, Dependency rules), checked in fresh interpreters."""
 
 from __future__ import annotations
 

@@ -137,9 +137,9 @@ def test_rs2_sees_every_sample_in_every_round(n: int, ratio: float, seed: int) -
 def test_factor_usage_frequencies_stay_within_the_penalty_bound(
     n: int, ratio: float, gamma: float, seed: int, shape: str
 ) -> None:
-    """DESIGN 2.7, additive penalty, top-m: after T >= 1 epochs every pair of samples has
-    f_i - f_j <= 1/gamma + 1/T, with f = u / T (whenever i is picked over j at epoch t,
-    u_i - u_j <= t / gamma, so the gap never exceeds (T - 1) / gamma + 1)."""
+    """The method 7 (docs/architecture.md), additive penalty, top-m: after T >= 1 epochs every
+    pair of samples has f_i - f_j <= 1/gamma + 1/T, with f = u / T (whenever i is picked over j
+    at epoch t, u_i - u_j <= t / gamma, so the gap never exceeds (T - 1) / gamma + 1)."""
     epochs = 12
     policy = make_policy(
         PolicyConfig(

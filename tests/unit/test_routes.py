@@ -1,4 +1,4 @@
-"""The HTTP app over an in-memory FakeBackend (no Ray): every route of DESIGN 4, every
+"""The HTTP app over an in-memory FakeBackend (no Ray): every route of docs/api.md, every
 documented error, auth, body limits, and the binary/JSON index formats."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Properties of the lambda(t) schedules (DESIGN 2.6)."""
+"""Properties of the lambda(t) schedules (docs/architecture.md, The method 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""service.store: the job store of DESIGN 7 on local paths, file:// URIs and in-memory fs."""
+"""service.store: the job store (docs/reliability.md, Persistence) on local paths, file:// URIs
+and in-memory filesystems."""
 
 from __future__ import annotations
 

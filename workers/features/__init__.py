@@ -1,4 +1,5 @@
-"""Feature extractors (DESIGN 2.1): spec, registry, factory, Arrow column conversion.
+"""Feature extractors (docs/architecture.md, The method 1): spec, registry, factory, Arrow column
+conversion.
 
 Example:
     >>> import numpy as np

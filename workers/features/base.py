@@ -1,8 +1,8 @@
 """Feature specs, the extractor protocol, and Arrow column -> numpy conversion.
 
-An extractor maps a dataset column to float32 feature vectors h_i in R^d (DESIGN 2.1). It is
-fitted once on a global sample (`Extractor.fit`), its state shipped to every shard
-(`Extractor.state_dict`, numpy arrays only, so it stores as ``.npz``), and applied there in
+An extractor maps a dataset column to float32 feature vectors h_i in R^d (docs/architecture.md,
+The method 1). It is fitted once on a global sample (`Extractor.fit`), its state shipped to every
+shard (`Extractor.state_dict`, numpy arrays only, so it stores as ``.npz``), and applied there in
 batches (`Extractor.transform`). Every shard therefore maps a row to the same vector.
 """
 

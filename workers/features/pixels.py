@@ -1,4 +1,5 @@
-"""The ``pixels`` extractor: per-pixel standardization, then PCA to ``dim`` (DESIGN 2.1).
+"""The ``pixels`` extractor: per-pixel standardization, then PCA to ``dim`` (docs/architecture.md,
+The method 1).
 
 For images with no pretrained encoder at hand. Fitted once on a sample: per-pixel mean and std
 (constant pixels get std 1), then the top principal axes of the standardized sample

@@ -130,6 +130,8 @@ class JobManager:
         self._scoring_locks: dict[str, asyncio.Lock] = {}
         self._epoch_listeners: list[Callable[[str, str, int, float], None]] = []
         self._feedback_listeners: list[Callable[[str, str, int, int], None]] = []
+        self._scoring_bytes = 0
+        """Bytes stored by the scoring runs this manager completed."""
 
     def add_feedback_listener(self, fn: Callable[[str, str, int, int], None]) -> None:
         """Call ``fn(job_id, policy, lag, samples)`` after each feedback applied; ``lag`` is how
@@ -281,7 +283,8 @@ class JobManager:
                 job.scoring = result
                 plan, storage = result.plan, result.storage
                 scored_s = sum(v for k, v in result.timings.items() if k != "queued")
-                if scored_s > 0:
+                if scored_s > 0:  # scored now, not loaded: its outputs were written now
+                    self._scoring_bytes += await asyncio.to_thread(result.storage.size)
                     log.info(
                         "job %s: scored %d samples in %.1f s (%.0f samples/s; %s)",
                         job.id,
@@ -425,6 +428,13 @@ class JobManager:
         jobs = [j for j in self._jobs.values() if not j.deleted]
         held = await asyncio.to_thread(lambda: [self._scoring_resources(j) for j in jobs])
         return [JobMetrics(j.id, j.spec.policy.name, r) for j, r in zip(jobs, held, strict=True)]
+
+    async def store_bytes_written(self) -> dict[str, int]:
+        """Bytes written to the store, by kind: ``jobs`` (what this process wrote under
+        ``jobs/``: epochs, their stats and weights, feedback, job state) and ``scoring`` (the
+        outputs each scoring run stored, counted when it completes; a scoring loaded from the
+        store adds nothing). The ``/metrics`` route reads them at scrape time."""
+        return {"jobs": self.store.bytes_written, "scoring": self._scoring_bytes}
 
     def _scoring_resources(self, job: Job) -> dict[str, float]:
         from workers.pipeline import STATE_FILE

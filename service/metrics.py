@@ -5,7 +5,8 @@ route; epoch index responses by format and the indices served; feedback samples 
 computed and their selection seconds, by policy, and how many epochs late feedback arrives (the
 job manager reports them through `Metrics.observe_epoch` and `Metrics.observe_feedback_lag`).
 Read from the backend at scrape time (`Metrics.render`): jobs by phase, and per job its phase
-progress, epochs committed and the cluster resources its scoring reserves.
+progress, epochs committed and the cluster resources its scoring reserves; and the bytes the
+backend wrote to its store, by kind (the backend keeps the totals).
 
 Why ``prometheus_client`` and not ``ray.util.metrics``: docs/api.md, section Metrics.
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from service.backend import PHASES, JobStatus
 
@@ -82,6 +84,29 @@ class JobMetrics:
     """The job's policy name."""
     resources: Mapping[str, float] = field(default_factory=dict)
     """Cluster resources its scoring holds now, e.g. ``{"CPU": 2.0}``; empty once ready."""
+
+
+class StoreBytes:
+    """``saelect_store_bytes_written_total{kind}``: a counter the backend keeps (its own totals,
+    read at scrape time), exported as they were last reported."""
+
+    NAME = "saelect_store_bytes_written"
+    HELP = (
+        "Bytes written to the store, by kind: jobs (epochs, their stats and weights, feedback, "
+        "job state) and scoring (each scoring run's outputs, counted when it completes)."
+    )
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self.NAME, self.HELP, labels=["kind"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["kind"])
+        for kind, value in sorted(self.values.items()):
+            family.add_metric([kind], float(value))
+        yield family
 
 
 class Metrics:
@@ -163,6 +188,8 @@ class Metrics:
             ["job", "policy"],
             registry=reg,
         )
+        self.store_bytes = StoreBytes()
+        reg.register(self.store_bytes)
         self.resources = Gauge(
             "saelect_job_resources_reserved",
             "Cluster resources the job's scoring reserves now (0 once scored), by job.",
@@ -231,6 +258,7 @@ class Metrics:
         self,
         statuses: Sequence[JobStatus] | None = None,
         details: Iterable[JobMetrics] | None = None,
+        store_bytes: Mapping[str, int] | None = None,
     ) -> str:
         """The exposition text (format 0.0.4).
 
@@ -240,9 +268,14 @@ class Metrics:
             Every job's status (jobs by phase, progress by job); None leaves those series out.
         details:
             Per-job policy and reserved resources, from backends that report them.
+        store_bytes:
+            Bytes written to the store by kind, from backends that count them (the backend's
+            running totals); None keeps the last reported ones.
         """
         with self._scrape_lock:  # the per-job gauges are rebuilt for each scrape
             self._set_jobs(statuses, details)
+            if store_bytes is not None:
+                self.store_bytes.values = dict(store_bytes)
             return generate_latest(self.registry).decode()
 
 

@@ -50,6 +50,7 @@ from service.specs import JobSpec
 from workers.storage import (
     CorruptFileError,
     Storage,
+    WriteTally,
     check_digest,
     digest,
     read_manifest,
@@ -124,9 +125,14 @@ class JobStore:
 
     def __init__(self, root: str | Storage) -> None:
         self.storage = root if isinstance(root, Storage) else Storage(root)
-        self._jobs = self.storage.child("jobs")
+        self._jobs = self.storage.child("jobs", tally=WriteTally())
         self._manifests: dict[str, dict[str, list[list[Any]]]] = {}
         """Per job, the manifest's files (this process is the store's one writer)."""
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes this process wrote under ``jobs/`` (specs, states, epochs, feedback, manifests)."""
+        return self._jobs.tally.bytes
 
     def __repr__(self) -> str:
         return f"JobStore({self.storage.root!r})"

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import posixpath
+import threading
 import uuid
 from typing import Any
 
@@ -34,6 +35,31 @@ TMP_MARKER = ".tmp-"
 
 def _is_uri(root: str) -> bool:
     return "://" in root
+
+
+class WriteTally:
+    """Bytes written through a Storage and the children that share it, in this process.
+
+    A copy sent to another process (a Storage pickled into a Ray task) starts again at 0: each
+    process counts only its own writes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = 0
+
+    def add(self, nbytes: int) -> None:
+        """Count ``nbytes`` more bytes written."""
+        with self._lock:
+            self._bytes += nbytes
+
+    @property
+    def bytes(self) -> int:
+        """Bytes counted so far."""
+        return self._bytes
+
+    def __reduce__(self) -> tuple[type[WriteTally], tuple[()]]:
+        return (WriteTally, ())
 
 
 class Storage:
@@ -71,6 +97,8 @@ class Storage:
         else:
             self.fs = pafs.LocalFileSystem()
             self.base = os.path.abspath(root)
+        self.tally = WriteTally()
+        """Bytes written through this root and its children in this process."""
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
@@ -92,13 +120,15 @@ class Storage:
         rel = self._check_rel(rel)
         return posixpath.join(self.base, rel) if rel else self.base
 
-    def child(self, rel: str) -> Storage:
-        """A Storage rooted at ``rel`` below this root, sharing the filesystem."""
+    def child(self, rel: str, *, tally: WriteTally | None = None) -> Storage:
+        """A Storage rooted at ``rel`` below this root, sharing the filesystem and (unless
+        ``tally`` gives the subtree its own count) the tally of bytes written."""
         rel = self._check_rel(rel)
         sub = Storage.__new__(Storage)
         sub.root = f"{self.root.rstrip('/')}/{rel}" if rel else self.root
         sub.fs = self.fs
         sub.base = self.path(rel)
+        sub.tally = tally if tally is not None else self.tally
         return sub
 
     # -- bytes -------------------------------------------------------------------------------
@@ -118,6 +148,7 @@ class Storage:
             with contextlib.suppress(OSError, pa.ArrowException):
                 self.fs.delete_file(tmp)
             raise
+        self.tally.add(memoryview(data).nbytes)
 
     def read_bytes(self, rel: str) -> bytes:
         """Read the whole file ``rel``. Raises FileNotFoundError when it does not exist."""
@@ -175,6 +206,18 @@ class Storage:
     def exists(self, rel: str = "") -> bool:
         """Whether ``rel`` exists (file or directory)."""
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def size(self, rel: str = "") -> int:
+        """Bytes of the file ``rel``, or of every file below the directory ``rel``; 0 when it
+        does not exist."""
+        path = self.path(rel)
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return int(info.size)
+        if info.type != pafs.FileType.Directory:
+            return 0
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sum(int(i.size) for i in infos if i.type == pafs.FileType.File)
 
     def list_dir(self, rel: str = "") -> list[str]:
         """Sorted names directly under ``rel`` (files and dirs); [] when it does not exist.

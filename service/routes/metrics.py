@@ -27,8 +27,8 @@ router = APIRouter(tags=["metrics"], dependencies=[Depends(require_token_for_met
     },
 )
 async def metrics(backend: BackendDep, registry: MetricsDep) -> Response:
-    """Requests, latency, indices served, epochs and their selection time, jobs by phase, and
-    per job its progress, epochs committed and reserved resources."""
+    """Requests, latency, indices served, epochs and their selection time, jobs by phase, per
+    job its progress, epochs committed and reserved resources, and store bytes written."""
     statuses: list[JobStatus] | None
     try:
         statuses = await backend.list_jobs()
@@ -41,4 +41,8 @@ async def metrics(backend: BackendDep, registry: MetricsDep) -> Response:
             details = list(await job_metrics())
         except SaelectError:
             details = None
-    return Response(registry.render(statuses, details), media_type=CONTENT_TYPE)
+    store_bytes: dict[str, int] | None = None
+    bytes_written = getattr(backend, "store_bytes_written", None)  # optional, like job_metrics
+    if bytes_written is not None:
+        store_bytes = dict(await bytes_written())
+    return Response(registry.render(statuses, details, store_bytes), media_type=CONTENT_TYPE)

@@ -91,6 +91,11 @@ def test_metrics_after_a_job_served_two_epochs(service: ServiceHandle, data_dir:
     assert series("saelect_indices_served_total") == 4 * per_epoch + single
     route = "/v1/jobs/{job_id}/epochs/{epoch}/indices"
     assert series("saelect_http_requests_total", method="GET", route=route, status="200") == 5
+    store = data_dir / "store"
+    stored = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    # the one scoring so far, counted once when it completed; every job file written at least once
+    assert series("saelect_store_bytes_written_total", kind="scoring") == stored(store / "scoring")
+    assert series("saelect_store_bytes_written_total", kind="jobs") >= stored(store / "jobs") > 0
     client.delete(job)
     after = scrape(service.url)
     assert not [k for k in after if ("job", job) in k[1]]

@@ -91,6 +91,11 @@ class HookedBackend(FakeBackend):
             for i, j in self.jobs.items()
         ]
 
+    async def store_bytes_written(self) -> dict[str, int]:
+        """A store that grows by 100 bytes per epoch computed and 1000 per job created."""
+        computed = sum(j.status.epochs_committed for j in self.jobs.values())
+        return {"jobs": 100 * computed, "scoring": 1000 * len(self.jobs)}
+
 
 def test_events_and_job_snapshot_render_as_parsable_series() -> None:
     m = Metrics()
@@ -175,6 +180,8 @@ def test_the_app_wires_the_optional_backend_hooks(
     assert value(text, "saelect_job_epochs_committed", job=ready, policy="rs2") == 2
     assert value(text, "saelect_job_resources_reserved", job=waiting, resource="CPU") == 2
     assert value(text, "saelect_indices_served_total") == 100 + 50
+    assert value(text, "saelect_store_bytes_written_total", kind="jobs") == 200
+    assert value(text, "saelect_store_bytes_written_total", kind="scoring") == 2000
     ucb = client.post("/v1/jobs", json={**SPEC, "policy": {**SPEC["policy"], "name": "ucb"}})
     job = ucb.json()["id"]
     client.get(f"/v1/jobs/{job}/epochs/2/indices")  # epochs 0..2 committed
@@ -203,5 +210,6 @@ def test_the_dashboard_reads_only_exported_series() -> None:
         "saelect_job_resources_reserved",
         "saelect_epochs_computed_total",
         "saelect_feedback_samples_total",
+        "saelect_store_bytes_written_total",
     ):
         assert family in used, family

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyarrow.fs import _MockFileSystem
 
-from workers.storage import TMP_MARKER, Storage
+from workers.storage import TMP_MARKER, Storage, WriteTally
 
 KINDS = ["path", "file_uri", "mockfs"]
 
@@ -186,3 +186,25 @@ def test_storage_pickles_for_ray_actors(kind: str, tmp_path: Path) -> None:
     s.write_json("a.json", [1])
     back = pickle.loads(pickle.dumps(s))
     assert back.read_json("a.json") == [1] and back.path("a.json") == s.path("a.json")
+
+
+def test_the_tally_counts_every_byte_written_through_a_root_and_its_children(
+    tmp_path: Path,
+) -> None:
+    import pickle
+
+    root = Storage(str(tmp_path / "s"))
+    root.write_bytes("a.bin", b"x" * 10)
+    root.child("jobs").write_json("j/state.json", {"phase": "ready"})
+    root.child("jobs").child("j").write_npy("e.npy", np.arange(5))
+    own = root.child("scoring", tally=WriteTally())
+    own.write_bytes("codes.bin", b"y" * 7)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "s").rglob("*") if f.is_file())
+    assert root.tally.bytes == on_disk - 7 == root.size() - own.size()
+    assert own.tally.bytes == 7 == own.size() == root.size("scoring/codes.bin")
+    root.write_bytes("a.bin", b"z" * 3)  # a rewrite counts again
+    assert root.tally.bytes == on_disk - 7 + 3
+    assert root.size("missing") == 0
+    copy = pickle.loads(pickle.dumps(root))  # a task's copy counts its own writes only
+    copy.write_bytes("b.bin", b"w" * 5)
+    assert copy.tally.bytes == 5 and root.tally.bytes == on_disk - 4

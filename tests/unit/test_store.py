@@ -180,3 +180,15 @@ def test_spec_from_dict_rejects_bad_sections() -> None:
         JobSpec.from_dict({"name": "x", "dataset": {}, "policy": SPEC_DICT["policy"]})
     with pytest.raises(InvalidRequest, match="policy"):
         JobSpec.from_dict({**SPEC_DICT, "policy": {"name": "factor", "ratio": 2.0, "epochs": 1}})
+
+
+def test_bytes_written_counts_the_jobs_tree_only(store: JobStore) -> None:
+    spec = make_spec()
+    store.create_job("job-1", spec)
+    store.write_epoch("job-1", 0, np.arange(40))
+    store.append_feedback("job-1", 0, np.arange(4), np.ones(4, dtype=np.float32))
+    store.storage.child("scoring/k").write_bytes("codes.bin", b"c" * 100)  # not a job write
+    assert store.bytes_written == store.storage.size("jobs") > 0
+    before = store.bytes_written
+    store.write_state("job-1", JobState(last_committed_epoch=0, seed=7))
+    assert store.bytes_written == before + len(store.storage.read_bytes("jobs/job-1/state.json"))

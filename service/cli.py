@@ -1,4 +1,4 @@
-"""The `saelect` command line (DESIGN section 5).
+"""The `saelect` command line (README.md, Command line).
 
 Every subcommand imports what it needs inside its handler, so `saelect --help` and the client-side
 subcommands (`jobs ...`) start fast and do not load Ray.
@@ -46,6 +46,7 @@ JOBS_EXAMPLES = """examples:
   saelect jobs status JOB
   saelect jobs wait JOB                       progress bars until ready (exit 1 on failure)
   saelect jobs epoch JOB 3 --rank 0 --world-size 2 --out e3.npy
+  saelect jobs plot JOB --out job.png         coverage, usage, class shares of its epochs
   saelect jobs delete JOB"""
 
 
@@ -87,7 +88,7 @@ class PhaseProgress:
         progress = status.get("progress") or {}
         done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
         if not self.phases or phase != self.phases[-1]:
-            self.close()
+            self.close(finished=phase != "failed")
             self.phases.append(phase)
             print(f"job {self.job_id}: {phase}", file=self.file, flush=True)
             if phase in PHASE_UNITS:
@@ -112,8 +113,16 @@ class PhaseProgress:
                 self._bar.total = total
             self._bar.update(max(0, done - self._bar.n))
 
-    def close(self) -> None:
-        """End the current phase: close its bar, or (no terminal) print its one summary line."""
+    def close(self, finished: bool = False) -> None:
+        """End the current phase: close its bar, or (no terminal) print its one summary line.
+
+        ``finished``: the job went on to a later phase, so this one is complete, whatever its last
+        polled progress said (a phase can end between two polls).
+        """
+        if finished and self._counted is not None and self._counted[1]:
+            self._counted = (self._counted[1], self._counted[1])
+            if self._bar is not None:
+                self._bar.update(max(0, self._counted[1] - self._bar.n))
         if self._bar is not None:
             self._bar.close()
         elif self._counted is not None:
@@ -230,6 +239,24 @@ def _epoch(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _plot(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The figure `saelect simulate` draws, from a live job's committed epochs' stats.
+
+    Only committed epochs are read: asking the stats of a later epoch would compute it, ahead of
+    the feedback a loss-based policy still waits for.
+    """
+    from service.plots import save_epoch_plot
+
+    status = client.job(args.target)
+    committed = int(status["epochs_committed"])
+    if committed == 0:
+        raise ValueError(f"job {args.target} has no committed epoch yet: nothing to plot")
+    stats = [client.stats(args.target, t) for t in range(committed)]
+    title = f"job {args.target} ({status['name']}): {committed} epochs committed"
+    path = save_epoch_plot(stats, Path(args.out or f"{args.target}.png"), title)
+    return {"job": args.target, "epochs": committed, "plot": str(path.resolve())}
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
     from client import SelectionError
 
@@ -243,6 +270,8 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
             return _wait(client, args.target, args)
         elif args.action == "epoch":
             out = _epoch(client, args)
+        elif args.action == "plot":
+            out = _plot(client, args)
         elif args.action == "list":
             out = client.jobs()
         elif args.action == "status":
@@ -271,14 +300,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         out_dir=Path(args.out),
         train_limit=args.train_limit,
+        test_limit=args.test_limit,
         workers=args.workers,
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        record_indices=args.record_indices,
     )
     run_demo(cfg)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `saelect`, one subparser per command of DESIGN section 5."""
+    """The argument parser of `saelect`, one subparser per command (README.md, Command line)."""
     parser = argparse.ArgumentParser(
         prog="saelect",
         description="Dynamic data selection as a service on Ray.",
@@ -343,11 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=JOBS_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    jobs.add_argument("action", choices=["create", "list", "status", "wait", "epoch", "delete"])
+    jobs.add_argument(
+        "action", choices=["create", "list", "status", "wait", "epoch", "plot", "delete"]
+    )
     jobs.add_argument(
         "target",
         nargs="?",
-        help="SPEC.json (or - for stdin) for create, a job id for status/wait/epoch/delete",
+        help="SPEC.json (or - for stdin) for create, a job id for status/wait/epoch/plot/delete",
     )
     jobs.add_argument("epoch", nargs="?", type=int, help="the epoch T of jobs epoch")
     jobs.add_argument("--wait", action="store_true", help="create: follow the job until ready")
@@ -355,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
     jobs.add_argument("--rank", type=int, default=0, help="epoch: this rank's share")
     jobs.add_argument("--world-size", type=int, default=1, help="epoch: number of ranks")
-    jobs.add_argument("--out", default=None, help="epoch: save the indices as .npy here")
+    jobs.add_argument(
+        "--out",
+        default=None,
+        help="epoch: save the indices as .npy here; plot: the PNG (default: JOB.png)",
+    )
     jobs.add_argument(
         "--url",
         default=None,
@@ -396,7 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ratio", type=float, default=0.5)
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--train-limit", type=int, default=None, help="use only the first N rows")
+    demo.add_argument(
+        "--test-limit", type=int, default=None, help="evaluate on only the first N test rows"
+    )
     demo.add_argument("--out", default=".saelect/demo")
+    demo.add_argument(
+        "--policies", default="factor,full", help="runs, in order (comma-separated policy names)"
+    )
+    demo.add_argument(
+        "--record-indices",
+        action="store_true",
+        help="write the indices each rank trained on per epoch (OUT/indices_POLICY_rankR.json)",
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,4 +1,4 @@
-"""`saelect demo`: the whole main job on an embedded local Ray (DESIGN 5).
+"""`saelect demo`: the whole main job on an embedded local Ray (README.md, Command line).
 
 Prepares Fashion-MNIST as Parquet, starts local Ray and the service, scores the data (pixels-PCA
 features, TopK SAE, R and D), then trains a small CNN with Ray Train workers that pull their
@@ -33,6 +33,8 @@ class DemoConfig:
     """Data, store, results and the plot go here."""
     train_limit: int | None = None
     """Use only the first N training rows (None: all 60k)."""
+    test_limit: int | None = None
+    """Evaluate on only the first N test rows (None: all 10k)."""
     workers: int = 2
     """Ray Train workers (CPU)."""
     batch_size: int = 128
@@ -49,6 +51,9 @@ class DemoConfig:
     """SAE active units per sample."""
     policies: tuple[str, ...] = field(default=("factor", "full"))
     """Runs, in order."""
+    record_indices: bool = False
+    """Write the sample indices each rank trained on, per epoch, to
+    ``out_dir/indices_{policy}_rank{r}.json`` (``{"0": [...], "1": [...]}``), for checks."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -59,6 +64,10 @@ class DemoConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.train_limit is not None and self.train_limit < 100:
             raise ValueError(f"train_limit must be >= 100, got {self.train_limit}")
+        if self.test_limit is not None and self.test_limit < 100:
+            raise ValueError(f"test_limit must be >= 100, got {self.test_limit}")
+        if not self.policies:
+            raise ValueError("policies must name at least one policy")
 
 
 def _job_spec(cfg: DemoConfig, policy: str, train_uri: str) -> dict[str, Any]:
@@ -128,22 +137,28 @@ def _train(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     x_tr, y_tr = load_image_parquet(config["train"])
     x_te, y_te = load_image_parquet(config["test"])
+    x_te, y_te = x_te[: config["test_limit"]], y_te[: config["test_limit"]]
     to_t = lambda x: torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28)  # noqa: E731
-    # labels copied: the Parquet reader's arrays are read-only, which torch warns about
-    train_set = TensorDataset(to_t(x_tr), torch.from_numpy(y_tr.copy()))
+    # labels copied: the Parquet reader's arrays are read-only, which torch warns about;
+    # the third tensor is each row's index, so a rank can record what it trained on
+    train_set = TensorDataset(
+        to_t(x_tr), torch.from_numpy(y_tr.copy()), torch.arange(len(y_tr), dtype=torch.int64)
+    )
     xt, yt = to_t(x_te), torch.from_numpy(y_te.copy())
 
     model = prepare_model(_cnn())
     client = SelectionClient(config["url"])
     sampler = sampler_from_context(client, config["job_id"])
     ctx = ray.train.get_context()
-    plan = client.plan(config["job_id"], ctx.get_world_size())
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = client.plan(config["job_id"], world)
     steps = sum(-(-e["per_rank"] // config["batch_size"]) for e in plan["epochs"])
     opt = torch.optim.SGD(
         model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config["lr"], total_steps=max(steps, 1))
     history = []
+    used: dict[str, list[int]] = {}
     seen = 0
     t_start = time.perf_counter()
     for epoch in range(len(plan["epochs"])):
@@ -152,15 +167,21 @@ def _train(config: dict[str, Any]) -> None:
         fetch_s = time.perf_counter() - t0
         model.train()
         loader = DataLoader(train_set, batch_size=config["batch_size"], sampler=sampler)
-        for xb, yb in loader:
+        used[str(epoch)] = []
+        for xb, yb, ib in loader:
+            if config["record"]:
+                used[str(epoch)].extend(ib.tolist())
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
             sched.step()
-        seen += len(sampler) * ctx.get_world_size()
+        seen += len(sampler) * world
         model.eval()
-        with torch.no_grad():
-            acc = float((model(xt).argmax(1) == yt).float().mean())
+        with torch.no_grad():  # each rank scores its slice of the test set; the counts add up
+            correct = (model(xt[rank::world]).argmax(1) == yt[rank::world]).sum()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(correct)
+        acc = float(correct) / len(yt)
         history.append(
             {
                 "epoch": epoch,
@@ -170,9 +191,12 @@ def _train(config: dict[str, Any]) -> None:
                 "fetch_s": fetch_s,
             }
         )
-        if ctx.get_world_rank() == 0:
+        if rank == 0:
             print(f"[{config['policy']}] epoch {epoch}: test acc {acc:.4f}, samples {seen}")
-    if ctx.get_world_rank() == 0:
+    if config["record"]:
+        name = f"indices_{config['policy']}_rank{rank}.json"
+        Path(config["result"]).with_name(name).write_text(json.dumps(used))
+    if rank == 0:
         out = {"history": history, "train_s": time.perf_counter() - t_start}
         Path(config["result"]).write_text(json.dumps(out))
     with tempfile.TemporaryDirectory() as d:
@@ -225,6 +249,8 @@ def train_with_service(
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
             "result": str(result_path.resolve()),
+            "record": cfg.record_indices,
+            "test_limit": cfg.test_limit,
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": 0.9}),
         run_config=RunConfig(name=name, storage_path=str(storage)),
@@ -276,6 +302,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     print(f"data: {train} ({time.perf_counter() - t0:.1f}s)")
     # Ray Train's print patch would log each worker print a second time: print once, as is
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # a local Ray has no node that a cloud provider drains: no preemption watcher actor (whose
+    # constructor arguments in the object store make Ray log an error line at each run)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # the workers' per-epoch lines show up here; Ray Train's controller queries actor states
     # through the state API, which the dashboard serves
     init_ray(log_to_driver=True, include_dashboard=True)

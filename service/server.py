@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -27,6 +28,9 @@ from service.lease import StoreLease, StoreOwnedError
 from service.ray_local import check_embedded, prepare_embedded_env
 from service.settings import Settings
 from workers.storage import Storage
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's state API (``ray.util.state``) sends its queries; read in every Ray process."""
 
 
 def init_ray(
@@ -43,6 +47,12 @@ def init_ray(
     says (`service.ray_local`); no dashboard unless ``include_dashboard`` (Ray Train's state
     queries need it, the service does not).
 
+    With the dashboard, its port is chosen here and written to ``RAY_API_SERVER_ADDRESS`` before
+    Ray starts, so that every process of this Ray (they inherit the environment) sends its state
+    queries to this Ray's dashboard. Without it, Ray's state API looks for the one Ray instance
+    on the host, and every query fails while another one runs there (Ray Train's
+    ``PlacementGroupCleaner`` then logs a traceback per query).
+
     Raises
     ------
     RuntimeError
@@ -58,6 +68,11 @@ def init_ray(
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         return False
+    dashboard: dict[str, Any] = {}
+    if include_dashboard:
+        port = free_port()
+        dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     ray.init(
         address="local",
         namespace=NAMESPACE,
@@ -66,9 +81,17 @@ def init_ray(
         include_dashboard=include_dashboard,
         log_to_driver=log_to_driver,
         object_store_memory=512 * 1024**2,
+        **dashboard,
     )
     check_embedded()
     return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass

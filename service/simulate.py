@@ -2,9 +2,10 @@
 
 Scores a dataset in this process (features, SAE, R and D: the same pure functions as the Ray
 pipeline), runs the policy's selection for every epoch, prints per-epoch lambda, coverage, usage
-spread and the mean R and D of the selection, and writes a PNG of them. Useful to see what a
-config does (the schedule's sweep from R to D, how fast coverage grows, whether the usage penalty
-turns selection into round-robin) before spending a training run on it.
+spread and the mean R and D of the selection, and writes a PNG of them with each class's share
+of every epoch (`service.plots`: the figure `saelect jobs plot` draws of a live job). Useful to see
+what a config does (the schedule's sweep from R to D, how fast coverage grows, whether the usage
+penalty turns selection into round-robin) before spending a training run on it.
 """
 
 from __future__ import annotations
@@ -61,37 +62,10 @@ def simulate(
 
 
 def plot_simulation(result: SimulationResult, path: Path, title: str) -> None:
-    """lambda(t) with the mean R and D of each epoch's selection; coverage and usage spread."""
-    import matplotlib
+    """The per-epoch figure of `service.plots` (schedule, coverage and usage, class shares)."""
+    from service.plots import save_epoch_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = [s["epoch"] for s in result.stats]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(t, [s.get("lambda") or 0.0 for s in result.stats], "k--", label="lambda(t)")
-    a.plot(t, [s.get("mean_R", np.nan) for s in result.stats], label="mean R of selection")
-    a.plot(t, [s.get("mean_D", np.nan) for s in result.stats], label="mean D of selection")
-    a.set_xlabel("epoch")
-    a.set_ylim(-0.02, 1.02)
-    a.legend()
-    a.set_title("schedule and what it selects")
-    b.plot(t, [s["coverage"] for s in result.stats], label="coverage (seen at least once)")
-    spread = [s["usage"]["max"] - s["usage"]["min"] for s in result.stats]
-    b2 = b.twinx()
-    b2.plot(t, spread, color="tab:red", label="usage max - min")
-    b.set_xlabel("epoch")
-    b.set_ylabel("coverage")
-    b2.set_ylabel("usage spread", color="tab:red")
-    b.set_title("coverage and usage spread")
-    b.legend(loc="lower right")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_epoch_plot(result.stats, path, title)
 
 
 def print_simulation(result: SimulationResult) -> None:

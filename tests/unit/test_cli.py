@@ -289,3 +289,15 @@ def test_wait_ready_calls_back_with_every_status(scripted: tuple[str, ScriptedBa
     final = client.wait_ready(job, timeout=30, poll=0.001, on_progress=seen.append)
     assert [s["phase"] for s in seen[: len(SCRIPT)]] == [p for p, _, _ in SCRIPT]
     assert seen[-1] == final and final["phase"] == "ready"
+
+
+def test_a_phase_that_ends_between_two_polls_is_summarized_as_complete() -> None:
+    from service.cli import PhaseProgress
+
+    log = io.StringIO()  # not a terminal: one summary line per counted phase
+    bars = PhaseProgress("j", file=log)
+    bars({"phase": "featurizing", "progress": {"done": 10, "total": 40}})
+    bars({"phase": "training_sae", "progress": {"done": 0, "total": 1}})  # featurizing is done
+    bars({"phase": "failed", "progress": {"done": 0, "total": 0}})  # the fit is not
+    assert re.search(r"^featurizing: 40/40 rows in [\d.]+ s", log.getvalue(), flags=re.M)
+    assert re.search(r"^training_sae: 0/1 fit in [\d.]+ s", log.getvalue(), flags=re.M)

@@ -13,7 +13,7 @@ from pyarrow.fs import _MockFileSystem
 
 from service.errors import InvalidRequest, UnknownJob
 from service.specs import JobSpec, job_spec_from_dict
-from service.store import JobState, JobStore, check_job_id, new_job_id
+from service.store import MANIFEST_FILE, JobState, JobStore, check_job_id, new_job_id
 from workers.storage import Storage
 
 SPEC_DICT = {
@@ -187,8 +187,10 @@ def test_bytes_written_counts_the_jobs_tree_only(store: JobStore) -> None:
     store.create_job("job-1", spec)
     store.write_epoch("job-1", 0, np.arange(40))
     store.append_feedback("job-1", 0, np.arange(4), np.ones(4, dtype=np.float32))
+    counted = store.bytes_written
+    assert counted >= store.storage.size("jobs") > 0  # every file once at least (manifests: more)
     store.storage.child("scoring/k").write_bytes("codes.bin", b"c" * 100)  # not a job write
-    assert store.bytes_written == store.storage.size("jobs") > 0
-    before = store.bytes_written
-    store.write_state("job-1", JobState(last_committed_epoch=0, seed=7))
-    assert store.bytes_written == before + len(store.storage.read_bytes("jobs/job-1/state.json"))
+    assert store.bytes_written == counted
+    store.write_state("job-1", JobState(last_committed_epoch=0, seed=7))  # state + its manifest
+    rewritten = [f"jobs/job-1/{name}" for name in ("state.json", MANIFEST_FILE)]
+    assert store.bytes_written == counted + sum(store.storage.size(rel) for rel in rewritten)

@@ -154,7 +154,7 @@ def _interval(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def target_checks(runs: list[dict[str, Any]]) -> list[str]:
-    """The targets of DESIGN 8 / issue 5, checked on the recorded runs (final accuracy)."""
+    """The targets of docs/benchmarks.md, Targets (issue 5), checked on the recorded runs."""
     g = group(runs)
     frac = group(runs, "sample_fraction")
     out: list[str] = []

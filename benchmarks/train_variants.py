@@ -108,7 +108,9 @@ starts from them, so recorded results keep their meaning; ``qd_gumbel1`` spells 
 current defaults."""
 
 VARIANTS: dict[str, Variant] = {
-    "default": Variant(note="factor's pre-ablation defaults: the literal form of DESIGN 2"),
+    "default": Variant(
+        note="factor's pre-ablation defaults: the literal form (docs/architecture.md, The method)"
+    ),
     "service_default": Variant(
         note="factor's current defaults, whatever they are when the run starts (now: quotas + "
         "dynamic coverage where the data allows, Gumbel sampling at tau = 1, i.e. qd_gumbel1)"
@@ -123,7 +125,7 @@ VARIANTS: dict[str, Variant] = {
             "dynamic_coverage": False,
             "anneal_epochs": 0,
         },
-        note="the paper's literal form (DESIGN 2)",
+        note="the paper's literal form (docs/architecture.md, The method)",
     ),
     "rep_frequent_set": Variant(
         scores={"representativeness": "frequent_set"}, note="R = mass on units above q=0.9"

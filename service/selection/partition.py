@@ -1,4 +1,4 @@
-"""Per-rank partition of an epoch order (DESIGN section 4).
+"""Per-rank partition of an epoch order (docs/api.md, Indices).
 
 The order is padded to a multiple of the world size W by repeating its head (cyclically, like
 torch's DistributedSampler), and rank R takes positions R, R + W, ...; every rank gets the same

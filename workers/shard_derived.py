@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -102,14 +103,16 @@ class ShardDerived:
         self._codes: _Codes | None = None
         self._profile_memo: list[tuple[np.ndarray, np.ndarray]] = []  # [(g (M,), h (n,))]
         self._counts_memo: tuple[np.ndarray, np.ndarray] | None = None  # (rows, counts (M,))
+        self._x: np.ndarray | None = None  # float32 (n,) selection indicator, reused
+        self._lock = threading.Lock()
 
     def nbytes(self) -> int:
         """Bytes held by the structures built so far (for memory accounting).
 
-        With codes of k units per sample: 8 k + 9 bytes per sample (float32 activations and 0/1
-        pattern, the mass and its sign; the column ids are the stored ``code_ids``), plus the
-        last coverage profiles (4 bytes per sample each, up to 3); with labels, 16 bytes per
-        sample for the label layout.
+        With codes of k units per sample: 8 k + 13 bytes per sample (float32 activations and 0/1
+        pattern, the mass and its sign, the selection indicator once counted; the column ids
+        are the stored ``code_ids``), plus the last coverage profiles (4 bytes per sample each,
+        up to 3); with labels, 16 bytes per sample for the label layout.
         """
         total = 0
         if self._codes is not None:
@@ -120,6 +123,8 @@ class ShardDerived:
                 if ids is None or not np.shares_memory(values.indices, ids):
                     total += int(values.indices.nbytes)
             total += int(self._codes.mass.nbytes) + int(self._codes.positive.nbytes)
+        if self._x is not None:
+            total += int(self._x.nbytes)
         if self._class_counts is not None:
             total += int(self._class_counts.nbytes)
         if self._layout is not None:
@@ -210,14 +215,18 @@ class ShardDerived:
         if memo is not None and memo[0] is rows:
             return memo[1]
         codes = self._codes_blocks()
-        x = np.zeros(self._data.n, dtype=np.float32)
-        x[rows] = 1.0
+        with self._lock:  # the selection indicator x is a buffer reused across epochs
+            if self._x is None:
+                self._x = np.empty(self._data.n, dtype=np.float32)
+            x = self._x
+            x.fill(0.0)
+            x[rows] = 1.0
 
-        def block(a: int, b: int, active: Any) -> np.ndarray:
-            # float32 sums of 0/1 over < 2**24 rows are exact integers
-            return np.rint(active.T @ x[a:b]).astype(np.int64)
+            def block(a: int, b: int, active: Any) -> np.ndarray:
+                # float32 sums of 0/1 over < 2**24 rows are exact integers
+                return np.rint(active.T @ x[a:b]).astype(np.int64)
 
-        parts = _run([lambda a=a, b=b, m=m: block(a, b, m) for a, b, _, m in codes.blocks])
+            parts = _run([lambda a=a, b=b, m=m: block(a, b, m) for a, b, _, m in codes.blocks])
         counts = np.sum(parts, axis=0, dtype=np.int64)
         self._counts_memo = (rows, counts)
         return counts

@@ -252,10 +252,13 @@ class FactorPolicy(Policy):
         g = (1.0 / (1.0 + rho)).astype(np.float32)  # (M,)
         return data.derived.profile_dot(g)  # memoized: the stats ask again
 
-    def _diversity(self, ctx: dict, data: ShardData, idx: np.ndarray | None) -> np.ndarray:
-        """D_i(t) for the local positions idx (all when None), float64."""
+    def _diversity(
+        self, ctx: dict, data: ShardData, idx: np.ndarray | None, D_at: np.ndarray | None = None
+    ) -> np.ndarray:
+        """D_i(t) for the local positions idx (all when None), float64; ``D_at``: D already
+        taken at idx."""
         (D_all,) = _need(data, ("D",), "policy 'factor'")
-        D = D_all if idx is None else D_all[idx]
+        D = D_all if idx is None else D_all[idx] if D_at is None else D_at
         h = self._profile(ctx, data)
         if h is None:
             return D
@@ -268,16 +271,19 @@ class FactorPolicy(Policy):
         data: ShardData,
         counters: dict[str, np.ndarray],
         idx: np.ndarray | None,
+        gathered: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, penalty) float64 at local positions idx (all when None); penalty None if gamma = 0.
 
-        Score = B - penalty (the penalty is in score units for both forms).
+        Score = B - penalty (the penalty is in score units for both forms). ``gathered``: R and D
+        already taken at idx, (len(idx),) each.
         """
         (R_all,) = _need(data, ("R",), "policy 'factor'")
         lam = float(ctx["lambda"])
-        R = R_all if idx is None else R_all[idx]
+        R = R_all if idx is None else R_all[idx] if gathered is None else gathered[0]
         B = np.multiply(R, 1.0 - lam)
-        tmp = np.multiply(self._diversity(ctx, data, idx), lam)
+        D_at = None if gathered is None else gathered[1]
+        tmp = np.multiply(self._diversity(ctx, data, idx, D_at), lam)
         B += tmp
         fpen = self._factor_usage_penalty(ctx, data, idx)
         gamma = self.params.gamma
@@ -379,11 +385,12 @@ class FactorPolicy(Policy):
         selected_local: np.ndarray,
     ) -> dict:
         R, D = _need(data, ("R", "D"), "policy 'factor'")
-        B, pen = self._parts(epoch, ctx, data, counters, selected_local)
+        R_sel, D_sel = R[selected_local], D[selected_local]  # (m_s,) each, gathered once
+        B, pen = self._parts(epoch, ctx, data, counters, selected_local, (R_sel, D_sel))
         out = {
             "count": int(selected_local.shape[0]),
-            "sum_R": float(R[selected_local].sum()),
-            "sum_D": float(D[selected_local].sum()),
+            "sum_R": float(R_sel.sum()),
+            "sum_D": float(D_sel.sum()),
             "abs_base": float(np.abs(B).sum()),
             "abs_penalty": 0.0 if pen is None else float(np.abs(pen).sum()),
         }

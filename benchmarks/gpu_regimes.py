@@ -36,12 +36,13 @@ TASKS: tuple[str, ...] = ("fmnist", *REGIMES)
 TASK_POLICIES: dict[str, tuple[str, ...]] = {
     "fmnist": ("factor", "rs2", "full_fewer"),
     "fmnist-ref": ("factor", "factor_loss", "rs2", "full_fewer"),
-    "fmnist-noisy": ("factor_loss_clean", "rs2", "rs2_prop", "full_fewer"),
+    "fmnist-noisy": ("factor_loss_clean", "factor_loss_clean_b1", "rs2", "rs2_prop", "full_fewer"),
     "fmnist-lt": ("rs2_equal", "factor_loss_eq", "rs2", "full_fewer"),
     "fmnist-dup": ("factor", "rs2", "rs2_prop", "full_fewer"),
 }
 """Per task, the policies a conclusion rests on: the best saelect policy of the CPU sweep and
-the baselines it must beat (``rs2``, class-balanced ``rs2``, full data for fewer epochs)."""
+the baselines it must beat (``rs2``, class-balanced ``rs2``, full data for fewer epochs); on
+noisy labels also the win's ablation without the SAE's diversity (``factor_loss_clean_b1``)."""
 DOC_BEGIN, DOC_END = "<!-- gpu-train:begin -->", "<!-- gpu-train:end -->"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_gpu.md"
 

@@ -32,8 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from benchmarks.train_runs import read_results
 from benchmarks.train_report import row_name, runs_of, sections
+from benchmarks.train_runs import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHOWN_VARIANTS = frozenset({"service_default", "qd_gumbel1", "quotas_dyncov"})

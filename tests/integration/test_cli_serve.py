@@ -10,24 +10,16 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from client import SelectionClient
+from tests.integration.serve_proc import SAELECT, free_port
 from workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
-
-SAELECT = [sys.executable, "-m", "service.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _jobs(url: str, *args: str) -> tuple[int, str, str]:
@@ -51,7 +43,7 @@ def test_serve_jobs_lifecycle_and_clean_stop(tmp_path: Path) -> None:
     }
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SAELECT_ALLOWED_ROOTS": json.dumps([str(tmp_path)])}
     cmd = [*SAELECT, "serve", "--port", str(port), "--store", str(tmp_path / "store")]

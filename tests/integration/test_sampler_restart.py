@@ -11,15 +11,9 @@ ready in seconds (no scoring), so the whole test is two cold starts of the servi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,76 +21,13 @@ import numpy as np
 import pytest
 
 from client import SelectionClient, SelectionError, SelectionSampler
+from tests.integration.serve_proc import Server, free_port, patient_client
 from workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
 
-SAELECT = [sys.executable, "-m", "service.cli"]
 EPOCHS = 3
 RANK, WORLD = 1, 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live (not zombie) processes of session ``sid``: the server, its Ray daemons and the Ray
-    workers, which get process groups of their own but stay in the server's session."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _kill_session(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
-    """SIGKILL every process of ``proc``'s session (a crash of the whole service) and wait."""
-    deadline = time.monotonic() + timeout
-    while pids := _session_pids(proc.pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes {pids} of session {proc.pid} survived SIGKILL")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    proc.wait(timeout=timeout)
-
-
-class Server:
-    """`saelect serve` as a subprocess in its own session and process group, logging to a file."""
-
-    def __init__(self, cwd: Path, port: int, store: Path, env: dict[str, str]) -> None:
-        self.log = cwd / f"serve-{time.monotonic_ns()}.log"
-        cmd = [*SAELECT, "serve", "--host", "127.0.0.1", "--port", str(port)]
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [*cmd, "--store", str(store)],
-                env=env,
-                cwd=cwd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-
-    def crash(self) -> None:
-        _kill_session(self.proc)
-
-    def tail(self) -> str:
-        return self.log.read_text()[-4000:]
-
-
-def _patient_client(url: str) -> SelectionClient:
-    # a cold start (torch + Ray import, ray.init, the actor) takes ~10 s on an idle machine and
-    # several times that on a loaded one: connection errors are retried for up to ~3 minutes
-    return SelectionClient(url, retries=180, backoff=0.5, max_backoff=1.0)
 
 
 class RecordingClient(SelectionClient):
@@ -124,7 +55,7 @@ def test_sampler_waiting_in_set_epoch_gets_the_same_indices_after_a_crash_restar
                     "feature": {"kind": "pixels", "column": "image", "dim": 16}},
         "policy": {"name": "rs2", "ratio": 0.5, "epochs": EPOCHS, "seed": 7},
     }  # fmt: skip
-    port, store = _free_port(), tmp_path / "store"
+    port, store = free_port(), tmp_path / "store"
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -134,7 +65,7 @@ def test_sampler_waiting_in_set_epoch_gets_the_same_indices_after_a_crash_restar
     first = Server(tmp_path, port, store, env)
     second: Server | None = None
     try:
-        client = _patient_client(url)
+        client = patient_client(url)
         try:
             client.healthz()
         except SelectionError as exc:

@@ -18,11 +18,16 @@ import httpx
 import numpy as np
 import pytest
 import ray
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 
 from client import SelectionClient
 from service.server import ServiceHandle, start_service
 from service.settings import Settings
 from tests.bad_requests import bad_requests
+from tests.fuzz import aim_at_a_job, fuzz_config
 from workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
@@ -331,3 +336,41 @@ def test_infobatch_weights_are_served_aligned_with_the_indices(
         assert np.all(w[~low] == 1.0)
         assert np.all(w[low] > 1.0) and low.any()
     client.delete(job)
+
+
+REAL_EXAMPLES = 6
+"""Fuzzed cases per operation against the real service (the fake-backend run does more)."""
+
+
+def test_schemathesis_against_the_real_service(
+    service: ServiceHandle, ready_job: tuple[SelectionClient, str]
+) -> None:
+    """schemathesis on the SelectionActor's uvicorn, every operation of /openapi.json with a
+    few positive and negative cases: no 5xx, every answer matches its schema; half the cases
+    aim at the module's ready job (never a DELETE of it)."""
+    config = fuzz_config(examples=REAL_EXAMPLES, seed=3, coverage=False)
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json", config=config)
+    job = ready_job[1]
+    labels = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        labels.append(operation.label)
+        cases = st.one_of(
+            operation.as_strategy(GenerationMode.POSITIVE),
+            operation.as_strategy(GenerationMode.NEGATIVE),
+        )
+
+        @given(case=cases)
+        @settings(
+            max_examples=REAL_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(case: Any) -> None:
+            aim_at_a_job(case, [job])
+            case.call_and_validate(timeout=60)
+
+        check()
+    assert len(labels) >= 10 and "GET /v1/jobs/{job_id}/epochs/{epoch}/indices" in labels

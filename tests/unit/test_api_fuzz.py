@@ -14,53 +14,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 import tempfile
-import zlib
 from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.config import SchemathesisConfig
 
 from service.app import create_app
-from service.routes import JOB_ID_PATTERN
 from service.settings import Settings
 from service.specs import job_spec_from_dict
+from tests.fuzz import aim_at_a_job, fuzz_config
 from tests.unit.fakes import FakeBackend
 
 TOKEN = "fuzz-token"
 EXAMPLES = 10
 """Fuzzed examples per operation (plus the examples and coverage phases' own cases)."""
-DOCUMENTED_REFUSALS = ["2XX", "400", "404", "409", "413", "429"]
-"""What a schema-valid request may get: the schema cannot say that a job id is unknown, that
-``rank < world_size``, that a dataset lies under the allowed roots or that a job is not ready."""
 JOBS = {"fuzz-factor": "factor", "fuzz-ucb": "ucb"}
-
-
-def fuzz_config(*, seed: int = 1, coverage: bool = True) -> SchemathesisConfig:
-    """Seeded, bounded, with the refusals a schema-valid request may get."""
-    return SchemathesisConfig.from_dict(
-        {
-            "seed": seed,
-            "generation": {"max-examples": EXAMPLES},
-            "phases": {"coverage": {"enabled": coverage}, "stateful": {"enabled": False}},
-            "checks": {"positive_data_acceptance": {"expected-statuses": DOCUMENTED_REFUSALS}},
-        }
-    )
-
-
-def aim_at_a_job(case: Any, job_ids: list[str]) -> None:
-    """Point half the cases with a valid ``job_id`` (never a DELETE) at one of ``job_ids``; an
-    invalid id is what a negative case tests, so it stays."""
-    params = case.path_parameters or {}
-    if "job_id" not in params or case.method.upper() == "DELETE":
-        return
-    if not re.fullmatch(JOB_ID_PATTERN, str(params["job_id"])):
-        return
-    h = zlib.crc32(repr((case.method, case.path, params, case.query, case.body)).encode())
-    if h % 2:
-        params["job_id"] = job_ids[(h >> 1) % len(job_ids)]
 
 
 ROOT = tempfile.mkdtemp(prefix="saelect-fuzz-")
@@ -95,7 +64,7 @@ def ensure_jobs() -> None:
         BACKEND.jobs[job_id] = job
 
 
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=fuzz_config())
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=fuzz_config(examples=EXAMPLES))
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -108,7 +77,7 @@ def test_fuzz_with_the_token(case: Any) -> None:
 
 
 unauth = schemathesis.openapi.from_asgi(
-    "/openapi.json", APP, config=fuzz_config(seed=2, coverage=False)
+    "/openapi.json", APP, config=fuzz_config(examples=EXAMPLES, seed=2, coverage=False)
 )
 
 

@@ -13,6 +13,7 @@ generated block of docs/scaling.md and, with --json, to a file.
     .venv/bin/python benchmarks/jobs_bench.py                   # 20k rows, writes docs/
     PYTHONPATH=/tmp/old .venv/bin/python benchmarks/jobs_bench.py --no-doc --json /tmp/old.json
     .venv/bin/python benchmarks/jobs_bench.py --baseline-json /tmp/old.json
+    .venv/bin/python benchmarks/jobs_bench.py --n 60000 --jobs 1 --policies rs2 --no-gpu-row
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 Path(tmp) / "train.parquet", data.images[: args.n], data.labels[: args.n]
             )
         )
-        for jobs, gpus in [(c, 0) for c in args.jobs] + [(1, 2)]:
+        runs = [(c, 0) for c in args.jobs] + ([] if args.no_gpu_row else [(1, 2)])
+        for jobs, gpus in runs:
             row = one_run(uri, jobs, gpus, Path(tmp) / f"store-{jobs}-{gpus}", args.timeout)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -220,7 +222,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--baseline-json", type=Path, default=None)
     p.add_argument("--baseline-label", default="shard actors, before")
     p.add_argument("--no-doc", action="store_true")
+    p.add_argument(
+        "--policies",
+        default=None,
+        help="comma-separated policy names to create instead of the default five, in order "
+        "(e.g. rs2 for the seconds to ready of a score-free job); implies --no-doc",
+    )
+    p.add_argument("--no-gpu-row", action="store_true", help="skip the 2-logical-GPU run")
     args = p.parse_args(argv)
+    if args.policies:
+        known: dict[str, dict[str, Any]] = {}
+        for name, params in POLICIES:
+            known.setdefault(name, params)  # `factor`: its defaults, not the literal form
+        names = [x for x in args.policies.split(",") if x]
+        unknown = [x for x in names if x not in known]
+        if unknown:
+            p.error(f"unknown policies {unknown}; known: {sorted(known)}")
+        POLICIES[:] = [(x, known[x]) for x in names]
+        args.no_doc = True
     result = run(args)
     if args.baseline_json is not None:
         base = json.loads(args.baseline_json.read_text())

@@ -648,7 +648,7 @@ class JobManager:
         log.info("job %s: deleted", job_id)
 
 
-LATE_FEATURE_FIELDS = ("image_shape",)
+LATE_FEATURE_FIELDS = ("image_shape", "model", "weights", "library", "image_size")
 """FeatureSpec fields added after stores existed: `scoring_key` leaves them out while None."""
 
 

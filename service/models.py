@@ -19,7 +19,7 @@ class _Strict(BaseModel):
 class FeatureModel(_Strict):
     """How to turn a row into a feature vector (``workers.features.FeatureSpec``)."""
 
-    kind: Literal["column", "pixels", "selfsup", "text", "module"]
+    kind: Literal["column", "pixels", "selfsup", "text", "module", "image_model"]
     column: str = Field(min_length=1, description="source column in the Parquet data")
     dim: int | None = Field(
         default=None, ge=1, description="pixels: PCA output dim; selfsup: encoder output dim"
@@ -34,6 +34,25 @@ class FeatureModel(_Strict):
         max_length=3,
         description="selfsup kind: (C, H, W) of the flattened channel-first images; "
         "default (1, s, s) or (3, s, s) from the row length",
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="image_model: backbone name, or a local transformers model directory; "
+        "text: sentence-transformers model name or local directory (default: packaged MiniLM)",
+    )
+    weights: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="image_model (timm, torchvision): local weights file under an allowed root",
+    )
+    library: Literal["timm", "torchvision", "transformers"] | None = Field(
+        default=None, description="image_model: where the backbone comes from (default timm)"
+    )
+    image_size: int | None = Field(
+        default=None, ge=8, le=4096, description="image_model: resize side (default 224)"
     )
 
 

@@ -211,6 +211,34 @@ def validate_dataset_uri(uri: str, allowed_roots: Sequence[str]) -> str:
     )
 
 
+def _local_path(value: str) -> bool:
+    """Whether a feature ``model`` names a local path (else a name in a local model cache)."""
+    return os.path.isabs(value) or value.startswith((".", "~")) or os.path.exists(value)
+
+
+def check_model_files(feature: FeatureSpec, allowed_roots: Sequence[str]) -> None:
+    """Refuse a feature ``weights`` file, or a ``model`` that is a local path, outside every
+    allowed root (the service reads them on its workers, as it reads the dataset).
+
+    Raises
+    ------
+    InvalidRequest
+        Naming the field, for ``..`` segments or a location outside the allowed roots.
+    """
+    for name in ("weights", "model"):
+        value = getattr(feature, name)
+        if value is None or (name == "model" and not _local_path(value)):
+            continue
+        if _is_uri(value) or ".." in value.replace("\\", "/").split("/"):
+            raise InvalidRequest(f"dataset.feature.{name} must be a local path without '..'")
+        target = _canonical(value)
+        if not any(_under(target, _canonical(root)) for root in allowed_roots):
+            raise InvalidRequest(
+                f"dataset.feature.{name} {value!r} is outside the allowed roots "
+                f"{list(allowed_roots)}; set SAELECT_ALLOWED_ROOTS to allow it"
+            )
+
+
 def check_module_allowed(module: str | None, allowed_modules: Sequence[str]) -> None:
     """Refuse a ``module`` extractor unless allow-listed.
 
@@ -254,6 +282,7 @@ def job_spec_from_dict(
     uri = validate_dataset_uri(spec.dataset.uri, allowed_roots)
     if spec.dataset.feature.kind == "module":
         check_module_allowed(spec.dataset.feature.module, allowed_modules)
+    check_model_files(spec.dataset.feature, allowed_roots)
     return dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, uri=uri))
 
 

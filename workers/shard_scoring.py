@@ -114,13 +114,14 @@ def pick_device() -> str:
 
 
 def column_values(table: pa.Table, spec: FeatureSpec) -> Any:
-    """The raw input of an extractor: list[str] for ``text``, else an ndarray (n, ...)."""
+    """The raw input of an extractor: list[str] for ``text``, a list of encoded images
+    (``{"bytes", "path"}`` dicts or bytes) for ``image_model``, else an ndarray (n, ...)."""
     if spec.column not in table.column_names:
         raise ValueError(f"feature column {spec.column!r} not in {table.column_names}")
-    if spec.kind == "text":
+    if spec.kind in ("text", "image_model"):
         values = table[spec.column].to_pylist()
         if any(v is None for v in values):
-            raise ValueError(f"text column {spec.column!r} has null values")
+            raise ValueError(f"{spec.kind} column {spec.column!r} has null values")
         return values
     return column_to_numpy(table, spec.column)
 

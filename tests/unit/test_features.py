@@ -402,8 +402,9 @@ def test_scoring_key_of_existing_kinds_ignores_the_new_field() -> None:
     spec = JobSpec(
         "a", DatasetSpec("/data/x.parquet", feature, "label"), PolicyConfig("full", 1, 2)
     )
-    # the key as computed before FeatureSpec had image_shape
-    old_feature = {k: v for k, v in dataclasses.asdict(feature).items() if k != "image_shape"}
+    # the key as computed before FeatureSpec had image_shape (and model, weights, library...)
+    original = ("kind", "column", "dim", "module", "batch_size")
+    old_feature = {k: v for k, v in dataclasses.asdict(feature).items() if k in original}
     doc = {
         "uri": spec.dataset.uri,
         "feature": old_feature,

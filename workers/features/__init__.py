@@ -20,6 +20,7 @@ from workers.features.base import (
     column_to_numpy,
 )
 from workers.features.column import ColumnExtractor
+from workers.features.image_model import ImageModelExtractor
 from workers.features.module import ModuleExtractor
 from workers.features.pixels import PixelsExtractor
 from workers.features.selfsup import SELFSUP_DIM, SelfSupExtractor
@@ -34,6 +35,7 @@ __all__ = [
     "ColumnExtractor",
     "Extractor",
     "FeatureSpec",
+    "ImageModelExtractor",
     "ModuleExtractor",
     "PixelsExtractor",
     "SelfSupExtractor",
@@ -49,6 +51,7 @@ EXTRACTORS: dict[str, type] = {
     "selfsup": SelfSupExtractor,
     "text": TextExtractor,
     "module": ModuleExtractor,
+    "image_model": ImageModelExtractor,
 }
 """Extractor class by `FeatureSpec.kind`."""
 

@@ -30,10 +30,12 @@ __all__ = [
     "require_fitted",
 ]
 
-KINDS = ("column", "pixels", "selfsup", "text", "module")
+KINDS = ("column", "pixels", "selfsup", "text", "module", "image_model")
 """Extractor kinds (the registry `workers.features.EXTRACTORS` has one class per kind)."""
 DEFAULT_PIXELS_DIM = 256
 """PCA output dim of the ``pixels`` extractor when the spec gives none."""
+IMAGE_LIBRARIES = ("timm", "torchvision", "transformers")
+"""Where an ``image_model`` backbone comes from (``FeatureSpec.library``)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class FeatureSpec:
 
     kind: str
     """Extractor: ``column`` (vectors as stored), ``pixels`` (standardize + PCA), ``selfsup``
-    (a small conv encoder trained contrastively on the fit sample), ``text`` (MiniLM-L6 sentence
-    embedding, 384-d) or ``module`` (a user's torch module)."""
+    (a small conv encoder trained contrastively on the fit sample), ``text`` (a
+    sentence-transformers model; the packaged MiniLM-L6 by default), ``module`` (a user's torch
+    module) or ``image_model`` (a timm, torchvision or transformers backbone on encoded
+    images)."""
     column: str
     """Source column in the Parquet data."""
     dim: int | None = None
@@ -60,6 +64,18 @@ class FeatureSpec:
     image_shape: tuple[int, int, int] | None = None
     """``selfsup`` only: (C, H, W) of the images, each row being the flattened channel-first
     array; None infers (1, s, s) from s^2 values per row or (3, s, s) from 3 s^2."""
+    model: str | None = None
+    """``image_model``: the backbone, by its library's name (``resnet50``) or, for
+    ``transformers``, a local model directory or a name in the local Hugging Face cache.
+    ``text``: a sentence-transformers model name (local cache) or local directory; None: the
+    packaged MiniLM-L6."""
+    weights: str | None = None
+    """``image_model`` (timm, torchvision): a local weights file (``.safetensors``, ``.pth``,
+    ``.pt``, ``.bin``); None: the library's pretrained weights from its local cache."""
+    library: str | None = None
+    """``image_model``: one of ``IMAGE_LIBRARIES`` (default ``timm``)."""
+    image_size: int | None = None
+    """``image_model``: images are resized to image_size x image_size (default 224)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -86,6 +102,7 @@ class FeatureSpec:
             if self.kind != "selfsup":
                 raise ValueError(f"image_shape applies to kind 'selfsup' only, not {self.kind!r}")
             object.__setattr__(self, "image_shape", tuple(int(v) for v in shape))  # list -> tuple
+        self._check_model_fields()
         if self.kind == "module":
             if not self.module or ":" not in self.module:
                 raise ValueError(
@@ -94,6 +111,33 @@ class FeatureSpec:
             mod, _, attr = self.module.partition(":")
             if not mod or not attr:
                 raise ValueError(f"module must look like 'pkg.mod:factory', got {self.module!r}")
+
+    def _check_model_fields(self) -> None:
+        """``model``, ``weights``, ``library``, ``image_size``: only where they apply."""
+        given = {
+            k: getattr(self, k)
+            for k in ("model", "weights", "library", "image_size")
+            if getattr(self, k) is not None
+        }
+        allowed = {"image_model": set(given), "text": {"model"}}.get(self.kind, set())
+        extra = sorted(set(given) - allowed)
+        if extra:
+            raise ValueError(f"feature field(s) {extra} do not apply to kind {self.kind!r}")
+        for key in ("model", "weights"):
+            value = given.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"feature {key} must be a non-empty string, got {value!r}")
+        if self.kind != "image_model":
+            return
+        if not self.model:
+            raise ValueError("kind 'image_model' needs model (a backbone name or directory)")
+        if self.library is not None and self.library not in IMAGE_LIBRARIES:
+            raise ValueError(f"library must be one of {IMAGE_LIBRARIES}, got {self.library!r}")
+        if self.library == "transformers" and self.weights is not None:
+            raise ValueError("library 'transformers' reads its weights from the model directory")
+        size = self.image_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
+            raise ValueError(f"image_size must be None or an int >= 8, got {size!r}")
 
 
 @runtime_checkable

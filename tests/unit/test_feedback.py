@@ -188,3 +188,29 @@ def test_report_checks_lengths(served: tuple[str, FakeBackend]) -> None:
         pytest.raises(ValueError, match="differ in length"),
     ):
         FeedbackReporter(c, "job-0").report([1, 2], [0.5])
+
+
+def test_a_resumed_reporter_continues_the_keys(served: tuple[str, FakeBackend]) -> None:
+    """A trainer checkpoints (flush + state), posts 2 more batches, crashes; its resumed self
+    re-trains those 2 batches: the service applies each of their losses once."""
+    url, backend = served
+    batches = [np.arange(8 * b, 8 * b + 8) for b in range(6)]
+    with SelectionClient(url, token=TOKEN) as c:
+        job = c.create_job(SPEC)["id"]
+        first = FeedbackReporter(c, job, rank=1, world_size=2, epoch=1, post_samples=8)
+        for b in batches[:3]:
+            first.report(b, loss_of(b, 1))
+        first.flush()
+        ckpt = first.state_dict()
+        for b in batches[3:5]:  # after the checkpoint, then the crash
+            first.report(b, loss_of(b, 1))
+        first.flush()
+        resumed = FeedbackReporter(c, job, rank=1, world_size=2, post_samples=8)
+        resumed.load_state_dict(ckpt)
+        assert resumed.state_dict() == {"epoch": 1, "seq": 3}
+        for b in batches[3:]:
+            resumed.report(b, loss_of(b, 1))
+        resumed.close()
+        assert resumed.posted == 8  # batches 3 and 4 were acknowledged as duplicates
+    got = np.concatenate([i for i, _ in backend.jobs[job].feedback[1]])
+    assert sorted(got.tolist()) == list(range(48))

@@ -13,6 +13,7 @@ demo started (stdout is a pipe, not a terminal). Two checks share that run:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import pytest
 
 from service.store import JobStore
 from tests.optional import requires_fashion_mnist
+from workers import scoring_tasks
 
 # without the data: a skip that names the install command (not a FileNotFoundError)
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fashion_mnist]
@@ -43,6 +45,24 @@ machine ("safe to ignore", says Ray): printed with its traceback, it depends on 
 load, not on saelect, so it is set aside (and counted) before the checks."""
 
 
+WORKER_EXIT_ABORT = re.compile(r"^\((\w+) pid=(\d+)\) \[mutex\.cc : \d+\] RAW: ")
+"""The first line of Ray's core-worker shutdown race: a scoring task's worker process, idle once
+its placement group is removed, aborts in abseil's mutex check while it exits ("Mutex corrupt:
+both reader and writer lock held", then SIGABRT and a stack dump). Seen in about one demo run in
+four on an overloaded machine, always after the worker's tasks had finished and their outputs
+were stored (the demo's results and the exact-share check are unaffected). It is Ray's (a race in
+core worker shutdown; see ray-project/ray pull request 58435), so that worker's lines from the
+abort on are set aside (and counted) before the checks."""
+
+SCORING_TASKS = {
+    name
+    for name, fn in vars(scoring_tasks).items()
+    if inspect.isfunction(fn) and fn.__module__ == scoring_tasks.__name__
+}
+"""The scoring pipeline's Ray task names: the only workers whose exit abort is set aside."""
+WORKER_PREFIX = re.compile(r"^\(\w+ pid=(\d+)\) ")
+
+
 @dataclass(frozen=True)
 class DemoRun:
     out_dir: Path
@@ -50,6 +70,23 @@ class DemoRun:
     lines: list[str]
     """What the demo printed (stdout and stderr), less Ray's overload notices."""
     overload_notices: int
+    worker_exit_aborts: int
+
+
+def _drop_worker_exit_aborts(lines: list[str]) -> tuple[list[str], int]:
+    """The lines without the dumps of workers that aborted while exiting (`WORKER_EXIT_ABORT`:
+    every line of that worker from its first mutex line on), and how many workers did."""
+    kept: list[str] = []
+    aborted: set[str] = set()
+    for line in lines:
+        match = WORKER_EXIT_ABORT.match(line)
+        if match and match.group(1) in SCORING_TASKS:  # an abort elsewhere stays in the log
+            aborted.add(match.group(2))
+        prefix = WORKER_PREFIX.match(line)
+        if prefix and prefix.group(1) in aborted:
+            continue
+        kept.append(line)
+    return kept, len(aborted)
 
 
 def _drop_overload_notices(lines: list[str]) -> tuple[list[str], int]:
@@ -92,7 +129,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     )
     (out_dir / "demo.log").write_text(proc.stdout)  # kept for a look after a failure
     lines, notices = _drop_overload_notices(proc.stdout.splitlines())
-    return DemoRun(out_dir, proc.returncode, lines, notices)
+    lines, aborts = _drop_worker_exit_aborts(lines)
+    return DemoRun(out_dir, proc.returncode, lines, notices, aborts)
 
 
 def test_demo_output_is_clean_with_each_epoch_line_once(demo: DemoRun) -> None:

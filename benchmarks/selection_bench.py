@@ -79,6 +79,7 @@ class Row:
     min_s: float
     broadcasts: float | None  # per epoch (select + commit); None for the in-process shard
     cpu_s: float | None = None  # median process CPU seconds per epoch (all threads)
+    cpu_ratio: float | None = None  # interleaved rows: median CPU-time ratio to the literal form
 
     @property
     def ns_per_sample(self) -> float:
@@ -347,11 +348,17 @@ def bench_interleaved(n: int, epochs: int) -> Row:
         min(times),
         ratio,
         statistics.median(b for _, b in cpu[1:] or cpu),
+        cpu_ratio,
     )
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def verdicts(rows: list[Row]) -> list[str]:
-    """The targets, each with the measured figure and whether it is met."""
+    """The targets, each with the measured figures (wall, and CPU time where the load inflates
+    the wall) and whether each part is met."""
 
     def find(form: str, n: int, classes: int | None, shards: int = 1) -> Row | None:
         for r in rows:
@@ -363,36 +370,44 @@ def verdicts(rows: list[Row]) -> list[str]:
     lit = find("literal", 10**7, None)
     full = find("default+labels+codes", 10**7, CLASSES)
     if lit is not None:
-        met = "met" if lit.median_s <= 1.0 else "NOT met"
-        out.append(f"literal form, N = 10M: {lit.median_s:.3f} s (target <= 1 s: {met})")
+        wall = lit.median_s
+        line = f"literal form, N = 10M (target <= 1 s): wall {wall:.3f} s ({_met(wall <= 1.0)})"
+        if lit.cpu_s is not None:
+            line += f"; CPU {lit.cpu_s:.3f} s ({_met(lit.cpu_s <= 1.0)})"
+        out.append(line)
     if lit is not None and full is not None:
         ratio = full.median_s / lit.median_s
-        met = "met" if ratio <= 1.5 and full.median_s <= 1.5 else "NOT met"
-        out.append(
-            f"defaults with {CLASSES} classes and codes, N = 10M: {full.median_s:.3f} s, "
-            f"{ratio:.2f}x the literal form (target <= 1.5x and <= 1.5 s: {met})"
+        line = (
+            f"defaults with {CLASSES} classes and codes, N = 10M (target <= 1.5 s and <= 1.5x "
+            f"the literal form): wall {full.median_s:.3f} s ({_met(full.median_s <= 1.5)}), "
+            f"fastest epoch {full.min_s:.3f} s, {ratio:.2f}x ({_met(ratio <= 1.5)})"
         )
+        if lit.cpu_s and full.cpu_s:
+            cpu_ratio = full.cpu_s / lit.cpu_s
+            line += (
+                f"; CPU {full.cpu_s:.3f} s ({_met(full.cpu_s <= 1.5)}), {cpu_ratio:.2f}x "
+                f"({_met(cpu_ratio <= 1.5)})"
+            )
+        out.append(line)
     pair = [r for r in rows if r.label.startswith("interleaved")]
     if pair and pair[0].broadcasts is not None:
         r = pair[0]
-        met = "met" if r.broadcasts <= 1.5 and r.median_s <= 1.5 else "NOT met"
         out.append(
             f"the same, epochs alternating with the literal form's (load changes hit both): "
-            f"{r.median_s:.3f} s, {r.broadcasts:.2f}x (target <= 1.5x and <= 1.5 s: {met})"
-        )
-    if lit is not None and full is not None and lit.cpu_s and full.cpu_s:
-        ratio = full.cpu_s / lit.cpu_s
-        met = "met" if ratio <= 1.5 and full.cpu_s <= 1.5 else "NOT met"
-        out.append(
-            f"by CPU time (load-independent, all threads): defaults {full.cpu_s:.3f} s, "
-            f"literal {lit.cpu_s:.3f} s, {ratio:.2f}x (target <= 1.5x and <= 1.5 s: {met})"
+            f"wall {r.median_s:.3f} s ({_met(r.median_s <= 1.5)}), {r.broadcasts:.2f}x "
+            f"({_met(r.broadcasts <= 1.5)})"
+            + ("" if r.cpu_s is None else f"; CPU {r.cpu_s:.3f} s ({_met(r.cpu_s <= 1.5)})")
+            + (
+                ""
+                if r.cpu_ratio is None
+                else f", {r.cpu_ratio:.2f}x by CPU time ({_met(r.cpu_ratio <= 1.5)})"
+            )
         )
     big = find("default+labels+codes", IMAGENET_N, IMAGENET_CLASSES)
     if big is not None:
-        met = "met" if big.median_s <= 1.0 else "NOT met"
         out.append(
-            f"defaults with {IMAGENET_CLASSES} classes and codes, N = {IMAGENET_N:,}: "
-            f"{big.median_s:.3f} s (target <= 1 s: {met})"
+            f"defaults with {IMAGENET_CLASSES} classes and codes, N = {IMAGENET_N:,} (target "
+            f"<= 1 s): wall {big.median_s:.3f} s ({_met(big.median_s <= 1.0)})"
         )
     return out
 

@@ -18,6 +18,8 @@ is the reference. Figures (seconds) are printed on a ``RELIABILITY`` line (run w
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ from tests.integration.serve_proc import (
     command,
     free_port,
     is_loopback,
+    kill_session,
     listening_sockets,
     patient_client,
 )
@@ -136,12 +139,18 @@ def test_serve_process_loopback_lease_and_sigkill_restarts(tmp_path: Path) -> No
 
     def start() -> SelectionClient:
         t0 = time.monotonic()
-        servers.append(Server(tmp_path, port, store, env))
+        servers.append(server := Server(tmp_path, port, store, env))
+        deadline = t0 + 300  # a cold start: ~10 s idle, several times that under load
+        while True:
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"saelect serve never answered:\n{server.tail()}")
+            try:
+                with SelectionClient(url, retries=0) as probe:
+                    probe.healthz()
+                break
+            except SelectionError:
+                time.sleep(0.5)
         client = patient_client(url)
-        try:
-            client.healthz()
-        except SelectionError as exc:
-            raise AssertionError(f"saelect serve never answered:\n{servers[-1].tail()}") from exc
         figures.setdefault("healthz_s", []).append(round(time.monotonic() - t0, 1))
         return client
 
@@ -226,3 +235,46 @@ def test_serve_process_loopback_lease_and_sigkill_restarts(tmp_path: Path) -> No
             if server.proc.poll() is None or server.pids():
                 server.crash()
     print("RELIABILITY", json.dumps(figures))
+
+
+PYTHON_API = """
+import json, os, sys
+import ray  # imported first, with the hostile environment below: Ray caches what it read
+from service.server import init_ray
+from tests.integration.serve_proc import listening_sockets, session_pids
+from ray._raylet import AuthenticationMode, get_authentication_mode
+
+assert init_ray(num_cpus=1)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def pid(self):
+        return os.getpid()
+
+probe = Probe.remote()
+ray.get(probe.pid.remote())
+print(json.dumps({"sockets": listening_sockets(session_pids(os.getsid(0))),
+                  "token": get_authentication_mode() == AuthenticationMode.TOKEN}))
+"""
+
+
+def test_python_api_after_import_ray_in_a_hostile_environment_still_binds_loopback(
+    tmp_path: Path,
+) -> None:
+    """`init_ray` from Python after ``import ray``, with ``RAY_AUTH_MODE=disabled`` and
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` in the environment: loopback and tokens all the same."""
+    env = clean_env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PYTHON_API], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        kill_session(proc)  # whatever of its Ray is left
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["token"], result
+    assert result["sockets"], result
+    exposed = [s for s in result["sockets"] if not is_loopback(s[2])]
+    assert not exposed, f"sockets off loopback: {exposed}"

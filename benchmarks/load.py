@@ -95,6 +95,7 @@ class Result:
             "server_cpu_s": self.server_cpu_s,
             "actor_cpu_s": self.actor_cpu_s,
             "load_avg_1m": self.load_avg[0],
+            "error_kinds": self.error_kinds,
         }
 
 
@@ -205,19 +206,33 @@ def _start_profile(snapshot: dict[int, tuple[float, str]], out: Path) -> subproc
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float]]:
-    """(frame, share of samples) of the ``top`` leaf frames of a collapsed-stack file."""
-    counts: dict[str, int] = {}
-    total = 0
+IDLE = ("Condition.wait", "EpollSelector.select", "Worker.main_loop", "_worker (concurrent")
+"""Leaf frames of a thread that waits (py-spy's --idle keeps them): not counted as work."""
+WATCH = ("run_in_threadpool", "solve_dependencies", "H11Protocol", "rank_indices", "Thread.start")
+"""Frames whose inclusive share of the work the report gives."""
+
+
+def summarize_profile(
+    path: Path, top: int = 12
+) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """The ``top`` leaf frames by share of the busy samples of a collapsed-stack file, and the
+    inclusive share of each frame in ``WATCH``."""
+    leaves: dict[str, int] = {}
+    inclusive = dict.fromkeys(WATCH, 0)
+    busy = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
+        frames = stack.split(";")
+        if not n.isdigit() or len(frames) < 2 or frames[-1].startswith(IDLE):
             continue
-        leaf = stack.split(";")[-1]
-        counts[leaf] = counts.get(leaf, 0) + int(n)
-        total += int(n)
-    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
-    return [(frame, n / max(total, 1)) for frame, n in ranked]
+        busy += int(n)
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(n)
+        for w in WATCH:
+            if any(f.startswith(w) for f in frames):
+                inclusive[w] += int(n)
+    ranked = sorted(leaves.items(), key=lambda kv: -kv[1])[:top]
+    total = max(busy, 1)
+    return [(f, k / total) for f, k in ranked], {w: k / total for w, k in inclusive.items()}
 
 
 def _epochs_computed(url: str) -> float:
@@ -438,8 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd += f" --procs {args.procs}"
     text = report(results, cmd, time.perf_counter() - start)
     if args.profile and Path(args.profile).exists():
-        rows = summarize_profile(Path(args.profile))
-        text += "\nSelectionActor leaf frames (py-spy, share of samples, idle included):\n\n"
+        rows, inclusive = summarize_profile(Path(args.profile))
+        text += "\nSelectionActor, busy samples (py-spy): inclusive "
+        text += ", ".join(f"`{w}` {share:.1%}" for w, share in inclusive.items())
+        text += "; top leaf frames:\n\n"
         text += "\n".join(f"- {share:.1%} `{frame}`" for frame, share in rows) + "\n"
     print(text)
     if args.out:

@@ -144,6 +144,10 @@ def actor_placement(settings: Settings) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
 
 
+KEEP_ALIVE_S = 75
+"""Seconds uvicorn keeps an idle connection open (its default, 5, races busy clients)."""
+
+
 def server_config(app: Any, settings: Settings, **overrides: Any) -> Any:
     """The ``uvicorn.Config`` the SelectionActor serves ``app`` with: host, port, quiet logs, and
     HTTPS when ``settings.tls_cert``/``tls_key`` are set (uvicorn's ``ssl_certfile`` and
@@ -168,6 +172,10 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> Any:
         "log_level": "warning",
         "lifespan": "off",
         "access_log": False,
+        # uvicorn closes a connection idle for 5 s by default: a rank whose next request races
+        # that close gets "server disconnected" (1024 ranks lost 27 % of their fetches so,
+        # docs/benchmarks_load.md); ranks idle for a whole epoch reconnect anyway
+        "timeout_keep_alive": KEEP_ALIVE_S,
         **tls,
     }
     kw.update(overrides)

@@ -1,8 +1,11 @@
 """HTTP routes, one router per resource, and the dependencies they share.
 
 Routes stay thin: they validate and convert the request, call the ``Backend``, and shape the
-answer. Errors are raised as ``service.errors`` exceptions; the app turns them into
-``{"error": {"code", "message"}}`` answers.
+answer. Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in a worker
+thread, a thread hop per dependency per request that cost the load benchmark a sixth of the
+SelectionActor's event-loop time (docs/benchmarks_load.md). Errors are raised as
+``service.errors`` exceptions; the app turns them into ``{"error": {"code", "message"}}``
+answers.
 """
 
 from __future__ import annotations
@@ -21,25 +24,25 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 """Job ids are path-safe: letters, digits, ``_`` and ``-``."""
 
 
-def get_backend(request: Request) -> Backend:
+async def get_backend(request: Request) -> Backend:
     """The app's Backend (``app.state.backend``)."""
     backend: Backend = request.app.state.backend
     return backend
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's Settings (``app.state.settings``)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     """The app's metrics registry (``app.state.metrics``)."""
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     """Check ``Authorization: Bearer <token>`` in constant time when a token is configured.
 
     Raises
@@ -47,7 +50,7 @@ def require_token(request: Request) -> None:
     Unauthorized
         When the header is missing, malformed, or carries another token.
     """
-    check_token(get_settings(request).token, request.headers.get("authorization"))
+    check_token(request.app.state.settings.token, request.headers.get("authorization"))
 
 
 def check_token(token: str | None, header: str | None) -> None:
@@ -69,17 +72,17 @@ def check_token(token: str | None, header: str | None) -> None:
         raise Unauthorized("invalid API token")
 
 
-def require_token_for_metrics(request: Request) -> None:
+async def require_token_for_metrics(request: Request) -> None:
     """The token check of ``/metrics``, skipped when ``Settings.metrics_open``."""
-    if not get_settings(request).metrics_open:
-        require_token(request)
+    if not request.app.state.settings.metrics_open:
+        await require_token(request)
 
 
-def require_token_for_docs(request: Request) -> None:
+async def require_token_for_docs(request: Request) -> None:
     """The token check of ``/docs``, ``/redoc`` and ``/openapi.json``, skipped when
     ``Settings.docs_open``."""
-    if not get_settings(request).docs_open:
-        require_token(request)
+    if not request.app.state.settings.docs_open:
+        await require_token(request)
 
 
 def check_world_size(world_size: int, settings: Settings) -> None:

@@ -13,11 +13,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv data test test-unit demo bench lint clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares version ranges; constraints.txt holds the exact versions installed here.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev,text]"
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[service,dev,text]"
 	touch $(STAMP)
 
 venv: $(STAMP)

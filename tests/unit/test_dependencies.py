@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,61 @@ def test_importing_every_workers_module_leaves_service_unloaded() -> None:
         for p in sorted((ROOT / "workers").rglob("*.py"))
     ]
     assert "service" not in _loaded_after_import(*modules)
+
+
+def _requirements() -> tuple[list[str], dict[str, list[str]]]:
+    """pyproject.toml's base requirements and its extras."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project["dependencies"]), dict(project["optional-dependencies"])
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\[=<>!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_base_install_is_a_trainers_ranges_without_ray_or_plotting() -> None:
+    """A remote trainer's ``pip install saelect`` pins nothing and brings no service stack;
+    `make venv` gets the exact versions from constraints.txt, one for every requirement."""
+    base, extras = _requirements()
+    assert {_name(r) for r in base} == {"numpy", "httpx"}, base
+    for req in base + [r for reqs in extras.values() for r in reqs]:
+        assert "==" not in req and "===" not in req, f"exact pin in pyproject.toml: {req}"
+    service = {_name(r) for r in extras["service"]}
+    assert {"ray", "torch", "matplotlib", "fastapi"} <= service
+    pins = {
+        _name(line.split("==")[0])
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    wanted = {_name(r) for r in base + extras["service"] + extras["dev"] + extras["text"]}
+    assert wanted <= pins, sorted(wanted - pins)
+    makefile = (ROOT / "Makefile").read_text()
+    assert '-c constraints.txt -e ".[service,dev,text]"' in makefile
+
+
+def test_client_imports_only_what_the_base_install_brings() -> None:
+    """Every module of ``client`` imports, at its top level, only the standard library, numpy,
+    httpx and ``client`` itself; ray (the Ray helpers) loads inside functions. The one exception
+    is ``client.sampler`` (a torch ``Sampler``: the trainer's torch, or the ``sampler`` extra),
+    which ``client`` loads on first use of ``SelectionSampler``."""
+    base = set(sys.stdlib_module_names) | {"numpy", "httpx", "client", "__future__"}
+    offenders = {}
+    for path in sorted((ROOT / "client").glob("*.py")):
+        allowed = base | ({"torch"} if path.name == "sampler.py" else set())
+        tree = ast.parse(path.read_text(), filename=str(path))
+        top = set()
+        for node in tree.body:  # module level only; TYPE_CHECKING blocks never run
+            if isinstance(node, ast.Import):
+                top.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                top.add(node.module.split(".")[0])
+        if top - allowed:
+            offenders[path.name] = sorted(top - allowed)
+    assert offenders == {}
+
+
+def test_client_and_its_feedback_load_no_ray_matplotlib_or_torch() -> None:
+    loaded = _loaded_after_import("client", "client.http", "client.feedback", "client.errors")
+    assert not loaded & {"ray", "matplotlib", "torch", "service", "workers"}, loaded

@@ -60,12 +60,19 @@ def _project() -> dict[str, Any]:
 
 
 def _pins() -> dict[str, str]:
-    """Dependency name -> its requirement string, from pyproject.toml."""
-    return {re.split(r"[\[=<>]", d)[0]: d for d in _project()["dependencies"]}
+    """Package name -> its exact version, from constraints.txt (what `make venv` installs)."""
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+
+def _service_requirements() -> list[str]:
+    """Names of pyproject.toml's base and ``service`` requirements, in order."""
+    reqs = _project()["dependencies"] + _project()["optional-dependencies"]["service"]
+    return [re.split(r"[\[=<>]", d)[0] for d in reqs]
 
 
 def _pinned_version(name: str) -> str:
-    return _pins()[name].split("==")[1]
+    return _pins()[name]
 
 
 def _compose() -> dict[str, Any]:
@@ -272,11 +279,12 @@ def test_dockerfile_builds_cpu_and_gpu_from_the_ray_image_of_our_versions() -> N
     )
     # the project from the build context, never from a package index
     src = "/home/ray/saelect"
-    assert f"COPY --chown=ray:users pyproject.toml README.md {src}/" in text
+    assert f"COPY --chown=ray:users pyproject.toml README.md constraints.txt {src}/" in text
     for package in ("service", "workers", "client"):
         assert f"COPY --chown=ray:users {package} {src}/{package}" in text
     assert text.index("COPY") < text.index(f"WORKDIR {src}") < text.index("pip install")
-    assert "pip install --no-cache-dir ." in text and "pip install saelect" not in text
+    assert 'pip install --no-cache-dir -c constraints.txt ".[service]"' in text
+    assert "pip install saelect" not in text
     assert re.search(r"^USER 1000:100$", text, re.M)
     assert _dockerfile_cmd()[:2] == ["saelect", "serve"]
     assert str(API_PORT) in re.search(r"^EXPOSE (.*)$", text, re.M).group(1).split()  # type: ignore[union-attr]
@@ -301,7 +309,8 @@ def test_image_tags_agree_everywhere() -> None:
 
 def test_runtime_env_installs_the_project_dependencies_without_ray() -> None:
     env = yaml.safe_load((DEPLOY / "runtime-env.yaml").read_text())
-    wanted = [d for d in _project()["dependencies"] if not d.startswith("ray")]
+    pins = _pins()
+    wanted = [f"{name}=={pins[name]}" for name in _service_requirements() if name != "ray"]
     assert env["pip"]["packages"] == wanted
     image_env = yaml.safe_load((DEPLOY / "runtime-env-image.yaml").read_text())
     assert "pip" not in image_env and "working_dir" not in image_env  # given by --working-dir

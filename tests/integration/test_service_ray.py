@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 import ray
 import schemathesis
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from client import SelectionClient
+from client import SelectionClient, SelectionSampler
+from client.feedback import post_feedback
 from service.server import ServiceHandle, start_service
 from service.settings import Settings
 from tests.bad_requests import bad_requests
@@ -336,6 +338,40 @@ def test_infobatch_weights_are_served_aligned_with_the_indices(
         assert np.all(w[~low] == 1.0)
         assert np.all(w[low] > 1.0) and low.any()
     client.delete(job)
+
+
+def test_feedback_reporter_posts_each_loss_once_to_the_real_service(
+    service: ServiceHandle, data_dir: Path
+) -> None:
+    """Keyed posts through the SelectionActor: two ranks report in batches with `sampler.report`,
+    a repeated key is acknowledged without being applied, and the next epoch (indices and
+    weights) equals that of a twin job given the same losses by plain posts."""
+    client = SelectionClient(service.url)
+    spec = _spec(data_dir, name="infobatch", ratio=0.5, epochs=3)
+    keyed, plain = (client.create_job(spec)["id"] for _ in range(2))
+    for job in (keyed, plain):
+        client.wait_ready(job, timeout=300, poll=0.2)
+    for rank in range(2):
+        sampler = SelectionSampler(client, keyed, rank=rank, world_size=2)
+        sampler.set_epoch(0)
+        idx = sampler.indices()
+        for b in range(0, idx.size, 64):
+            sampler.report(torch.from_numpy(idx[b : b + 64]), (idx[b : b + 64] % 10) * 1.0)
+        sampler.feedback.close()  # every post acknowledged (no epoch 1 asked for yet)
+        assert sampler.feedback.posted == idx.size
+        client.feedback(plain, 0, idx, (idx % 10).astype(np.float32))
+    again = post_feedback(client, keyed, 0, idx[:64], np.zeros(64), rank=1, seq=0)
+    assert again == {"epoch": 0, "count": 64, "duplicate": True}
+    for rank in range(2):
+        np.testing.assert_array_equal(
+            client.indices(keyed, 1, rank, 2), client.indices(plain, 1, rank, 2)
+        )
+        np.testing.assert_array_equal(
+            client.weights(keyed, 1, rank, 2), client.weights(plain, 1, rank, 2)
+        )
+    assert (client.weights(keyed, 1, 0, 2) > 1).any()
+    for job in (keyed, plain):
+        client.delete(job)
 
 
 REAL_EXAMPLES = 6

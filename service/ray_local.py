@@ -50,20 +50,21 @@ def prepare_embedded_env() -> None:
     if "ray" not in sys.modules:
         return
     from ray._private import ray_constants
-    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from ray._raylet import Config  # type: ignore[attr-defined]
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # read by services.get_node_ip_address
-    if get_authentication_mode() != AuthenticationMode.TOKEN:
+    if not is_token_auth_enabled():
         Config.initialize("")  # re-read RAY_AUTH_MODE (what Ray's own token set-up does)
 
 
 def check_embedded() -> None:
     """Raise RuntimeError unless the connected (embedded) Ray is on loopback with tokens."""
     import ray
-    from ray._raylet import AuthenticationMode, get_authentication_mode
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     ip = ray.util.get_node_ip_address()
     if ip != LOOPBACK:
         raise RuntimeError(f"the embedded Ray node has address {ip}, not {LOOPBACK}")
-    if get_authentication_mode() != AuthenticationMode.TOKEN:
+    if not is_token_auth_enabled():
         raise RuntimeError("the embedded Ray runs without token authentication")

@@ -4,6 +4,11 @@ The environment variables must be set before ``ray`` is imported anywhere in the
 are set here, at collection time. A module that needs a different cluster (the simulated two-node
 cluster) uses its own fixture; `ray_local` shuts Ray down at the end of each module so the next
 module starts from a clean process state.
+
+``RAY_AUTH_MODE=disabled`` applies to the Rays these tests start themselves (in this process, or
+with ``ray start``). The embedded Ray of a `saelect serve` the tests start ignores it and runs
+with token authentication on loopback (`service/ray_local.py`,
+`tests/integration/test_serve_process.py`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The job manager on local Ray, without HTTP: lifecycle log lines, and one unreadable stored job
-that fails alone while the others resume.
+"""The job manager on local Ray, without HTTP: lifecycle log lines, one unreadable stored job
+that fails alone while the others resume, and keyed feedback applied once across a restart.
 
 Jobs use score-free policies (`rs2`, `ucb`) on scikit-learn digits, so each is ready in a second
 or two.
@@ -171,3 +171,39 @@ def test_a_corrupt_file_fails_its_own_job_and_a_corrupt_scoring_is_recomputed(
         asyncio.run(second())
     assert any("codes.npz" in r.getMessage() and "recomputing" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def _losses(idx: np.ndarray) -> np.ndarray:
+    return (idx % 11).astype(np.float32) / 11.0
+
+
+def test_repeated_keys_apply_once_across_a_restart(digits_uri: str, tmp_path: Path) -> None:
+    """Keyed feedback: a repeated (rank, epoch, seq) is acknowledged without being applied, also
+    after a restart, so the next epoch equals that of a run that received each post once."""
+    async def run(store: str, repeat: bool) -> np.ndarray:
+        manager = JobManager(JobStore(store))
+        job = (await manager.create_job(_spec(digits_uri, "ucb"))).id
+        await manager.wait_ready(job, timeout=120)
+        idx = await manager.epoch_indices(job, 0, 0, 1)
+        halves = np.array_split(idx, 2)
+        applied = [
+            await manager.feedback(job, 0, h, _losses(h), (0, s)) for s, h in enumerate(halves)
+        ]
+        assert applied == [True, True]
+        if repeat:  # a client retrying both posts whose answers it lost
+            assert await manager.feedback(job, 0, halves[0], _losses(halves[0]), (0, 0)) is False
+            await manager.close()
+            manager = JobManager(JobStore(store))  # the service restarts
+            assert await manager.resume() == [job]
+            await manager.wait_ready(job, timeout=120)
+            assert await manager.feedback(job, 0, halves[1], _losses(halves[1]), (0, 1)) is False
+            assert await manager.feedback(job, 0, halves[1], _losses(halves[1]), (1, 1)) is True
+        else:
+            assert await manager.feedback(job, 0, halves[1], _losses(halves[1]), (1, 1)) is True
+        out = await manager.epoch_indices(job, 1, 0, 1)
+        await manager.close()
+        return out
+
+    once = asyncio.run(run(str(tmp_path / "once"), repeat=False))
+    repeated = asyncio.run(run(str(tmp_path / "repeated"), repeat=True))
+    np.testing.assert_array_equal(repeated, once)

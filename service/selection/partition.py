@@ -58,6 +58,10 @@ def rank_slice(values: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """
     _check(world_size, rank)
     values = np.asarray(values)
-    length = per_rank_length(values.shape[0], world_size)
-    padded = np.resize(values, length * world_size)  # repeats the head cyclically
-    return padded[rank::world_size]
+    m = values.shape[0]
+    length = per_rank_length(m, world_size)
+    if m == 0:
+        return values[:0].copy()
+    # position i of the padded order is values[i % m] (the head repeated cyclically, as
+    # np.resize pads); only this rank's positions are gathered: O(m / W), not O(m), per request
+    return values[np.arange(rank, length * world_size, world_size) % m]

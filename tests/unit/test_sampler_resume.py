@@ -31,6 +31,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     StatefulDataLoader = None
 
+# torchdata 0.11 calls torch.set_vital, which torch 2.13 marks deprecated
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+
 requires_torchdata = pytest.mark.skipif(
     StatefulDataLoader is None,
     reason="torchdata is not installed: pip install -e '.[dev]' (it brings torchdata)",

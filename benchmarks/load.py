@@ -22,7 +22,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import signal
 import socket
@@ -38,6 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from load_report import report, summarize_profile, write_page  # noqa: E402
 
 RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
@@ -94,6 +96,9 @@ class Result:
             "client_cpu_s": self.client_cpu_s,
             "server_cpu_s": self.server_cpu_s,
             "actor_cpu_s": self.actor_cpu_s,
+            "actor_ms_per_req": 1e3
+            * self.actor_cpu_s
+            / max(1, self.latencies_s.size + self.errors),
             "load_avg_1m": self.load_avg[0],
             "error_kinds": self.error_kinds,
         }
@@ -204,35 +209,6 @@ def _start_profile(snapshot: dict[int, tuple[float, str]], out: Path) -> subproc
     cmd = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
     cmd += ["--idle", "--threads", "--nonblocking", "--output", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-IDLE = ("Condition.wait", "EpollSelector.select", "Worker.main_loop", "_worker (concurrent")
-"""Leaf frames of a thread that waits (py-spy's --idle keeps them): not counted as work."""
-WATCH = ("run_in_threadpool", "solve_dependencies", "H11Protocol", "rank_indices", "Thread.start")
-"""Frames whose inclusive share of the work the report gives."""
-
-
-def summarize_profile(
-    path: Path, top: int = 12
-) -> tuple[list[tuple[str, float]], dict[str, float]]:
-    """The ``top`` leaf frames by share of the busy samples of a collapsed-stack file, and the
-    inclusive share of each frame in ``WATCH``."""
-    leaves: dict[str, int] = {}
-    inclusive = dict.fromkeys(WATCH, 0)
-    busy = 0
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        frames = stack.split(";")
-        if not n.isdigit() or len(frames) < 2 or frames[-1].startswith(IDLE):
-            continue
-        busy += int(n)
-        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(n)
-        for w in WATCH:
-            if any(f.startswith(w) for f in frames):
-                inclusive[w] += int(n)
-    ranked = sorted(leaves.items(), key=lambda kv: -kv[1])[:top]
-    total = max(busy, 1)
-    return [(f, k / total) for f, k in ranked], {w: k / total for w, k in inclusive.items()}
 
 
 def _epochs_computed(url: str) -> float:
@@ -368,49 +344,13 @@ def run_pass(
     )
 
 
-def report(results: list[Result], cmd: str, seconds: float) -> str:
-    """The markdown report."""
-    cols = [
-        ("level", "level"),
-        ("phase", "pass"),
-        ("requests", "requests"),
-        ("req_s", "req/s"),
-        ("p50_ms", "p50 ms"),
-        ("p99_ms", "p99 ms"),
-        ("max_ms", "max ms"),
-        ("errors", "errors"),
-        ("healthz_p50_ms", "/healthz p50 ms"),
-        ("healthz_p99_ms", "/healthz p99 ms"),
-        ("epochs_computed", "epochs computed"),
-        ("client_cpu_s", "client CPU s"),
-        ("server_cpu_s", "server CPU s"),
-        ("actor_cpu_s", "actor CPU s"),
-        ("load_avg_1m", "load 1m"),
-    ]
-    lines = [
-        "| " + " | ".join(h for _, h in cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    for r in results:
-        row = r.row()
-        cells = []
-        for key, _ in cols:
-            v = row[key]
-            cells.append(f"{v:.1f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    errs = [f"{r.level.name}/{r.phase}: {r.error_kinds}" for r in results if r.errors]
-    head = (
-        f"Command: `{cmd}`; {platform.node()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}; total {seconds:.0f} s.\n"
-    )
-    return head + "\n" + "\n".join(lines) + "\n" + ("\nErrors: " + "; ".join(errs) if errs else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="16 and 64 ranks, 3 epochs, 100k rows")
     p.add_argument("--procs", type=int, default=4, help="client processes")
-    p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument(
+        "--out", default=None, help="the page to write the results into (docs/benchmarks_load.md)"
+    )
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.add_argument(
         "--profile",
@@ -451,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
     cmd = "python benchmarks/load.py" + (" --quick" if args.quick else "")
     cmd += f" --procs {args.procs}"
-    text = report(results, cmd, time.perf_counter() - start)
+    text = report([r.row() for r in results], cmd, time.perf_counter() - start)
     if args.profile and Path(args.profile).exists():
         rows, inclusive = summarize_profile(Path(args.profile))
         text += "\nSelectionActor, busy samples (py-spy): inclusive "
@@ -460,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n".join(f"- {share:.1%} `{frame}`" for frame, share in rows) + "\n"
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        write_page(Path(args.out), text)
     if args.json:
         Path(args.json).write_text(json.dumps([r.row() for r in results], indent=1))
     return 0

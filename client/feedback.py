@@ -19,6 +19,7 @@ Example (the trainer's loop; the dataset returns each sample's index):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -168,6 +169,16 @@ class FeedbackReporter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="saelect-feedback", daemon=True)
             self._thread.start()
+            atexit.register(self._flush_at_exit)
+
+    def _flush_at_exit(self, timeout: float = 60.0) -> None:
+        """At interpreter exit: post what a trainer reported but never flushed (bounded wait)."""
+        if self._closed or self._error is not None:  # closed, or its failure already raised
+            return
+        try:
+            self.flush(timeout=timeout)
+        except Exception as exc:  # exiting anyway: say what was lost
+            log.error("feedback not delivered at exit (%d posts pending): %s", self._in_flight, exc)
 
     def flush(self, timeout: float | None = None) -> None:
         """Post what is buffered and wait until every post is acknowledged.
@@ -217,6 +228,7 @@ class FeedbackReporter:
                 self._cond.notify_all()
             if self._thread is not None:
                 self._thread.join(timeout=10)
+                atexit.unregister(self._flush_at_exit)
 
     def __enter__(self) -> FeedbackReporter:
         return self

@@ -8,8 +8,11 @@ run without errors.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -214,3 +217,24 @@ def test_a_resumed_reporter_continues_the_keys(served: tuple[str, FakeBackend]) 
         assert resumed.posted == 8  # batches 3 and 4 were acknowledged as duplicates
     got = np.concatenate([i for i, _ in backend.jobs[job].feedback[1]])
     assert sorted(got.tolist()) == list(range(48))
+
+
+def test_losses_reported_but_never_flushed_are_posted_at_exit(
+    served: tuple[str, FakeBackend],
+) -> None:
+    """A trainer that exits without close() or set_epoch still delivers its buffered losses."""
+    url, backend = served
+    with SelectionClient(url, token=TOKEN) as c:
+        job = c.create_job(SPEC)["id"]
+    code = (
+        "from client import SelectionClient\n"
+        "from client.feedback import FeedbackReporter\n"
+        f"c = SelectionClient({url!r}, token={TOKEN!r})\n"
+        f"r = FeedbackReporter(c, {job!r}, post_samples=4)\n"
+        "for b in range(3):\n"
+        "    r.report(list(range(5 * b, 5 * b + 5)), [0.5] * 5)\n"  # the last 5: only buffered
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=60)
+    got = np.concatenate([i for i, _ in backend.jobs[job].feedback[0]])
+    assert sorted(got.tolist()) == list(range(15))

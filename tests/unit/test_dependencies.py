@@ -22,12 +22,14 @@ PURE_MODULES = [
     "service.selection.partition",
     "service.selection.engine",
     "service.policies",
+    "service.policies.factor_scores",
     "workers.features",
     "workers.sae",
     "workers.codes",
     "workers.factors",
     "workers.scores",
     "workers.selection_shard",
+    "workers.shard_derived",
     "workers.datasets",
 ]
 

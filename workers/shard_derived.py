@@ -30,15 +30,19 @@ _PROFILE_MEMO = 3  # coverage weight vectors whose products a shard keeps
 _MAX_BLOCK_ROWS = 1 << 24  # float32 sums of 0/1 stay exact below 2**24 rows
 _MIN_SPLIT_ROWS = 1 << 16  # below this one block: a thread costs more than it saves
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def selection_threads() -> int:
     """Threads of the shard's sparse products: ``SAELECT_SELECTION_THREADS`` or min(2, CPUs)."""
     raw = os.environ.get("SAELECT_SELECTION_THREADS", "")
     if raw.strip():
-        value = int(raw)
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
         if value < 1:
-            raise ValueError(f"SAELECT_SELECTION_THREADS={raw!r} must be >= 1")
+            raise ValueError(f"SAELECT_SELECTION_THREADS={raw!r} must be an integer >= 1")
         return value
     return max(1, min(2, os.cpu_count() or 1))
 
@@ -48,9 +52,11 @@ def _run(tasks: list[Any]) -> list[Any]:
     global _POOL
     if len(tasks) == 1:
         return [tasks[0]()]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(2, selection_threads()))
-    return [f.result() for f in [_POOL.submit(t) for t in tasks]]
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(2, selection_threads()))
+        pool = _POOL
+    return [f.result() for f in [pool.submit(t) for t in tasks]]
 
 
 def row_blocks(n: int, threads: int) -> list[tuple[int, int]]:

@@ -217,9 +217,10 @@ def test_sparse_products_do_not_depend_on_threads_or_blocks(
 def test_selection_threads_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAELECT_SELECTION_THREADS", "3")
     assert shard_derived.selection_threads() == 3
-    monkeypatch.setenv("SAELECT_SELECTION_THREADS", "0")
-    with pytest.raises(ValueError, match="SAELECT_SELECTION_THREADS"):
-        shard_derived.selection_threads()
+    for bad in ("0", "two"):
+        monkeypatch.setenv("SAELECT_SELECTION_THREADS", bad)
+        with pytest.raises(ValueError, match="SAELECT_SELECTION_THREADS"):
+            shard_derived.selection_threads()
     monkeypatch.delenv("SAELECT_SELECTION_THREADS")
     assert 1 <= shard_derived.selection_threads() <= 2
 

@@ -87,3 +87,18 @@ def test_an_unreadable_lease_file_does_not_lock_the_store(tmp_path: Path) -> Non
     root, clock = Storage(str(tmp_path)), Clock()
     root.write_bytes(LEASE_FILE, b'{"owner": "x", "heartb')  # torn
     _lease(root, clock).acquire().release()
+
+
+def test_serve_refuses_a_store_a_live_service_owns_before_starting_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.server import serve_forever
+    from service.settings import Settings
+
+    owner = StoreLease(Storage(str(tmp_path)), settle_s=0.0).acquire()
+    try:
+        assert serve_forever(Settings(store=str(tmp_path), port=0)) == 3
+    finally:
+        owner.release()
+    assert f"owned by another live saelect service (pid {owner.pid}" in capsys.readouterr().err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

@@ -180,6 +180,7 @@ def _losses(idx: np.ndarray) -> np.ndarray:
 def test_repeated_keys_apply_once_across_a_restart(digits_uri: str, tmp_path: Path) -> None:
     """Keyed feedback: a repeated (rank, epoch, seq) is acknowledged without being applied, also
     after a restart, so the next epoch equals that of a run that received each post once."""
+
     async def run(store: str, repeat: bool) -> np.ndarray:
         manager = JobManager(JobStore(store))
         job = (await manager.create_job(_spec(digits_uri, "ucb"))).id

@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
     cmd = "python benchmarks/load.py" + (" --quick" if args.quick else "")
     cmd += f" --procs {args.procs}"
+    cmd += f" --profile {Path(args.profile).name}" if args.profile else ""
+    cmd += f" --out {args.out}" if args.out else ""
     text = report([r.row() for r in results], cmd, time.perf_counter() - start)
     if args.profile and Path(args.profile).exists():
         rows, inclusive = summarize_profile(Path(args.profile))

@@ -187,7 +187,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from client import SelectionClient
 
-    return SelectionClient(args.url or default_url(), token=os.environ.get("SAELECT_API_TOKEN"))
+    return SelectionClient(
+        args.url or default_url(),
+        token=os.environ.get("SAELECT_API_TOKEN"),
+        verify=os.environ.get("SAELECT_CA_BUNDLE") or True,  # a private CA for an HTTPS service
+    )
 
 
 def _read_spec(target: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +123,24 @@ def test_serve_cli_passes_the_tls_options() -> None:
 
     args = build_parser().parse_args(["serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
     assert (args.tls_cert, args.tls_key) == ("c.pem", "k.pem")
+
+
+def test_saelect_jobs_trusts_the_ca_bundle_from_the_environment(
+    tls_server: tuple[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`saelect jobs list` against the HTTPS service: fails without SAELECT_CA_BUNDLE, lists the
+    jobs with it."""
+    from service.cli import main
+
+    url, cert = tls_server
+    monkeypatch.setenv("SAELECT_API_TOKEN", TOKEN)
+    monkeypatch.delenv("SAELECT_CA_BUNDLE", raising=False)
+    assert main(["jobs", "list", "--url", url]) != 0
+    assert "tls_error" in capsys.readouterr().err
+    with SelectionClient(url, token=TOKEN, verify=str(cert)) as c:
+        job = c.create_job(SPEC)["id"]
+    monkeypatch.setenv("SAELECT_CA_BUNDLE", str(cert))
+    assert main(["jobs", "list", "--url", url]) == 0
+    assert job in [j["id"] for j in json.loads(capsys.readouterr().out)]

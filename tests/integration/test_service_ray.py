@@ -6,9 +6,11 @@ job is ready in seconds; every test talks to a real uvicorn server inside a Sele
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -410,3 +412,59 @@ def test_schemathesis_against_the_real_service(
 
         check()
     assert len(labels) >= 10 and "GET /v1/jobs/{job_id}/epochs/{epoch}/indices" in labels
+
+
+def test_ranks_fetching_while_their_job_is_deleted_get_an_answer_or_404(
+    service: ServiceHandle, data_dir: Path
+) -> None:
+    """4 ranks (world size 4, each with its own connection) loop over the epochs of an `rs2`
+    job while it is deleted: every answer is 200 (with the same bytes as the twin job's)
+    or 404 `unknown_job`, never a 5xx and never a hang; a new job with the same spec then serves
+    exactly the epochs the deleted one served."""
+    spec = {**_spec(data_dir, name="rs2", ratio=0.5), "name": "deleted-while-fetched"}
+    client = SelectionClient(service.url)
+    job = client.create_job(spec)["id"]
+    assert client.wait_ready(job, timeout=300, poll=0.2)["phase"] == "ready"
+    world = 4
+    served: dict[tuple[int, int], bytes] = {}
+    statuses: list[tuple[int, str]] = []
+    started = threading.Barrier(world + 1)
+    lock = threading.Lock()
+
+    def rank_loop(rank: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=60) as http:
+            started.wait()
+            for t in itertools.cycle(range(EPOCHS)):
+                resp = http.get(
+                    f"/v1/jobs/{job}/epochs/{t}/indices",
+                    params={"rank": rank, "world_size": world},
+                    headers={"Accept": "application/octet-stream"},
+                )
+                code = resp.json()["error"]["code"] if resp.status_code != 200 else ""
+                with lock:
+                    statuses.append((resp.status_code, code))
+                    if resp.status_code == 200:
+                        assert served.setdefault((t, rank), resp.content) == resp.content
+                if resp.status_code != 200:
+                    return
+
+    threads = [threading.Thread(target=rank_loop, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    deadline = time.monotonic() + 60
+    while len(statuses) < 4 * world and time.monotonic() < deadline:
+        time.sleep(0.01)  # some epochs served before the delete
+    client.delete(job)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a rank hung on a deleted job"
+    assert {s for s, _ in statuses} <= {200, 404}, sorted(set(statuses))
+    assert statuses.count((404, "unknown_job")) == world  # each rank ends on its 404
+    assert len(served) >= 4 * world - world  # most fetches before the delete were answered
+    twin = client.create_job(spec)["id"]
+    assert client.wait_ready(twin, timeout=300, poll=0.2)["phase"] == "ready"
+    for (t, rank), body in served.items():
+        again = client.indices(twin, t, rank, world)
+        assert np.array_equal(np.frombuffer(body, dtype="<i8"), again), (t, rank)
+    client.delete(twin)

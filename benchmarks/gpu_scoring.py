@@ -43,10 +43,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_checks import Checks, finite_positive  # noqa: E402
-from workers.codes import SparseCodes  # noqa: E402
-from workers.factors import factor_counts, factor_frequencies  # noqa: E402
-from workers.sae import (  # noqa: E402
+from saelect.workers.codes import SparseCodes  # noqa: E402
+from saelect.workers.factors import factor_counts, factor_frequencies  # noqa: E402
+from saelect.workers.sae import (  # noqa: E402
     FiringCounters,
     SAEConfig,
     TopKSAE,
@@ -54,7 +53,9 @@ from workers.sae import (  # noqa: E402
     sae_train_step,
     save_sae,
 )
-from workers.scores import ScoreConfig, score_codes  # noqa: E402
+from saelect.workers.scores import ScoreConfig, score_codes  # noqa: E402
+
+from benchmarks.gpu_checks import Checks, finite_positive  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -50,6 +50,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from saelect.service.policies import PolicyConfig, make_policy  # noqa: E402
+from saelect.service.selection.engine import SingleProcessSelector  # noqa: E402
+from saelect.workers.datasets import FMNIST_DIR, image_table, load_fashion_mnist  # noqa: E402
+from saelect.workers.features import FeatureSpec  # noqa: E402
+from saelect.workers.sae import SAEConfig  # noqa: E402
+from saelect.workers.scores import ScoreConfig  # noqa: E402
+from saelect.workers.selection_shard import ShardData  # noqa: E402
+
 from benchmarks import gpu_regimes as G  # noqa: E402
 from benchmarks.gpu_checks import Checks  # noqa: E402
 from benchmarks.gpu_train_checks import (  # noqa: E402
@@ -60,13 +68,6 @@ from benchmarks.gpu_train_checks import (  # noqa: E402
     replay,
 )
 from benchmarks.gpu_train_loop import LoopConfig, train_run  # noqa: E402
-from service.policies import PolicyConfig, make_policy  # noqa: E402
-from service.selection.engine import SingleProcessSelector  # noqa: E402
-from workers.datasets import FMNIST_DIR, image_table, load_fashion_mnist  # noqa: E402
-from workers.features import FeatureSpec  # noqa: E402
-from workers.sae import SAEConfig  # noqa: E402
-from workers.scores import ScoreConfig  # noqa: E402
-from workers.selection_shard import ShardData  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     "main": {
@@ -97,8 +98,7 @@ r = 0.5, one seed); an option given on the command line still wins."""
 def score(train_images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> ShardData:
     """R, D (and codes) with the service's pure scoring functions, the SAE on ``args.device``."""
     import pyarrow.parquet as pq
-
-    from workers.scoring_local import score_single_process
+    from saelect.workers.scoring_local import score_single_process
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.parquet"

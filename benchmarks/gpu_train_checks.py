@@ -13,12 +13,12 @@ import math
 from typing import Any
 
 import numpy as np
+from saelect.service.policies import PolicyConfig, make_policy
+from saelect.service.selection.engine import SingleProcessSelector
+from saelect.workers.selection_shard import ShardData
 
 from benchmarks.gpu_checks import Checks, digest, finite_positive
 from benchmarks.train_regimes import lt_counts
-from service.policies import PolicyConfig, make_policy
-from service.selection.engine import SingleProcessSelector
-from workers.selection_shard import ShardData
 
 
 def check_scores(

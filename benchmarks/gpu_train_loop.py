@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from saelect.service.selection.engine import SingleProcessSelector
 
 from benchmarks.gpu_checks import digest
-from service.selection.engine import SingleProcessSelector
 
 
 def lr_at(step: int, total: int, *, peak: float, warmup_frac: float = 0.05) -> float:

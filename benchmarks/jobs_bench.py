@@ -77,10 +77,9 @@ def _reserved() -> dict[str, float]:
 def one_run(uri: str, jobs: int, gpus: int, store: Path, timeout: float) -> dict[str, Any]:
     """Create ``jobs`` jobs at once; poll until all are ready or ``timeout`` passes."""
     import ray
-
-    from client import SelectionClient
-    from service.server import start_service
-    from service.settings import Settings
+    from saelect.client import SelectionClient
+    from saelect.service.server import start_service
+    from saelect.service.settings import Settings
 
     ray.init(
         address="local",
@@ -133,7 +132,7 @@ def one_run(uri: str, jobs: int, gpus: int, store: Path, timeout: float) -> dict
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
+    from saelect.workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
 
     data = load_fashion_mnist(FMNIST_DIR, "train")
     rows = []
@@ -163,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _code_root() -> str:
-    import service
+    import saelect.service as service
 
     return str(Path(service.__file__).resolve().parents[1])
 

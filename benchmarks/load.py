@@ -244,7 +244,7 @@ def start_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = {**os.environ, **RAY_ENV, "SAELECT_ALLOWED_ROOTS": json.dumps([str(work)])}
     env["SAELECT_URL_FILE"] = str(work / "url")
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--store", str(work / "store")]
+    cmd = [sys.executable, "-m", "saelect.service.cli", "serve", "--store", str(work / "store")]
     cmd += ["--port", str(port)]
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -264,7 +264,7 @@ def start_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def create_job(url: str, data: Path, level: Level) -> str:
     """A ready rs2 job over ``data`` for ``level``."""
-    from client import SelectionClient
+    from saelect.client import SelectionClient
 
     spec = {
         "name": f"load-{level.name}",

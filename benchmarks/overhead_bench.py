@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.demo import DemoConfig, run_demo
+from saelect.service.demo import DemoConfig, run_demo
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks_overhead.md"
 

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from workers.datasets import FMNIST_DIR, load_fashion_mnist
-from workers.features import FeatureSpec, make_extractor
-from workers.sae import SAEConfig, TopKSAE, encode, fit_sae
+from saelect.workers.datasets import FMNIST_DIR, load_fashion_mnist
+from saelect.workers.features import FeatureSpec, make_extractor
+from saelect.workers.sae import SAEConfig, TopKSAE, encode, fit_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_PER_S = 50_000

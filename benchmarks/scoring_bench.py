@@ -50,7 +50,7 @@ PHASES = ("featurizing", "training_sae", "encoding", "scoring")
 
 
 def _prepare(n: int, directory: Path) -> str:
-    from workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
+    from saelect.workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
 
     data = load_fashion_mnist(FMNIST_DIR, "train")
     reps = -(-n // data.images.shape[0])  # tile when n > 60000 (scaling runs only)
@@ -60,9 +60,9 @@ def _prepare(n: int, directory: Path) -> str:
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from workers.features import FeatureSpec
-    from workers.sae import SAEConfig
-    from workers.scores import ScoreConfig
+    from saelect.workers.features import FeatureSpec
+    from saelect.workers.sae import SAEConfig
+    from saelect.workers.scores import ScoreConfig
 
     feature = FeatureSpec("pixels", "image", dim=args.dim)
     sae = SAEConfig(
@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threadpool_limits(args.threads)
     torch.set_num_threads(args.threads)
 
-    from service.policies import PolicyConfig, make_policy
-    from workers.pipeline import PipelineOptions, run_scoring
-    from workers.scoring_local import score_single_process
-    from workers.selection_state import SelectionShards
-    from workers.storage import Storage
+    from saelect.service.policies import PolicyConfig, make_policy
+    from saelect.workers.pipeline import PipelineOptions, run_scoring
+    from saelect.workers.scoring_local import score_single_process
+    from saelect.workers.selection_state import SelectionShards
+    from saelect.workers.storage import Storage
 
     feature, sae, score = _configs(args)
     opts = PipelineOptions(extractor_fit_samples=args.fit_samples)
@@ -196,8 +196,8 @@ def _scoring_peak(result: Any, feature: Any, k: int, dim: int) -> dict[str, floa
     Its rows as stored (Arrow), one batch of features (``encode_batch_size x d x 4`` bytes,
     spread over the shard's rows here), the codes it accumulates and its labels.
     """
-    from workers.pipeline import PipelineOptions
-    from workers.shard_plan import read_shard
+    from saelect.workers.pipeline import PipelineOptions
+    from saelect.workers.shard_plan import read_shard
 
     spec = result.plan.shards[0]
     rows = read_shard(spec, [feature.column]).nbytes

@@ -41,15 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from service.policies import PolicyConfig, make_policy
-from service.selection.engine import EpochResult, SelectionEngine, SingleProcessSelector
-from service.selection.hashing import gumbel_range
-from service.selection.shuffle import epoch_permutation
-from service.selection.threshold import local_broadcast
-from service.selection.topk import grouped_top_m, top_m
-from workers.selection_shard import SelectionShard, ShardData
-from workers.shard_derived import selection_threads
+from saelect.service.policies import PolicyConfig, make_policy
+from saelect.service.selection.engine import EpochResult, SelectionEngine, SingleProcessSelector
+from saelect.service.selection.hashing import gumbel_range
+from saelect.service.selection.shuffle import epoch_permutation
+from saelect.service.selection.threshold import local_broadcast
+from saelect.service.selection.topk import grouped_top_m, top_m
+from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.shard_derived import selection_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO = 0.3

@@ -38,7 +38,7 @@ class MemoryBackend:
     """Serves job ``n{size}``: epoch t = a permutation of [0, size) seeded by (SEED, size, t)."""
 
     def __init__(self, sizes: tuple[int, ...]) -> None:
-        from service.backend import JobStatus, Progress
+        from saelect.service.backend import JobStatus, Progress
 
         self.orders: dict[str, list[np.ndarray]] = {
             f"n{n}": [
@@ -53,14 +53,14 @@ class MemoryBackend:
         }
 
     def _orders(self, job_id: str) -> list[np.ndarray]:
-        from service.errors import UnknownJob
+        from saelect.service.errors import UnknownJob
 
         if job_id not in self.orders:
             raise UnknownJob(f"no job {job_id!r}")
         return self.orders[job_id]
 
     async def create_job(self, spec: Any) -> Any:
-        from service.errors import InvalidRequest
+        from saelect.service.errors import InvalidRequest
 
         raise InvalidRequest("the benchmark backend has fixed jobs")
 
@@ -72,8 +72,8 @@ class MemoryBackend:
         return self.status[job_id]
 
     async def plan(self, job_id: str, world_size: int) -> Any:
-        from service.backend import EpochPlan, Plan
-        from service.selection.partition import per_rank_length
+        from saelect.service.backend import EpochPlan, Plan
+        from saelect.service.selection.partition import per_rank_length
 
         orders = self._orders(job_id)
         rows = [
@@ -82,8 +82,8 @@ class MemoryBackend:
         return Plan(rows, 1.0)
 
     async def epoch_indices(self, job_id: str, epoch: int, rank: int, world_size: int) -> Any:
-        from service.errors import EpochOutOfRange
-        from service.selection.partition import rank_indices
+        from saelect.service.errors import EpochOutOfRange
+        from saelect.service.selection.partition import rank_indices
 
         orders = self._orders(job_id)
         if not 0 <= epoch < len(orders):
@@ -91,7 +91,7 @@ class MemoryBackend:
         return rank_indices(orders[epoch], rank, world_size)
 
     async def feedback(self, job_id: str, epoch: int, indices: Any, losses: Any) -> None:
-        from service.errors import FeedbackNotAccepted
+        from saelect.service.errors import FeedbackNotAccepted
 
         raise FeedbackNotAccepted("the benchmark backend takes no feedback")
 
@@ -108,9 +108,8 @@ class MemoryBackend:
 def serve(port: int, sizes: tuple[int, ...]) -> None:
     """Child process: uvicorn with the real app over a MemoryBackend."""
     import uvicorn
-
-    from service.app import create_app
-    from service.settings import Settings
+    from saelect.service.app import create_app
+    from saelect.service.settings import Settings
 
     app = create_app(MemoryBackend(sizes), Settings(allowed_roots=[str(ROOT)]))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -141,7 +140,7 @@ def concurrent_ranks(url: str, world: int, job: str) -> tuple[float, int]:
 
     Returns (wall seconds, errors); checks every epoch is covered exactly by its ranks.
     """
-    from client import SelectionClient
+    from saelect.client import SelectionClient
 
     def fetch(rank: int) -> list[np.ndarray]:
         with SelectionClient(url, retries=2) as c:
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_serving.md"))
     args = parser.parse_args(argv)
 
-    from client import SelectionClient, SelectionError
+    from saelect.client import SelectionClient, SelectionError
 
     port = free_port()
     ctx = mp.get_context("spawn")

@@ -111,7 +111,7 @@ def _stratified_split(
 
 def _write_image_parquet(out_dir: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     """Write ``train.parquet`` with ``workers.datasets.write_image_parquet`` unless present."""
-    from workers.datasets import write_image_parquet
+    from saelect.workers.datasets import write_image_parquet
 
     path = out_dir / "train.parquet"
     if not path.exists():
@@ -129,7 +129,7 @@ def _images_to_tensor(images: np.ndarray, mean: float, std: float) -> torch.Tens
 
 def load_fmnist(root: Path, *, pca_dim: int = 256) -> TaskData:
     """Fashion-MNIST tensors and its Parquet copy under ``root/fmnist``."""
-    from workers.datasets import load_fashion_mnist
+    from saelect.workers.datasets import load_fashion_mnist
 
     train = load_fashion_mnist(FMNIST_DIR, "train")
     test = load_fashion_mnist(FMNIST_DIR, "test")
@@ -149,7 +149,7 @@ def load_fmnist(root: Path, *, pca_dim: int = 256) -> TaskData:
 
 def load_digits_task(root: Path) -> TaskData:
     """scikit-learn digits, ``workers.datasets.digits_split`` (70/30); tensors (n, 64) in [0, 1]."""
-    from workers.datasets import digits_split
+    from saelect.workers.datasets import digits_split
 
     train, test = digits_split(SPLIT_SEED, test_fraction=0.3)
     path = _write_image_parquet(root / "digits", train.images, train.labels)
@@ -224,7 +224,7 @@ def _text_embeddings(texts: list[str], cache: Path) -> np.ndarray:
         return np.load(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from workers.features import FeatureSpec, make_extractor
+    from saelect.workers.features import FeatureSpec, make_extractor
 
     extractor = make_extractor(FeatureSpec(kind="text", column="text", batch_size=128))
     extractor.fit(texts[:8])

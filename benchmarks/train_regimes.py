@@ -60,7 +60,7 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
     Raises ValueError when size exceeds the rows.
     """
-    from service.policies.factor import largest_remainder
+    from saelect.service.policies.factor import largest_remainder
 
     if not 0 < size <= labels.shape[0]:
         raise ValueError(f"size={size} must be in [1, {labels.shape[0]}]")
@@ -217,8 +217,9 @@ def load_regime(
 
     ``meta`` holds ``group`` (int64 (N,)), ``noisy`` (bool (N,)), ``dedup_n`` (distinct images).
     """
+    from saelect.workers.datasets import load_fashion_mnist
+
     from benchmarks.train_data import FMNIST_DIR, TaskData, _images_to_tensor, _write_image_parquet
-    from workers.datasets import load_fashion_mnist
 
     train = load_fashion_mnist(FMNIST_DIR, "train")
     test = load_fashion_mnist(FMNIST_DIR, "test")

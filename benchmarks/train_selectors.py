@@ -65,10 +65,10 @@ def score_in_process(spec: dict[str, Any], cache_dir: Path | None) -> ScoredData
     score functions as the distributed scoring), so in-process runs select what the service
     would select.
     """
-    from workers.features import FeatureSpec
-    from workers.sae import SAEConfig
-    from workers.scores import ScoreConfig
-    from workers.scoring_local import score_single_process
+    from saelect.workers.features import FeatureSpec
+    from saelect.workers.sae import SAEConfig
+    from saelect.workers.scores import ScoreConfig
+    from saelect.workers.scoring_local import score_single_process
 
     key = scoring_key(spec)
     path = None if cache_dir is None else cache_dir / f"scores_{key}.npz"
@@ -145,10 +145,9 @@ class InProcessSelector:
     def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Build the policy and engine; factor policies score the data first."""
         import pyarrow.parquet as pq
-
-        from service.policies import PolicyConfig, make_policy
-        from service.selection.engine import SingleProcessSelector
-        from workers.selection_shard import ShardData
+        from saelect.service.policies import PolicyConfig, make_policy
+        from saelect.service.selection.engine import SingleProcessSelector
+        from saelect.workers.selection_shard import ShardData
 
         policy = make_policy(PolicyConfig(**spec["policy"]))
         label_col = spec["dataset"].get("label_column")
@@ -187,7 +186,7 @@ class InProcessSelector:
 
     def plan(self, job_id: str, world_size: int = 1) -> dict[str, Any]:
         """Same shape as ``GET /v1/jobs/{id}/plan``."""
-        from service.selection.partition import per_rank_length
+        from saelect.service.selection.partition import per_rank_length
 
         engine = self._jobs[job_id]["engine"]
         sizes = engine.plan()
@@ -209,7 +208,7 @@ class InProcessSelector:
 
     def indices(self, job_id: str, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """int64 (per_rank,) indices of ``rank`` (selects earlier epochs first, in order)."""
-        from service.selection.partition import rank_indices
+        from saelect.service.selection.partition import rank_indices
 
         return rank_indices(self._epoch(job_id, epoch).indices, rank, world_size)
 
@@ -240,7 +239,7 @@ class HttpSelector:
     """``client.SelectionClient`` with the driver's interface (``weights`` serves rank 0 of 1)."""
 
     def __init__(self, url: str, token: str | None = None) -> None:
-        from client import SelectionClient
+        from saelect.client import SelectionClient
 
         self.client = SelectionClient(url, token=token, timeout=120.0)
         self.scoring_s: dict[str, float] = {}

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from client.errors import JobFailedError, SelectionError
-from client.http import SelectionClient
+from saelect.client.errors import JobFailedError, SelectionError
+from saelect.client.http import SelectionClient
 
 if TYPE_CHECKING:
-    from client.sampler import SelectionSampler
+    from saelect.client.sampler import SelectionSampler
 
 __all__ = ["JobFailedError", "SelectionClient", "SelectionError", "SelectionSampler"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "SelectionSampler":  # lazy: torch is only needed for the Sampler
-        from client.sampler import SelectionSampler
+        from saelect.client.sampler import SelectionSampler
 
         return SelectionSampler
     raise AttributeError(f"module 'client' has no attribute {name!r}")

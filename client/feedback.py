@@ -27,9 +27,8 @@ from collections import deque
 from typing import Any
 
 import numpy as np
-
-from client.errors import SelectionError
-from client.http import COUNT_HEADER, RETRY_STATUSES, SelectionClient
+from saelect.client.errors import SelectionError
+from saelect.client.http import COUNT_HEADER, RETRY_STATUSES, SelectionClient
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from urllib.parse import quote
 
 import httpx
 import numpy as np
-
-from client.errors import JobFailedError, SelectionError
+from saelect.client.errors import JobFailedError, SelectionError
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 """Gateway/unavailable answers that are retried; every other error status raises at once."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from client.http import SelectionClient
+from saelect.client.http import SelectionClient
 
 
 def keep_selected(batch: dict[str, np.ndarray], selected: Any, index_column: str) -> dict:

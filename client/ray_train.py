@@ -39,10 +39,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from client.http import SelectionClient
+from saelect.client.http import SelectionClient
 
 if TYPE_CHECKING:
-    from client.sampler import SelectionSampler
+    from saelect.client.sampler import SelectionSampler
 
 
 def sampler_from_context(
@@ -60,8 +60,7 @@ def sampler_from_context(
         Bearer token, used only when a URL is given.
     """
     import ray.train
-
-    from client.sampler import SelectionSampler
+    from saelect.client.sampler import SelectionSampler
 
     ctx = ray.train.get_context()
     client = (

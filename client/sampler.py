@@ -26,13 +26,12 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from saelect.client.errors import SelectionError
+from saelect.client.http import SelectionClient
 from torch.utils.data import Sampler
 
-from client.errors import SelectionError
-from client.http import SelectionClient
-
 if TYPE_CHECKING:
-    from client.feedback import FeedbackReporter
+    from saelect.client.feedback import FeedbackReporter
 
 STATE_KEYS = ("job_id", "world_size", "rank", "epoch", "position")
 """Keys of `SelectionSampler.state_dict`."""
@@ -147,7 +146,7 @@ class SelectionSampler(Sampler[int]):
         """This rank's `client.feedback.FeedbackReporter` (made on first use, at this epoch);
         `set_epoch` flushes it before moving on."""
         if self._reporter is None:
-            from client.feedback import FeedbackReporter
+            from saelect.client.feedback import FeedbackReporter
 
             self._reporter = FeedbackReporter(
                 self.client, self.job_id, self.rank, self.world_size, epoch=self.epoch

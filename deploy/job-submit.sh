@@ -33,4 +33,4 @@ exec ray job submit --address "$RAY_DASHBOARD" --no-wait \
   --submission-id "$submission_id" \
   --working-dir . \
   --runtime-env-json "$runtime_env_json" \
-  -- python -m service.cli serve --address auto --host 0.0.0.0 --port "${SAELECT_PORT:-8000}" "$@"
+  -- python -m saelect.service.cli serve --address auto --host 0.0.0.0 --port "${SAELECT_PORT:-8000}" "$@"

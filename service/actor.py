@@ -17,12 +17,11 @@ import os
 from typing import Any
 
 import numpy as np
-
-from service.backend import JobStatus, Plan
-from service.jobs import JobManager
-from service.settings import Settings
-from service.specs import JobSpec, job_spec_from_dict
-from service.store import JobStore
+from saelect.service.backend import JobStatus, Plan
+from saelect.service.jobs import JobManager
+from saelect.service.settings import Settings
+from saelect.service.specs import JobSpec, job_spec_from_dict
+from saelect.service.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class SelectionActorImpl:
     """
 
     def __init__(self, settings: Settings, pipeline_options: Any = None) -> None:
-        from service.logs import configure_logging
+        from saelect.service.logs import configure_logging
 
         configure_logging()  # SAELECT_LOG_LEVEL / SAELECT_LOG_FORMAT of the node's environment
         # Every blocking Ray call of the job manager runs in a worker thread (asyncio.to_thread),
@@ -61,9 +60,8 @@ class SelectionActorImpl:
 
     async def _start(self) -> str:
         import uvicorn
-
-        from service.app import create_app
-        from service.server import server_config
+        from saelect.service.app import create_app
+        from saelect.service.server import server_config
 
         self.settings.check_bind()
         await self.manager.resume()

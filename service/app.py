@@ -20,16 +20,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from saelect.service.backend import Backend
+from saelect.service.errors import PayloadTooLarge, SaelectError
+from saelect.service.metrics import Metrics, MetricsMiddleware
+from saelect.service.routes import check_token, epochs, health, jobs, require_token_for_docs
+from saelect.service.routes import metrics as metrics_route
+from saelect.service.routes.health import VERSION
+from saelect.service.settings import Settings
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-
-from service.backend import Backend
-from service.errors import PayloadTooLarge, SaelectError
-from service.metrics import Metrics, MetricsMiddleware
-from service.routes import check_token, epochs, health, jobs, require_token_for_docs
-from service.routes import metrics as metrics_route
-from service.routes.health import VERSION
-from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

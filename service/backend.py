@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, get_args, 
 import numpy as np
 
 if TYPE_CHECKING:
-    from service.specs import JobSpec
+    from saelect.service.specs import JobSpec
 
 Phase = Literal[
     "pending",

@@ -68,7 +68,7 @@ class PhaseProgress:
     """
 
     def __init__(self, job_id: str, file: Any = None) -> None:
-        from service.logs import is_terminal
+        from saelect.service.logs import is_terminal
 
         self.job_id = job_id
         self.file = file if file is not None else sys.stderr
@@ -147,7 +147,7 @@ def default_url() -> str:
     env = os.environ.get("SAELECT_URL", "").strip()
     if env:
         return env
-    from service.settings import url_file_path
+    from saelect.service.settings import url_file_path
 
     try:
         written = Path(url_file_path()).read_text().strip()
@@ -157,7 +157,7 @@ def default_url() -> str:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from workers.datasets import write_image_parquet
+    from saelect.workers.datasets import write_image_parquet
 
     train, test = write_image_parquet(Path(args.out), args.name)
     print(f"wrote {train}\nwrote {test}")
@@ -165,8 +165,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve_forever
-    from service.settings import Settings
+    from saelect.service.server import serve_forever
+    from saelect.service.settings import Settings
 
     overrides: dict[str, Any] = {
         "host": args.host,
@@ -185,7 +185,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from client import SelectionClient
+    from saelect.client import SelectionClient
 
     return SelectionClient(
         args.url or default_url(),
@@ -202,7 +202,7 @@ def _read_spec(target: str) -> Any:
 
 def _wait(client: Any, job_id: str, args: argparse.Namespace) -> int:
     """Follow the job with progress bars; print its final status. Returns the exit code."""
-    from client import JobFailedError
+    from saelect.client import JobFailedError
 
     bars = PhaseProgress(job_id)
     try:
@@ -249,7 +249,7 @@ def _plot(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     Only committed epochs are read: asking the stats of a later epoch would compute it, ahead of
     the feedback a loss-based policy still waits for.
     """
-    from service.plots import save_epoch_plot
+    from saelect.service.plots import save_epoch_plot
 
     status = client.job(args.target)
     committed = int(status["epochs_committed"])
@@ -262,7 +262,7 @@ def _plot(client: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from client import SelectionError
+    from saelect.client import SelectionError
 
     client = _client(args)
     try:
@@ -291,13 +291,13 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from service.simulate import run_simulation_cli
+    from saelect.service.simulate import run_simulation_cli
 
     return run_simulation_cli(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import DemoConfig, run_demo
+    from saelect.service.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
         epochs=args.epochs,
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `saelect` console script."""
-    from service.logs import configure_logging
+    from saelect.service.logs import configure_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)

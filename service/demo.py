@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.server import init_ray, start_service
-from service.settings import Settings
+from saelect.service.server import init_ray, start_service
+from saelect.service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,7 @@ def _job_spec(cfg: DemoConfig, policy: str, train_uri: str) -> dict[str, Any]:
 def prepare_data(cfg: DemoConfig) -> tuple[Path, Path]:
     """Fashion-MNIST (optionally the first ``train_limit`` rows) as Parquet under out_dir/data."""
     import pyarrow.parquet as pq
-
-    from workers.datasets import write_image_parquet
+    from saelect.workers.datasets import write_image_parquet
 
     data_dir = cfg.out_dir / "data"
     train, test = data_dir / "train.parquet", data_dir / "test.parquet"
@@ -126,12 +125,11 @@ def _train(config: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
     from ray.train.torch import prepare_model
+    from saelect.client import SelectionClient
+    from saelect.client.ray_train import sampler_from_context
+    from saelect.service.logs import quiet_http_logs
+    from saelect.workers.datasets import load_image_parquet
     from torch.utils.data import DataLoader, TensorDataset
-
-    from client import SelectionClient
-    from client.ray_train import sampler_from_context
-    from service.logs import quiet_http_logs
-    from workers.datasets import load_image_parquet
 
     quiet_http_logs()  # Ray Train set up this process's logging: no INFO line per request
     torch.set_num_threads(1)
@@ -293,8 +291,8 @@ def plot_demo(results: dict[str, dict[str, Any]], num_samples: int, path: Path) 
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     """Run the demo end to end; returns per-policy results (history, times)."""
-    from client import SelectionClient
-    from service.cli import PhaseProgress
+    from saelect.client import SelectionClient
+    from saelect.service.cli import PhaseProgress
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -29,21 +29,20 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-
-from service.backend import EpochPlan, JobStatus, Plan, Progress
-from service.errors import (
+from saelect.service.backend import EpochPlan, JobStatus, Plan, Progress
+from saelect.service.errors import (
     EpochOutOfRange,
     FeedbackNotAccepted,
     InvalidRequest,
     JobNotReady,
     UnknownJob,
 )
-from service.policies import make_policy
-from service.selection.engine import SelectionEngine
-from service.selection.partition import per_rank_length, rank_indices, rank_slice
-from service.specs import JobSpec
-from service.store import JobState, JobStore, check_job_id, new_job_id
-from workers.storage import Storage, tree_digests, verify_tree, write_manifest
+from saelect.service.policies import make_policy
+from saelect.service.selection.engine import SelectionEngine
+from saelect.service.selection.partition import per_rank_length, rank_indices, rank_slice
+from saelect.service.specs import JobSpec
+from saelect.service.store import JobState, JobStore, check_job_id, new_job_id
+from saelect.workers.storage import Storage, tree_digests, verify_tree, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +234,9 @@ class JobManager:
 
     async def _score(self, job: Job) -> None:
         """Score the job (if its policy reads scores), start its state actors, replay."""
-        from workers.pipeline import run_scoring
-        from workers.selection_state import SelectionShards
-        from workers.shard_plan import plan_shards
+        from saelect.workers.pipeline import run_scoring
+        from saelect.workers.selection_state import SelectionShards
+        from saelect.workers.shard_plan import plan_shards
 
         spec = job.spec
         try:
@@ -423,7 +422,7 @@ class JobManager:
         A scoring records its reservation in its state file once its first phase is done, so a
         job in ``featurizing`` may still report none; a job that is not scoring reserves none.
         """
-        from service.metrics import JobMetrics
+        from saelect.service.metrics import JobMetrics
 
         jobs = [j for j in self._jobs.values() if not j.deleted]
         held = await asyncio.to_thread(lambda: [self._scoring_resources(j) for j in jobs])
@@ -437,7 +436,7 @@ class JobManager:
         return {"jobs": self.store.bytes_written, "scoring": self._scoring_bytes}
 
     def _scoring_resources(self, job: Job) -> dict[str, float]:
-        from workers.pipeline import STATE_FILE
+        from saelect.workers.pipeline import STATE_FILE
 
         if job.phase not in SCORING_PHASES or not needs_scores(job.spec):
             return {}

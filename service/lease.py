@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from workers.storage import Storage
+from saelect.workers.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Example:
     >>> import io, json, logging
     >>> buf = io.StringIO()
     >>> configure_logging(level="INFO", fmt="json", stream=buf)
-    >>> logging.getLogger("service.jobs").info("job %s: deleted", "a-1")
+    >>> logging.getLogger("saelect.service.jobs").info("job %s: deleted", "a-1")
     >>> json.loads(buf.getvalue())["job"]
     'a-1'
 """
@@ -28,8 +28,8 @@ from typing import IO, Any
 
 LEVEL_ENV = "SAELECT_LOG_LEVEL"
 FORMAT_ENV = "SAELECT_LOG_FORMAT"
-OWN_LOGGERS = ("service", "workers", "client")
-"""Top-level loggers of saelect; their level is the one configured."""
+OWN_LOGGERS = ("saelect",)
+"""The top-level logger of saelect (every module logs below it); its level is the one configured."""
 QUIET_LOGGERS = ("httpx", "httpcore")
 """Libraries that log every request at INFO; kept at WARNING."""
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -29,8 +29,7 @@ from typing import Any
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
-
-from service.backend import PHASES, JobStatus
+from saelect.service.backend import PHASES, JobStatus
 
 prometheus_client.disable_created_metrics()  # no `_created` series next to every counter
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from service.backend import Phase
+from saelect.service.backend import Phase
 
 # --- requests -----------------------------------------------------------------------------
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.actor import ACTOR_NAME, NAMESPACE, selection_actor_class
-from service.lease import StoreLease, StoreOwnedError
-from service.ray_local import check_embedded, prepare_embedded_env
-from service.settings import Settings
-from workers.storage import Storage
+from saelect.service.actor import ACTOR_NAME, NAMESPACE, selection_actor_class
+from saelect.service.lease import StoreLease, StoreOwnedError
+from saelect.service.ray_local import check_embedded, prepare_embedded_env
+from saelect.service.settings import Settings
+from saelect.workers.storage import Storage
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 """Where Ray's state API (``ray.util.state``) sends its queries; read in every Ray process."""

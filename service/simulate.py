@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.policies import PolicyConfig, make_policy
-from service.selection.engine import SingleProcessSelector
-from workers.features import FeatureSpec
-from workers.sae import SAEConfig
-from workers.scores import ScoreConfig
+from saelect.service.policies import PolicyConfig, make_policy
+from saelect.service.selection.engine import SingleProcessSelector
+from saelect.workers.features import FeatureSpec
+from saelect.workers.sae import SAEConfig
+from saelect.workers.scores import ScoreConfig
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def simulate(
 
     Loss-based policies get no feedback here (their epochs then follow their no-loss fallback).
     """
-    from workers.scoring_local import score_single_process
+    from saelect.workers.scoring_local import score_single_process
 
     sc = score_single_process(
         dataset_uri, feature, label_column, sae or SAEConfig(), scores or ScoreConfig()
@@ -63,7 +62,7 @@ def simulate(
 
 def plot_simulation(result: SimulationResult, path: Path, title: str) -> None:
     """The per-epoch figure of `service.plots` (schedule, coverage and usage, class shares)."""
-    from service.plots import save_epoch_plot
+    from saelect.service.plots import save_epoch_plot
 
     save_epoch_plot(result.stats, path, title)
 

@@ -24,16 +24,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from service.errors import InvalidRequest
-from service.policies import PolicyConfig, make_policy
-from workers.admission import ScoringResources
-from workers.features import FeatureSpec
-from workers.sae import SAEConfig
-from workers.scores import ScoreConfig
+from saelect.service.errors import InvalidRequest
+from saelect.service.policies import PolicyConfig, make_policy
+from saelect.workers.admission import ScoringResources
+from saelect.workers.features import FeatureSpec
+from saelect.workers.sae import SAEConfig
+from saelect.workers.scores import ScoreConfig
 
 if TYPE_CHECKING:
-    from service.models import JobSpecModel
-    from service.settings import Settings
+    from saelect.service.models import JobSpecModel
+    from saelect.service.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from service.errors import UnknownJob
-from service.specs import JobSpec
-from workers.storage import (
+from saelect.service.errors import UnknownJob
+from saelect.service.specs import JobSpec
+from saelect.workers.storage import (
     CorruptFileError,
     Storage,
     WriteTally,

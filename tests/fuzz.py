@@ -10,9 +10,8 @@ import re
 import zlib
 from typing import Any
 
+from saelect.service.routes import JOB_ID_PATTERN
 from schemathesis.config import SchemathesisConfig
-
-from service.routes import JOB_ID_PATTERN
 
 DOCUMENTED_REFUSALS = ["2XX", "400", "404", "409", "413", "429"]
 """What a schema-valid request may get: the schema cannot say that a job id is unknown, that

@@ -15,8 +15,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
-from workers.datasets import FMNIST_DIR
+from saelect.workers.datasets import FMNIST_DIR
 
 FMNIST_INSTALL = "apt-get install dataset-fashion-mnist (or `make data`, as root)"
 """The command that installs Fashion-MNIST into ``FMNIST_DIR``."""

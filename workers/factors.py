@@ -18,8 +18,7 @@ Example:
 from __future__ import annotations
 
 import numpy as np
-
-from workers.codes import SparseCodes
+from saelect.workers.codes import SparseCodes
 
 __all__ = [
     "alive_units",

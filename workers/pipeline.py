@@ -42,23 +42,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from workers import ranks, scoring_steps, shard_scoring
-from workers import scoring_tasks as tasks
-from workers.admission import (
+from saelect.workers import ranks, scoring_steps, shard_scoring
+from saelect.workers import scoring_tasks as tasks
+from saelect.workers.admission import (
     PlacementTimeoutError,
     Reservation,
     ScoringResources,
     plan_request,
     reserve,
 )
-from workers.codes import SparseCodes
-from workers.factors import factor_frequencies
-from workers.features import FeatureSpec
-from workers.sae import SAEConfig
-from workers.scores import ScoreConfig
-from workers.shard_plan import ShardPlan, plan_shards
-from workers.shard_scoring import (
+from saelect.workers.codes import SparseCodes
+from saelect.workers.factors import factor_frequencies
+from saelect.workers.features import FeatureSpec
+from saelect.workers.sae import SAEConfig
+from saelect.workers.scores import ScoreConfig
+from saelect.workers.shard_plan import ShardPlan, plan_shards
+from saelect.workers.shard_scoring import (
     ENCODING_RECORD,
     EXTRACTOR_FILE,
     FACTORS_FILE,
@@ -67,7 +66,7 @@ from workers.shard_scoring import (
     ShardConfig,
     shard_dir,
 )
-from workers.storage import Storage
+from saelect.workers.storage import Storage
 
 __all__ = [
     "PHASES",
@@ -455,7 +454,7 @@ def run_scoring(
                 for spec, ix in zip(plan.shards, _split(sae_idx, plan), strict=True)
             ]
             if opts.sae_workers > 1:
-                from workers.sae_train import train_sae_distributed
+                from saelect.workers.sae_train import train_sae_distributed
 
                 parts = [f for f in ray.get(feats) if f.shape[0]]
                 model = train_sae_distributed(

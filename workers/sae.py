@@ -41,11 +41,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from saelect.workers.codes import SparseCodes
+from saelect.workers.factors import dead_share
+from saelect.workers.progress import OnProgress, Progress, batch_ranges
 from torch import nn
-
-from workers.codes import SparseCodes
-from workers.factors import dead_share
-from workers.progress import OnProgress, Progress, batch_ranges
 
 __all__ = [
     "ACTIVATIONS",

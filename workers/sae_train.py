@@ -24,8 +24,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
-
-from workers.sae import SAEConfig, TopKSAE, fit_sae, load_sae
+from saelect.workers.sae import SAEConfig, TopKSAE, fit_sae, load_sae
 
 __all__ = ["global_batches", "train_sae_distributed"]
 
@@ -55,8 +54,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-
-    from workers.sae import FiringCounters, init_sae, sae_train_step, save_sae
+    from saelect.workers.sae import FiringCounters, init_sae, sae_train_step, save_sae
 
     config: SAEConfig = loop_config["config"]
     feats_ND = np.asarray(ray.get(loop_config["features"]), dtype=np.float32)

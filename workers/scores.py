@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from workers.codes import SparseCodes
-from workers.factors import profiles
+from saelect.workers.codes import SparseCodes
+from saelect.workers.factors import profiles
 
 __all__ = [
     "DIVERSITY_FORMS",

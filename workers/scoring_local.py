@@ -13,16 +13,15 @@ import time
 from typing import NamedTuple
 
 import numpy as np
-
-from workers import scoring_steps as steps
-from workers.codes import SparseCodes
-from workers.factors import factor_counts, factor_frequencies
-from workers.features import FeatureSpec
-from workers.sae import SAEConfig, encode
-from workers.scores import ScoreConfig, rank_normalize, score_codes
-from workers.selection_shard import ShardData
-from workers.shard_plan import plan_shards, read_shard
-from workers.shard_scoring import column_values, extractor_from_state, sae_from_files
+from saelect.workers import scoring_steps as steps
+from saelect.workers.codes import SparseCodes
+from saelect.workers.factors import factor_counts, factor_frequencies
+from saelect.workers.features import FeatureSpec
+from saelect.workers.sae import SAEConfig, encode
+from saelect.workers.scores import ScoreConfig, rank_normalize, score_codes
+from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_plan import plan_shards, read_shard
+from saelect.workers.shard_scoring import column_values, extractor_from_state, sae_from_files
 
 __all__ = ["SingleProcessScores", "score_single_process"]
 

@@ -20,12 +20,11 @@ import tempfile
 from typing import Any
 
 import numpy as np
-
-from workers.features import FeatureSpec, make_extractor
-from workers.sae import SAEConfig, save_sae
-from workers.scores import ScoreConfig
-from workers.shard_plan import ShardPlan, row_keys
-from workers.shard_scoring import SAE_FILES, pick_device
+from saelect.workers.features import FeatureSpec, make_extractor
+from saelect.workers.sae import SAEConfig, save_sae
+from saelect.workers.scores import ScoreConfig
+from saelect.workers.shard_plan import ShardPlan, row_keys
+from saelect.workers.shard_scoring import SAE_FILES, pick_device
 
 __all__ = [
     "FIT_STREAM",
@@ -119,7 +118,7 @@ def train_sae_files(features_ND: np.ndarray, config: SAEConfig) -> dict[str, byt
 
     Trains on CUDA when this process sees a GPU and the config asks for the CPU default.
     """
-    from workers.sae_train import train_sae_distributed
+    from saelect.workers.sae_train import train_sae_distributed
 
     if config.device == "cpu" and pick_device() == "cuda":
         config = dataclasses.replace(config, device="cuda")

@@ -11,15 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-from workers import ranks, scoring_steps, shard_scoring
-from workers.admission import Reservation
-from workers.features import FeatureSpec
-from workers.sae import SAEConfig
-from workers.scores import ScoreConfig
-from workers.shard_plan import ShardSpec
-from workers.shard_scoring import ShardConfig
-from workers.storage import Storage
+from saelect.workers import ranks, scoring_steps, shard_scoring
+from saelect.workers.admission import Reservation
+from saelect.workers.features import FeatureSpec
+from saelect.workers.sae import SAEConfig
+from saelect.workers.scores import ScoreConfig
+from saelect.workers.shard_plan import ShardSpec
+from saelect.workers.shard_scoring import ShardConfig
+from saelect.workers.storage import Storage
 
 RANK_SAMPLE = 1024
 """Sorted raw scores each shard sends for the sample sort's splitters (`workers.ranks`)."""

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-
-from workers.shard_derived import LabelLayout, ShardDerived
+from saelect.workers.shard_derived import LabelLayout, ShardDerived
 
 __all__ = [
     "GroupSummary",

@@ -22,17 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from workers.selection_shard import SelectionShard, ShardData
-from workers.shard_plan import ShardPlan, ShardSpec
-from workers.shard_scoring import (
+from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.shard_plan import ShardPlan, ShardSpec
+from saelect.workers.shard_scoring import (
     FACTORS_FILE,
     load_shard_codes,
     load_shard_labels,
     load_shard_scores,
     read_shard_labels,
 )
-from workers.storage import Storage
+from saelect.workers.storage import Storage
 
 __all__ = [
     "SelectionShards",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 if TYPE_CHECKING:
-    from workers.selection_shard import ShardData
+    from saelect.workers.selection_shard import ShardData
 
 __all__ = ["LabelLayout", "ShardDerived", "selection_threads"]
 

@@ -26,8 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from workers.splitmix import GOLDEN, mix64
+from saelect.workers.splitmix import GOLDEN, mix64
 
 __all__ = [
     "ShardPiece",

@@ -31,13 +31,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from workers.codes import SparseCodes
-from workers.factors import factor_counts
-from workers.features import FeatureSpec, column_to_numpy, make_extractor
-from workers.scores import ScoreConfig, score_codes
-from workers.shard_plan import ShardSpec, read_shard, row_keys
-from workers.storage import Storage
+from saelect.workers.codes import SparseCodes
+from saelect.workers.factors import factor_counts
+from saelect.workers.features import FeatureSpec, column_to_numpy, make_extractor
+from saelect.workers.scores import ScoreConfig, score_codes
+from saelect.workers.shard_plan import ShardSpec, read_shard, row_keys
+from saelect.workers.storage import Storage
 
 __all__ = [
     "ENCODING_RECORD",
@@ -142,7 +141,7 @@ def extractor_from_state(spec: FeatureSpec, state: dict[str, np.ndarray]) -> Any
 
 def sae_from_files(files: dict[str, bytes], device: str = "cpu") -> Any:
     """A `TopKSAE` from the bytes of the files `save_sae` wrote (name -> content)."""
-    from workers.sae import load_sae  # torch: imported only where an SAE is used
+    from saelect.workers.sae import load_sae  # torch: imported only where an SAE is used
 
     with tempfile.TemporaryDirectory(prefix="saelect-sae-") as tmp:
         for name, data in files.items():
@@ -240,7 +239,7 @@ def encode_shard(
     rows = table.select([config.feature.column])
     extractor = extractor_from_state(config.feature, extractor_state)
     model = sae_from_files(sae_files, device)
-    from workers.sae import encode  # torch: imported only where an SAE is used
+    from saelect.workers.sae import encode  # torch: imported only where an SAE is used
 
     n, bs = spec.num_rows, config.encode_batch_size
     parts: list[SparseCodes] = []

@@ -8,15 +8,15 @@ Example:
 
 from __future__ import annotations
 
-from service.policies.base import Policy, PolicyConfig, Stage, epoch_size, parse_params
-from service.policies.epsilon_greedy import EpsilonGreedyPolicy
-from service.policies.factor import FactorPolicy
-from service.policies.factor_loss import FactorLossPolicy
-from service.policies.full import FullPolicy
-from service.policies.infobatch import InfoBatchPolicy
-from service.policies.rs2 import RS2Policy
-from service.policies.static_random import StaticRandomPolicy
-from service.policies.ucb import UCBPolicy
+from saelect.service.policies.base import Policy, PolicyConfig, Stage, epoch_size, parse_params
+from saelect.service.policies.epsilon_greedy import EpsilonGreedyPolicy
+from saelect.service.policies.factor import FactorPolicy
+from saelect.service.policies.factor_loss import FactorLossPolicy
+from saelect.service.policies.full import FullPolicy
+from saelect.service.policies.infobatch import InfoBatchPolicy
+from saelect.service.policies.rs2 import RS2Policy
+from saelect.service.policies.static_random import StaticRandomPolicy
+from saelect.service.policies.ucb import UCBPolicy
 
 __all__ = [
     "POLICIES",

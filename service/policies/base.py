@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-
-from service.selection.hashing import STREAM_TIEBREAK, hash_u64
-from workers.selection_shard import ShardData
+from saelect.service.selection.hashing import STREAM_TIEBREAK, hash_u64
+from saelect.workers.selection_shard import ShardData
 
 __all__ = [
     "NoParams",
@@ -50,7 +49,7 @@ class PolicyConfig:
     """Policy-specific options, validated into the policy's params dataclass."""
 
     def __post_init__(self) -> None:
-        from service.policies import POLICIES
+        from saelect.service.policies import POLICIES
 
         if self.name not in POLICIES:
             raise ValueError(f"unknown policy {self.name!r}; known: {', '.join(sorted(POLICIES))}")

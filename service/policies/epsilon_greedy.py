@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.policies.base import Stage, round_half_up
-from service.policies.loss_ema import LossEMAPolicy, random_scores
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Stage, round_half_up
+from saelect.service.policies.loss_ema import LossEMAPolicy, random_scores
+from saelect.workers.selection_shard import ShardData
 
 __all__ = ["EpsilonGreedyParams", "EpsilonGreedyPolicy"]
 

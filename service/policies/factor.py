@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-
-from service.policies.base import Policy, PolicyConfig, Stage, add_counts, epoch_size
-from service.policies.factor_scores import ScoreTerms, factor_scores
-from service.schedules import ScheduleConfig, lambda_at
-from service.selection.hashing import STREAM_GUMBEL, gumbel_range
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Policy, PolicyConfig, Stage, add_counts, epoch_size
+from saelect.service.policies.factor_scores import ScoreTerms, factor_scores
+from saelect.service.schedules import ScheduleConfig, lambda_at
+from saelect.service.selection.hashing import STREAM_GUMBEL, gumbel_range
+from saelect.workers.selection_shard import ShardData
 
 __all__ = ["FactorParams", "FactorPolicy", "largest_remainder"]
 

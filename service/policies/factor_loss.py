@@ -27,12 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.policies.base import Stage, add_counts
-from service.policies.loss_ema import LossEMAPolicy
-from service.policies.rs2 import class_quota_counts
-from service.selection.hashing import STREAM_GUMBEL, gumbel
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Stage, add_counts
+from saelect.service.policies.loss_ema import LossEMAPolicy
+from saelect.service.policies.rs2 import class_quota_counts
+from saelect.service.selection.hashing import STREAM_GUMBEL, gumbel
+from saelect.workers.selection_shard import ShardData
 
 __all__ = ["LOSS_BINS", "FactorLossParams", "FactorLossPolicy", "hump", "loss_bins"]
 

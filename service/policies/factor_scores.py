@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.selection.hashing import BLOCK, STREAM_GUMBEL, gumbel_range
+from saelect.service.selection.hashing import BLOCK, STREAM_GUMBEL, gumbel_range
 
 __all__ = ["ScoreTerms", "factor_scores"]
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from service.policies.base import Policy, Stage
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Policy, Stage
+from saelect.workers.selection_shard import ShardData
 
 
 class FullPolicy(Policy):

@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.policies.base import Policy, PolicyConfig, Stage, check_losses, round_half_up
-from service.selection.hashing import STREAM_PRUNE, uniform01
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Policy, PolicyConfig, Stage, check_losses, round_half_up
+from saelect.service.selection.hashing import STREAM_PRUNE, uniform01
+from saelect.workers.selection_shard import ShardData
 
 __all__ = ["InfoBatchParams", "InfoBatchPolicy"]
 

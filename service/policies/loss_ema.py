@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from service.policies.base import Policy, check_losses
-from service.selection.hashing import STREAM_RANDOM, uniform01
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Policy, check_losses
+from saelect.service.selection.hashing import STREAM_RANDOM, uniform01
+from saelect.workers.selection_shard import ShardData
 
 __all__ = ["LossEMAPolicy", "ema_counters", "ema_feedback", "random_scores"]
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.policies.base import Policy, Stage, add_counts, epoch_size
-from service.selection.hashing import STREAM_RANDOM, uniform01
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Policy, Stage, add_counts, epoch_size
+from saelect.service.selection.hashing import STREAM_RANDOM, uniform01
+from saelect.workers.selection_shard import ShardData
 
 __all__ = ["RS2Params", "RS2Policy", "equal_quotas", "round_length"]
 
@@ -75,7 +74,7 @@ def equal_quotas(size: int, counts: np.ndarray) -> np.ndarray:
 
 def class_quota_counts(mode: str, size: int, counts: np.ndarray) -> np.ndarray:
     """int64 (C,) per-class counts of an epoch of ``size`` for quota mode ``mode``."""
-    from service.policies.factor import largest_remainder
+    from saelect.service.policies.factor import largest_remainder
 
     if mode == "proportional":
         return largest_remainder(size, counts)

@@ -7,10 +7,9 @@ changes (only its shuffled order does).
 from __future__ import annotations
 
 import numpy as np
-
-from service.policies.base import Policy, Stage
-from service.selection.hashing import STREAM_RANDOM, uniform01
-from workers.selection_shard import ShardData
+from saelect.service.policies.base import Policy, Stage
+from saelect.service.selection.hashing import STREAM_RANDOM, uniform01
+from saelect.workers.selection_shard import ShardData
 
 
 class StaticRandomPolicy(Policy):

@@ -14,11 +14,10 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-
-from service.backend import Backend
-from service.errors import InvalidRequest, Unauthorized
-from service.metrics import Metrics
-from service.settings import Settings
+from saelect.service.backend import Backend
+from saelect.service.errors import InvalidRequest, Unauthorized
+from saelect.service.metrics import Metrics
+from saelect.service.settings import Settings
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 """Job ids are path-safe: letters, digits, ``_`` and ``-``."""

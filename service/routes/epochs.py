@@ -9,10 +9,15 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-
-from service.errors import InvalidRequest, PayloadTooLarge
-from service.models import ErrorModel, FeedbackAckModel, FeedbackModel, IndicesModel, StatsModel
-from service.routes import (
+from saelect.service.errors import InvalidRequest, PayloadTooLarge
+from saelect.service.models import (
+    ErrorModel,
+    FeedbackAckModel,
+    FeedbackModel,
+    IndicesModel,
+    StatsModel,
+)
+from saelect.service.routes import (
     BackendDep,
     Epoch,
     JobId,

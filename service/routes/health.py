@@ -5,8 +5,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from fastapi import APIRouter, Request
-
-from service.models import HealthModel
+from saelect.service.models import HealthModel
 
 router = APIRouter(tags=["health"])
 

@@ -6,10 +6,9 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-
-from service.backend import Backend, JobStatus, Plan
-from service.errors import InvalidRequest, TooManyJobs
-from service.models import (
+from saelect.service.backend import Backend, JobStatus, Plan
+from saelect.service.errors import InvalidRequest, TooManyJobs
+from saelect.service.models import (
     EpochPlanModel,
     ErrorModel,
     JobListModel,
@@ -18,9 +17,9 @@ from service.models import (
     PlanModel,
     ProgressModel,
 )
-from service.routes import BackendDep, JobId, SettingsDep, check_world_size, require_token
-from service.settings import Settings
-from service.specs import JobSpec, job_spec_from_model
+from saelect.service.routes import BackendDep, JobId, SettingsDep, check_world_size, require_token
+from saelect.service.settings import Settings
+from saelect.service.specs import JobSpec, job_spec_from_model
 
 ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorModel, "description": "invalid value or malformed body"},

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
-
-from service.backend import JobStatus
-from service.errors import SaelectError
-from service.metrics import CONTENT_TYPE, JobMetrics
-from service.models import ErrorModel
-from service.routes import BackendDep, MetricsDep, require_token_for_metrics
+from saelect.service.backend import JobStatus
+from saelect.service.errors import SaelectError
+from saelect.service.metrics import CONTENT_TYPE, JobMetrics
+from saelect.service.models import ErrorModel
+from saelect.service.routes import BackendDep, MetricsDep, require_token_for_metrics
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(require_token_for_metrics)])
 

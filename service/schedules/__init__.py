@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from service.schedules.base import SHAPES, ScheduleConfig, progress
-from service.schedules.constant import constant
-from service.schedules.cosine import cosine
-from service.schedules.linear import linear
-from service.schedules.sigmoid import sigmoid
+from saelect.service.schedules.base import SHAPES, ScheduleConfig, progress
+from saelect.service.schedules.constant import constant
+from saelect.service.schedules.cosine import cosine
+from saelect.service.schedules.linear import linear
+from saelect.service.schedules.sigmoid import sigmoid
 
 __all__ = ["SCHEDULES", "SHAPES", "ScheduleConfig", "lambda_at", "progress"]
 

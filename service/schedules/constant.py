@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.schedules.base import ScheduleConfig
+from saelect.service.schedules.base import ScheduleConfig
 
 
 def constant(x: float, config: ScheduleConfig) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from service.schedules.base import ScheduleConfig
+from saelect.service.schedules.base import ScheduleConfig
 
 
 def cosine(x: float, config: ScheduleConfig) -> float:

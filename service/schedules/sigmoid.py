@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from service.schedules.base import ScheduleConfig
+from saelect.service.schedules.base import ScheduleConfig
 
 
 def _logistic(z: float) -> float:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.selection.hashing import gumbel, hash_u64, uniform01
-from service.selection.partition import per_rank_length, rank_indices
-from service.selection.shuffle import epoch_permutation, shuffle_epoch
-from service.selection.threshold import Broadcast, ProtocolTrace, global_top_m, local_broadcast
-from service.selection.topk import top_m
+from saelect.service.selection.hashing import gumbel, hash_u64, uniform01
+from saelect.service.selection.partition import per_rank_length, rank_indices
+from saelect.service.selection.shuffle import epoch_permutation, shuffle_epoch
+from saelect.service.selection.threshold import (
+    Broadcast,
+    ProtocolTrace,
+    global_top_m,
+    local_broadcast,
+)
+from saelect.service.selection.topk import top_m
 
 __all__ = [
     "Broadcast",
@@ -31,7 +36,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:  # the engine imports the policies, so it loads on first use
     if name in ("EpochResult", "SelectionEngine", "SingleProcessSelector"):
-        from service.selection import engine
+        from saelect.service.selection import engine
 
         return getattr(engine, name)
     raise AttributeError(name)

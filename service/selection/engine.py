@@ -33,16 +33,15 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-
-from service.policies.base import Policy, Stage, add_counts, check_losses
-from service.selection.shuffle import epoch_permutation
-from service.selection.threshold import (
+from saelect.service.policies.base import Policy, Stage, add_counts, check_losses
+from saelect.service.selection.shuffle import epoch_permutation
+from saelect.service.selection.threshold import (
     Broadcast,
     grouped_top_m_protocol,
     local_broadcast,
 )
-from service.selection.topk import grouped_top_m, top_m
-from workers.selection_shard import SelectionShard, ShardData
+from saelect.service.selection.topk import grouped_top_m, top_m
+from saelect.workers.selection_shard import SelectionShard, ShardData
 
 __all__ = ["EpochResult", "SelectionEngine", "SingleProcessSelector"]
 

@@ -18,11 +18,10 @@ Example:
 from __future__ import annotations
 
 import numpy as np
-
-from workers.splitmix import C1 as _C1
-from workers.splitmix import C2 as _C2
-from workers.splitmix import GOLDEN as _GOLDEN
-from workers.splitmix import mix64
+from saelect.workers.splitmix import C1 as _C1
+from saelect.workers.splitmix import C2 as _C2
+from saelect.workers.splitmix import GOLDEN as _GOLDEN
+from saelect.workers.splitmix import mix64
 
 __all__ = [
     "STREAM_GUMBEL",

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from saelect.service.store import JobStore
+from saelect.workers import scoring_tasks
 
-from service.store import JobStore
 from tests.optional import requires_fashion_mnist
-from workers import scoring_tasks
 
 # without the data: a skip that names the install command (not a FileNotFoundError)
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fashion_mnist]
@@ -119,7 +119,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     argv = ["demo", "--train-limit", str(ROWS), "--test-limit", "1000", "--epochs", str(EPOCHS)]
     argv += ["--policies", POLICY, "--workers", str(WORKERS), "--record-indices"]
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", *argv, "--out", str(out_dir)],
+        [sys.executable, "-m", "saelect.service.cli", *argv, "--out", str(out_dir)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

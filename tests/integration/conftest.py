@@ -50,7 +50,7 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def digits_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """scikit-learn digits (all 1797 rows, 8x8) as Parquet, written by `workers.datasets`."""
-    from workers.datasets import load_digits, write_image_parquet
+    from saelect.workers.datasets import load_digits, write_image_parquet
 
     data = load_digits()
     path = tmp_path_factory.mktemp("digits") / "digits.parquet"
@@ -60,8 +60,9 @@ def digits_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def fmnist_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The first 4000 Fashion-MNIST training rows as Parquet (skips when not installed)."""
+    from saelect.workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
+
     from tests.optional import skip_without_fashion_mnist
-    from workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
 
     skip_without_fashion_mnist()
     data = load_fashion_mnist(FMNIST_DIR, "train")

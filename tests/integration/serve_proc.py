@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from client import SelectionClient
+from saelect.client import SelectionClient
 
-SAELECT = [sys.executable, "-m", "service.cli"]
+SAELECT = [sys.executable, "-m", "saelect.service.cli"]
 
 
 def free_port() -> int:

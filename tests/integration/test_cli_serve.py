@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from saelect.client import SelectionClient
+from saelect.workers.datasets import write_image_parquet
 
-from client import SelectionClient
 from tests.integration.serve_proc import SAELECT, free_port
-from workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
 

@@ -48,9 +48,8 @@ from typing import Any
 import pytest
 import ray
 import yaml
-
-from client import SelectionClient
-from workers.datasets import write_image_parquet
+from saelect.client import SelectionClient
+from saelect.workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
 
@@ -71,7 +70,7 @@ SPEC = {
 }
 FETCH = """
 import hashlib, json, sys
-from client import SelectionClient
+from saelect.client import SelectionClient
 url, token, job = sys.argv[1:4]
 c = SelectionClient(url, token=token, retries=20)
 out = {}
@@ -408,7 +407,7 @@ def test_compose_service_serves_scores_on_both_raylets_and_survives_a_kill(
         spec_path.write_text(json.dumps(SPEC).replace("/data", cluster.mapping.volumes["/data"]))
         jobs_env = {**cluster.env, "SAELECT_URL_FILE": str(url_file), "SAELECT_API_TOKEN": TOKEN}
         created = subprocess.run(
-            [sys.executable, "-m", "service.cli", "jobs", "create", str(spec_path)],
+            [sys.executable, "-m", "saelect.service.cli", "jobs", "create", str(spec_path)],
             capture_output=True,
             text=True,
             timeout=120,

@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 import ray
-
-from client import SelectionClient
-from service.server import ServiceHandle, start_service
-from service.settings import Settings
-from workers.datasets import write_image_parquet
-from workers.shard_plan import default_num_shards
+from saelect.client import SelectionClient
+from saelect.service.server import ServiceHandle, start_service
+from saelect.service.settings import Settings
+from saelect.workers.datasets import write_image_parquet
+from saelect.workers.shard_plan import default_num_shards
 
 pytestmark = pytest.mark.ray
 
@@ -116,8 +115,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import os
 
     import ray.train
-
-    from client import SelectionClient
+    from saelect.client import SelectionClient
 
     ctx = ray.train.get_context()
     client = SelectionClient(config["url"])

@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from service.errors import JobNotReady
-from service.jobs import JobManager
-from service.specs import job_spec_from_dict
-from service.store import JobStore
+from saelect.service.errors import JobNotReady
+from saelect.service.jobs import JobManager
+from saelect.service.specs import job_spec_from_dict
+from saelect.service.store import JobStore
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
@@ -52,9 +51,9 @@ def test_lifecycle_is_logged_one_line_per_event(
         await manager.close()
         return job
 
-    with caplog.at_level(logging.INFO, logger="service.jobs"):
+    with caplog.at_level(logging.INFO, logger="saelect.service.jobs"):
         job = asyncio.run(scenario())
-    lines = [r.getMessage() for r in caplog.records if r.name == "service.jobs"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "saelect.service.jobs"]
     assert all(job in line for line in lines), lines
 
     def count(fragment: str) -> int:
@@ -167,7 +166,7 @@ def test_a_corrupt_file_fails_its_own_job_and_a_corrupt_scoring_is_recomputed(
                 np.testing.assert_array_equal(got, served[kind][t])
         await manager.close()
 
-    with caplog.at_level(logging.WARNING, logger="service.jobs"):
+    with caplog.at_level(logging.WARNING, logger="saelect.service.jobs"):
         asyncio.run(second())
     assert any("codes.npz" in r.getMessage() and "recomputing" in r.getMessage()
                for r in caplog.records)  # fmt: skip

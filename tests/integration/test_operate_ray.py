@@ -16,13 +16,12 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from client import SelectionClient
-from service.backend import PHASES
-from service.cli import main
-from service.server import ServiceHandle, start_service
-from service.settings import Settings
-from workers.datasets import write_image_parquet
+from saelect.client import SelectionClient
+from saelect.service.backend import PHASES
+from saelect.service.cli import main
+from saelect.service.server import ServiceHandle, start_service
+from saelect.service.settings import Settings
+from saelect.workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from saelect.client import SelectionClient, SelectionError, SelectionSampler
+from saelect.workers.datasets import write_image_parquet
 
-from client import SelectionClient, SelectionError, SelectionSampler
 from tests.integration.serve_proc import Server, free_port, patient_client
-from workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
 

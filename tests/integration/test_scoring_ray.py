@@ -23,24 +23,23 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-
-from service.policies import PolicyConfig, make_policy
-from service.policies.base import Stage
-from service.selection.engine import SelectionEngine, SingleProcessSelector
-from service.selection.threshold import global_top_m
-from service.selection.topk import top_m
-from workers.admission import ScoringResources
-from workers.features import FeatureSpec
-from workers.pipeline import PipelineOptions, ScoringError, run_scoring
-from workers.sae import SAEConfig, init_sae
-from workers.sae_train import global_batches, train_sae_distributed
-from workers.scores import ScoreConfig
-from workers.scoring_local import SingleProcessScores, score_single_process
-from workers.selection_shard import SelectionShard, ShardData
-from workers.selection_state import SelectionShards, SelectionStateActor
-from workers.shard_plan import plan_shards
-from workers.shard_scoring import shard_dir
-from workers.storage import Storage
+from saelect.service.policies import PolicyConfig, make_policy
+from saelect.service.policies.base import Stage
+from saelect.service.selection.engine import SelectionEngine, SingleProcessSelector
+from saelect.service.selection.threshold import global_top_m
+from saelect.service.selection.topk import top_m
+from saelect.workers.admission import ScoringResources
+from saelect.workers.features import FeatureSpec
+from saelect.workers.pipeline import PipelineOptions, ScoringError, run_scoring
+from saelect.workers.sae import SAEConfig, init_sae
+from saelect.workers.sae_train import global_batches, train_sae_distributed
+from saelect.workers.scores import ScoreConfig
+from saelect.workers.scoring_local import SingleProcessScores, score_single_process
+from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_state import SelectionShards, SelectionStateActor
+from saelect.workers.shard_plan import plan_shards
+from saelect.workers.shard_scoring import shard_dir
+from saelect.workers.storage import Storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 

@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from saelect.client import SelectionClient, SelectionError
 
-from client import SelectionClient, SelectionError
 from tests.integration.serve_proc import (
     Server,
     alive,
@@ -240,7 +240,7 @@ def test_serve_process_loopback_lease_and_sigkill_restarts(tmp_path: Path) -> No
 PYTHON_API = """
 import json, os, sys
 import ray  # imported first, with the hostile environment below: Ray caches what it read
-from service.server import init_ray
+from saelect.service.server import init_ray
 from tests.integration.serve_proc import listening_sockets, session_pids
 from ray._raylet import AuthenticationMode, get_authentication_mode
 

@@ -24,15 +24,15 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from saelect.client import SelectionClient, SelectionSampler
+from saelect.client.feedback import post_feedback
+from saelect.service.server import ServiceHandle, start_service
+from saelect.service.settings import Settings
+from saelect.workers.datasets import write_image_parquet
 from schemathesis import GenerationMode
 
-from client import SelectionClient, SelectionSampler
-from client.feedback import post_feedback
-from service.server import ServiceHandle, start_service
-from service.settings import Settings
 from tests.bad_requests import bad_requests
 from tests.fuzz import aim_at_a_job, fuzz_config
-from workers.datasets import write_image_parquet
 
 pytestmark = pytest.mark.ray
 
@@ -312,7 +312,7 @@ def test_shard_process_crash_mid_run_changes_no_epoch(
 def test_ray_data_helper_selects_the_epoch_rows(
     ready_job: tuple[SelectionClient, str],
 ) -> None:
-    from client.ray_data import select_epoch
+    from saelect.client.ray_data import select_epoch
 
     client, job = ready_job
     n = client.job(job)["num_samples"]

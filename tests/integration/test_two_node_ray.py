@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-
-from workers.features import FeatureSpec
-from workers.pipeline import run_scoring
-from workers.sae import SAEConfig
-from workers.scores import ScoreConfig
-from workers.scoring_local import score_single_process
-from workers.selection_state import SelectionShards
-from workers.storage import Storage
+from saelect.workers.features import FeatureSpec
+from saelect.workers.pipeline import run_scoring
+from saelect.workers.sae import SAEConfig
+from saelect.workers.scores import ScoreConfig
+from saelect.workers.scoring_local import score_single_process
+from saelect.workers.selection_state import SelectionShards
+from saelect.workers.storage import Storage
 
 pytestmark = pytest.mark.ray
 

@@ -11,17 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from service.backend import EpochPlan, JobStatus, Plan, Progress
-from service.errors import (
+from saelect.service.backend import EpochPlan, JobStatus, Plan, Progress
+from saelect.service.errors import (
     EpochOutOfRange,
     FeedbackNotAccepted,
     InvalidRequest,
     JobNotReady,
     UnknownJob,
 )
-from service.selection.partition import per_rank_length, rank_indices
-from service.specs import JobSpec
+from saelect.service.selection.partition import per_rank_length, rank_indices
+from saelect.service.specs import JobSpec
 
 FEEDBACK_POLICIES = frozenset({"infobatch", "ucb", "epsilon_greedy"})
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
+from saelect.service.app import create_app
+from saelect.service.settings import Settings
+from saelect.service.specs import job_spec_from_dict
 
-from service.app import create_app
-from service.settings import Settings
-from service.specs import job_spec_from_dict
 from tests.fuzz import aim_at_a_job, fuzz_config
 from tests.unit.fakes import FakeBackend
 

@@ -13,16 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from saelect.service.app import create_app
+from saelect.service.backend import JobStatus, Progress
+from saelect.service.cli import DEFAULT_URL, EXAMPLES, build_parser, default_url, main
+from saelect.service.selection.partition import rank_indices
+from saelect.service.server import write_url_file
+from saelect.service.settings import Settings
+from saelect.workers.datasets import load_image_parquet
 
-from service.app import create_app
-from service.backend import JobStatus, Progress
-from service.cli import DEFAULT_URL, EXAMPLES, build_parser, default_url, main
-from service.selection.partition import rank_indices
-from service.server import write_url_file
-from service.settings import Settings
 from tests.unit.fakes import FakeBackend
 from tests.unit.test_client import ServerThread, free_socket
-from workers.datasets import load_image_parquet
 
 
 def test_data_digits_writes_train_and_test_parquet(tmp_path: Path) -> None:
@@ -269,7 +269,7 @@ def test_jobs_wait_on_a_failing_job_exits_1_with_its_error(
     scripted: tuple[str, ScriptedBackend], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, _ = scripted
-    from client import SelectionClient
+    from saelect.client import SelectionClient
 
     job = SelectionClient(url).create_job({**JOB_SPEC, "name": "fail"})["id"]
     capsys.readouterr()
@@ -280,7 +280,7 @@ def test_jobs_wait_on_a_failing_job_exits_1_with_its_error(
 
 
 def test_wait_ready_calls_back_with_every_status(scripted: tuple[str, ScriptedBackend]) -> None:
-    from client import SelectionClient
+    from saelect.client import SelectionClient
 
     url, _ = scripted
     client = SelectionClient(url)
@@ -292,7 +292,7 @@ def test_wait_ready_calls_back_with_every_status(scripted: tuple[str, ScriptedBa
 
 
 def test_a_phase_that_ends_between_two_polls_is_summarized_as_complete() -> None:
-    from service.cli import PhaseProgress
+    from saelect.service.cli import PhaseProgress
 
     log = io.StringIO()  # not a terminal: one summary line per counted phase
     bars = PhaseProgress("j", file=log)

@@ -19,12 +19,12 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from saelect.client import JobFailedError, SelectionClient, SelectionError, SelectionSampler
+from saelect.client.ray_data import keep_selected
+from saelect.client.ray_train import sampler_from_context
+from saelect.service.app import create_app
+from saelect.service.settings import Settings
 
-from client import JobFailedError, SelectionClient, SelectionError, SelectionSampler
-from client.ray_data import keep_selected
-from client.ray_train import sampler_from_context
-from service.app import create_app
-from service.settings import Settings
 from tests.unit.fakes import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]

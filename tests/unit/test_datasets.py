@@ -10,9 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from tests.optional import requires_fashion_mnist
-from workers.datasets import (
+from saelect.workers.datasets import (
     FMNIST_DIR,
     ROW_GROUP_SIZE,
     load_digits,
@@ -21,6 +19,8 @@ from workers.datasets import (
     read_idx,
     write_image_parquet,
 )
+
+from tests.optional import requires_fashion_mnist
 
 
 def test_digits_parquet_round_trip(tmp_path: Path) -> None:

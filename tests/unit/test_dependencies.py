@@ -14,23 +14,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 PURE_MODULES = [
-    "service.schedules",
-    "service.selection.hashing",
-    "service.selection.topk",
-    "service.selection.threshold",
-    "service.selection.shuffle",
-    "service.selection.partition",
-    "service.selection.engine",
-    "service.policies",
-    "service.policies.factor_scores",
-    "workers.features",
-    "workers.sae",
-    "workers.codes",
-    "workers.factors",
-    "workers.scores",
-    "workers.selection_shard",
-    "workers.shard_derived",
-    "workers.datasets",
+    "saelect.service.schedules",
+    "saelect.service.selection.hashing",
+    "saelect.service.selection.topk",
+    "saelect.service.selection.threshold",
+    "saelect.service.selection.shuffle",
+    "saelect.service.selection.partition",
+    "saelect.service.selection.engine",
+    "saelect.service.policies",
+    "saelect.service.policies.factor_scores",
+    "saelect.workers.features",
+    "saelect.workers.sae",
+    "saelect.workers.codes",
+    "saelect.workers.factors",
+    "saelect.workers.scores",
+    "saelect.workers.selection_shard",
+    "saelect.workers.shard_derived",
+    "saelect.workers.datasets",
 ]
 
 
@@ -48,12 +48,14 @@ def _loaded_after_import(*modules: str) -> set[str]:
 
 
 def test_client_loads_no_ray_service_or_workers() -> None:
-    loaded = _loaded_after_import("client", "client.http", "client.sampler", "client.errors")
+    loaded = _loaded_after_import(
+        "client", "saelect.client.http", "saelect.client.sampler", "saelect.client.errors"
+    )
     assert not loaded & {"ray", "service", "workers"}, loaded & {"ray", "service", "workers"}
 
 
 def test_client_ray_helpers_import_ray_lazily() -> None:
-    loaded = _loaded_after_import("client.ray_train", "client.ray_data")
+    loaded = _loaded_after_import("saelect.client.ray_train", "saelect.client.ray_data")
     assert "ray" not in loaded
 
 
@@ -123,12 +125,19 @@ def test_the_base_install_is_a_trainers_ranges_without_ray_or_plotting() -> None
     assert '-c constraints.txt -e ".[service,dev,text]"' in makefile
 
 
+def _top(module: str) -> str:
+    """The distribution-level name of an import: ``saelect.<part>`` for saelect's own modules,
+    the top-level name for everything else."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "saelect" else parts[0]
+
+
 def test_client_imports_only_what_the_base_install_brings() -> None:
     """Every module of ``client`` imports, at its top level, only the standard library, numpy,
-    httpx and ``client`` itself; ray (the Ray helpers) loads inside functions. The one exception
+    httpx and ``saelect.client`` itself (no other part of saelect); ray (the Ray helpers) loads inside functions. The one exception
     is ``client.sampler`` (a torch ``Sampler``: the trainer's torch, or the ``sampler`` extra),
     which ``client`` loads on first use of ``SelectionSampler``."""
-    base = set(sys.stdlib_module_names) | {"numpy", "httpx", "client", "__future__"}
+    base = set(sys.stdlib_module_names) | {"numpy", "httpx", "saelect.client", "__future__"}
     offenders = {}
     for path in sorted((ROOT / "client").glob("*.py")):
         allowed = base | ({"torch"} if path.name == "sampler.py" else set())
@@ -136,14 +145,16 @@ def test_client_imports_only_what_the_base_install_brings() -> None:
         top = set()
         for node in tree.body:  # module level only; TYPE_CHECKING blocks never run
             if isinstance(node, ast.Import):
-                top.update(alias.name.split(".")[0] for alias in node.names)
+                top.update(_top(alias.name) for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                top.add(node.module.split(".")[0])
+                top.add(_top(node.module))
         if top - allowed:
             offenders[path.name] = sorted(top - allowed)
     assert offenders == {}
 
 
 def test_client_and_its_feedback_load_no_ray_matplotlib_or_torch() -> None:
-    loaded = _loaded_after_import("client", "client.http", "client.feedback", "client.errors")
+    loaded = _loaded_after_import(
+        "client", "saelect.client.http", "saelect.client.feedback", "saelect.client.errors"
+    )
     assert not loaded & {"ray", "matplotlib", "torch", "service", "workers"}, loaded

@@ -28,10 +28,10 @@ import jsonschema
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from saelect.service.app import create_app
+from saelect.service.cli import build_parser
+from saelect.service.settings import Settings
 
-from service.app import create_app
-from service.cli import build_parser
-from service.settings import Settings
 from tests.unit.fakes import FakeBackend
 
 # importing Ray's click commands loads ray.serve, whose models warn about pydantic v1 idioms
@@ -122,7 +122,7 @@ def shell_commands(text: str) -> list[list[str]]:
 
 def check_command(argv: list[str]) -> None:
     """Parse ``argv`` with the program's own parser; fail on an unknown command or flag."""
-    if argv[0] == "saelect" or argv[:3] == ["python", "-m", "service.cli"]:
+    if argv[0] == "saelect" or argv[:3] == ["python", "-m", "saelect.service.cli"]:
         rest = argv[1:] if argv[0] == "saelect" else argv[3:]
         args = build_parser().parse_args(rest)  # SystemExit on an unknown flag
         assert callable(args.func)
@@ -213,7 +213,7 @@ def test_every_command_of_the_deployment_files_parses() -> None:
     submit = next(c for c in commands["job-submit.sh"] if c[:3] == ["ray", "job", "submit"])
     assert "--working-dir" in submit and submit[submit.index("--working-dir") + 1] == "."
     entry = submit[submit.index("--") + 1 :]
-    assert entry[:4] == ["python", "-m", "service.cli", "serve"] and "--address" in entry
+    assert entry[:4] == ["python", "-m", "saelect.service.cli", "serve"] and "--address" in entry
 
 
 # ------------------------------------------------------------------------------ docker compose

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from service.policies import POLICIES, PolicyConfig, make_policy
-from service.selection.engine import EpochResult, SelectionEngine, SingleProcessSelector
-from service.selection.hashing import STREAM_GUMBEL, STREAM_TIEBREAK, hash_u64
-from service.selection.partition import per_rank_length, rank_indices
-from service.selection.threshold import local_broadcast
-from workers.selection_shard import SelectionShard, ShardData
+from saelect.service.policies import POLICIES, PolicyConfig, make_policy
+from saelect.service.selection.engine import EpochResult, SelectionEngine, SingleProcessSelector
+from saelect.service.selection.hashing import STREAM_GUMBEL, STREAM_TIEBREAK, hash_u64
+from saelect.service.selection.partition import per_rank_length, rank_indices
+from saelect.service.selection.threshold import local_broadcast
+from saelect.workers.selection_shard import SelectionShard, ShardData
 
 N = 240
 EPOCHS = 6

@@ -9,9 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-
-from tests.optional import requires_text_extra
-from workers.features import (
+from saelect.workers.features import (
     EXTRACTORS,
     KINDS,
     ColumnExtractor,
@@ -23,6 +21,8 @@ from workers.features import (
     column_to_numpy,
     make_extractor,
 )
+
+from tests.optional import requires_text_extra
 
 TINY_MODULE = "tests.unit.test_features:tiny_module"
 
@@ -223,7 +223,7 @@ def test_module_extractor_by_import_path() -> None:
 
 # ---------------------------------------------------------------------- progress helper
 def test_progress_reports_and_batch_ranges() -> None:
-    from workers.progress import Progress, batch_ranges
+    from saelect.workers.progress import Progress, batch_ranges
 
     seen: list[tuple[int, int]] = []
     with Progress(10, progress=True, on_progress=lambda d, t: seen.append((d, t))) as bar:
@@ -371,9 +371,8 @@ def test_selfsup_image_shape_and_bad_inputs(selfsup_fit: Any, one_thread: None) 
 
 def test_feature_model_accepts_selfsup_and_checks_image_shape() -> None:
     from pydantic import ValidationError
-
-    from service.models import FeatureModel
-    from service.specs import JobSpec
+    from saelect.service.models import FeatureModel
+    from saelect.service.specs import JobSpec
 
     model = FeatureModel(kind="selfsup", column="image", dim=64, image_shape=[1, 28, 28])
     body = {
@@ -394,9 +393,9 @@ def test_scoring_key_of_existing_kinds_ignores_the_new_field() -> None:
     import hashlib
     import json
 
-    from service.jobs import scoring_key
-    from service.policies import PolicyConfig
-    from service.specs import DatasetSpec, JobSpec
+    from saelect.service.jobs import scoring_key
+    from saelect.service.policies import PolicyConfig
+    from saelect.service.specs import DatasetSpec, JobSpec
 
     feature = FeatureSpec("pixels", "image", dim=64)
     spec = JobSpec(

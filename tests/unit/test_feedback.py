@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from saelect.client import SelectionClient, SelectionError, SelectionSampler
+from saelect.client.feedback import FeedbackReporter, post_feedback
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import SelectionClient, SelectionError, SelectionSampler
-from client.feedback import FeedbackReporter, post_feedback
 from tests.unit.fakes import FakeBackend
 from tests.unit.test_client import SPEC, TOKEN, ServerThread, free_socket, make_app
 

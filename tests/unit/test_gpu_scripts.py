@@ -20,22 +20,22 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from saelect.service.policies import PolicyConfig, make_policy
+from saelect.service.selection.engine import SingleProcessSelector
+from saelect.workers.codes import SparseCodes
+from saelect.workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
+from saelect.workers.factors import factor_counts, factor_frequencies
+from saelect.workers.features import FeatureSpec
+from saelect.workers.sae import SAEConfig, encode, load_sae
+from saelect.workers.scores import ScoreConfig, score_codes
+from saelect.workers.scoring_local import score_single_process
+from saelect.workers.selection_shard import ShardData
 
 from benchmarks import gpu_regimes
 from benchmarks.gpu_checks import digest
 from benchmarks.gpu_scoring import generate
 from benchmarks.train_regimes import lt_counts
-from service.policies import PolicyConfig, make_policy
-from service.selection.engine import SingleProcessSelector
 from tests.optional import requires_fashion_mnist
-from workers.codes import SparseCodes
-from workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
-from workers.factors import factor_counts, factor_frequencies
-from workers.features import FeatureSpec
-from workers.sae import SAEConfig, encode, load_sae
-from workers.scores import ScoreConfig, score_codes
-from workers.scoring_local import score_single_process
-from workers.selection_shard import ShardData
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 

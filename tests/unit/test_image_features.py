@@ -18,16 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from saelect.service.errors import InvalidRequest
+from saelect.service.specs import job_spec_from_dict
+from saelect.workers.features import FeatureSpec, make_extractor
+from saelect.workers.features.image_model import IMAGENET_MEAN, IMAGENET_STD, load_weights_file
+from saelect.workers.features.images import decode_images
+from saelect.workers.sae import SAEConfig
+from saelect.workers.scores import ScoreConfig
+from saelect.workers.scoring_local import score_single_process
 
-from service.errors import InvalidRequest
-from service.specs import job_spec_from_dict
 from tests.optional import requires_text_extra
-from workers.features import FeatureSpec, make_extractor
-from workers.features.image_model import IMAGENET_MEAN, IMAGENET_STD, load_weights_file
-from workers.features.images import decode_images
-from workers.sae import SAEConfig
-from workers.scores import ScoreConfig
-from workers.scoring_local import score_single_process
 
 N = 48
 SIZE = 32

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from service.lease import LEASE_FILE, StoreLease, StoreOwnedError
-from workers.storage import Storage
+from saelect.service.lease import LEASE_FILE, StoreLease, StoreOwnedError
+from saelect.workers.storage import Storage
 
 
 class Clock:
@@ -92,8 +91,8 @@ def test_an_unreadable_lease_file_does_not_lock_the_store(tmp_path: Path) -> Non
 def test_serve_refuses_a_store_a_live_service_owns_before_starting_ray(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from service.server import serve_forever
-    from service.settings import Settings
+    from saelect.service.server import serve_forever
+    from saelect.service.settings import Settings
 
     owner = StoreLease(Storage(str(tmp_path)), settle_s=0.0).acquire()
     try:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from saelect.service.app import create_app
+from saelect.service.backend import PHASES, JobStatus, Progress
+from saelect.service.metrics import JobMetrics, Metrics
+from saelect.service.settings import Settings
 
-from service.app import create_app
-from service.backend import PHASES, JobStatus, Progress
-from service.metrics import JobMetrics, Metrics
-from service.settings import Settings
 from tests.unit.fakes import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from saelect.client import SelectionClient
+from saelect.service.app import create_app
+from saelect.service.cli import main
+from saelect.service.plots import AXES_TITLES, epoch_figure
+from saelect.service.settings import Settings
 
-from client import SelectionClient
-from service.app import create_app
-from service.cli import main
-from service.plots import AXES_TITLES, epoch_figure
-from service.settings import Settings
 from tests.unit.fakes import FakeBackend
 from tests.unit.test_client import ServerThread, free_socket
 

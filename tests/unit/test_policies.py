@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from service.policies import POLICIES, PolicyConfig, make_policy
-from service.policies.base import Stage
-from service.policies.factor import largest_remainder
-from service.policies.rs2 import round_length
-from service.selection.engine import EpochResult, SingleProcessSelector
-from workers.selection_shard import ShardData, ShardDerived
+from saelect.service.policies import POLICIES, PolicyConfig, make_policy
+from saelect.service.policies.base import Stage
+from saelect.service.policies.factor import largest_remainder
+from saelect.service.policies.rs2 import round_length
+from saelect.service.selection.engine import EpochResult, SingleProcessSelector
+from saelect.workers.selection_shard import ShardData, ShardDerived
 
 
 def make_data(n: int, seed: int = 0, *, classes: int = 4, codes: bool = False) -> ShardData:

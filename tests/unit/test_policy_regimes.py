@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from service.policies import POLICIES, PolicyConfig, make_policy
-from service.policies.factor_loss import LOSS_BINS, hump, loss_bins
-from service.policies.rs2 import equal_quotas
-from service.selection.engine import SingleProcessSelector
-from workers.selection_shard import ShardData
+from saelect.service.policies import POLICIES, PolicyConfig, make_policy
+from saelect.service.policies.factor_loss import LOSS_BINS, hump, loss_bins
+from saelect.service.policies.rs2 import equal_quotas
+from saelect.service.selection.engine import SingleProcessSelector
+from saelect.workers.selection_shard import ShardData
 
 
 def shard(n: int, seed: int = 0, *, labels: np.ndarray | None = None) -> ShardData:

@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from workers import ranks
-from workers.admission import ResourceRequest, ScoringResources, describe_resources, plan_request
-from workers.scores import rank_normalize
+from saelect.workers import ranks
+from saelect.workers.admission import (
+    ResourceRequest,
+    ScoringResources,
+    describe_resources,
+    plan_request,
+)
+from saelect.workers.scores import rank_normalize
 
 
 def sharded_ranks(x: np.ndarray, cuts: list[int], buckets: int, sample: int) -> np.ndarray:

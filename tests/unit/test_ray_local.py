@@ -12,7 +12,7 @@ import sys
 
 SCRIPT = """
 import json, os, sys
-from service.ray_local import prepare_embedded_env
+from saelect.service.ray_local import prepare_embedded_env
 
 before = "ray" in sys.modules
 prepare_embedded_env()

@@ -14,15 +14,15 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from saelect.service import errors
+from saelect.service.app import create_app
+from saelect.service.backend import Backend
+from saelect.service.settings import Settings
+from saelect.service.specs import JobSpec
+from saelect.workers.admission import ScoringResources
 
-from service import errors
-from service.app import create_app
-from service.backend import Backend
-from service.settings import Settings
-from service.specs import JobSpec
 from tests.bad_requests import BadRequest, bad_requests
 from tests.unit.fakes import FakeBackend
-from workers.admission import ScoringResources
 
 N = 1000
 SPEC: dict[str, Any] = {
@@ -399,7 +399,7 @@ def test_error_table_in_the_docs_matches_the_error_classes() -> None:
     table = _docs_error_table()
     for code, cls in errors.ERRORS.items():
         assert table.get(code) == cls.status, (code, table.get(code), cls.status)
-    from service.app import HTTP_CODES
+    from saelect.service.app import HTTP_CODES
 
     for status, code in HTTP_CODES.items():
         if code in table:
@@ -645,7 +645,7 @@ def test_errors_survive_pickling(cls: type[errors.SaelectError]) -> None:
 
 
 def test_sae_nulls_mean_defaults_and_core_validation_reaches_the_client(tmp_path: Path) -> None:
-    from workers.sae import SAEConfig
+    from saelect.workers.sae import SAEConfig
 
     client, backend = make_client(tmp_path)
     body = copy.deepcopy(SPEC)

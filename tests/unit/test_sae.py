@@ -9,11 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-from tests.conftest import DIGITS_SAE_CONFIG
-from workers.codes import SparseCodes
-from workers.factors import factor_counts
-from workers.sae import (
+from saelect.workers.codes import SparseCodes
+from saelect.workers.factors import factor_counts
+from saelect.workers.sae import (
     FiringCounters,
     SAEConfig,
     TopKSAE,
@@ -25,6 +23,8 @@ from workers.sae import (
     sae_train_step,
     save_sae,
 )
+
+from tests.conftest import DIGITS_SAE_CONFIG
 
 K = DIGITS_SAE_CONFIG["k"]
 UNITS = DIGITS_SAE_CONFIG["units"]

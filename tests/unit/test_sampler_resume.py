@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from saelect.client import SelectionClient, SelectionSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import SelectionClient, SelectionSampler
 from tests.unit.fakes import FakeBackend
 from tests.unit.test_client import SPEC, TOKEN, ServerThread, free_socket, make_app
 

@@ -7,8 +7,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from service.schedules import SCHEDULES, SHAPES, ScheduleConfig, lambda_at, progress
+from saelect.service.schedules import SCHEDULES, SHAPES, ScheduleConfig, lambda_at, progress
 
 configs = st.builds(
     ScheduleConfig,

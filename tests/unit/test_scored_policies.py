@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from service.jobs import SCORED_POLICIES
-from service.policies import POLICIES, PolicyConfig, make_policy
-from service.selection.engine import SingleProcessSelector
-from workers.selection_shard import ShardData
+from saelect.service.jobs import SCORED_POLICIES
+from saelect.service.policies import POLICIES, PolicyConfig, make_policy
+from saelect.service.selection.engine import SingleProcessSelector
+from saelect.workers.selection_shard import ShardData
 
 
 @pytest.mark.parametrize("name", sorted(set(POLICIES) - SCORED_POLICIES))

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from workers.codes import SparseCodes
-from workers.factors import alive_units, factor_counts, factor_frequencies, profiles
-from workers.scores import (
+from saelect.workers.codes import SparseCodes
+from saelect.workers.factors import alive_units, factor_counts, factor_frequencies, profiles
+from saelect.workers.scores import (
     ScoreConfig,
     diversity,
     global_rank_normalize,

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import saelect.service.routes as service_routes
 from fastapi.testclient import TestClient
+from saelect.service.app import create_app
+from saelect.service.settings import Settings
 
-import service.routes
-from service.app import create_app
-from service.settings import Settings
 from tests import bad_requests
 from tests.unit.fakes import FakeBackend
 from tests.unit.test_routes import SPEC, assert_error
@@ -55,7 +55,7 @@ def test_token_is_compared_with_compare_digest(
         calls.append((a, b))
         return a == b
 
-    monkeypatch.setattr(service.routes.hmac, "compare_digest", spy)
+    monkeypatch.setattr(service_routes.hmac, "compare_digest", spy)
     client, _ = client_for(tmp_path, api_token=TOKEN)
     for path in ("/v1/jobs", "/metrics", "/openapi.json"):
         for token, status in ((TOKEN, 200), (TOKEN[:-1], 401), (TOKEN + "x", 401)):

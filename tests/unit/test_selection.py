@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from service.policies.base import Stage
-from service.selection import (
+from saelect.service.policies.base import Stage
+from saelect.service.selection import (
     epoch_permutation,
     global_top_m,
     gumbel,
@@ -23,10 +22,10 @@ from service.selection import (
     top_m,
     uniform01,
 )
-from service.selection.hashing import STREAM_TIEBREAK, gumbel_range, hash_range, stream_key
-from service.selection.threshold import grouped_top_m_protocol
-from service.selection.topk import grouped_top_m
-from workers.selection_shard import SelectionShard, ShardData, score_keys
+from saelect.service.selection.hashing import STREAM_TIEBREAK, gumbel_range, hash_range, stream_key
+from saelect.service.selection.threshold import grouped_top_m_protocol
+from saelect.service.selection.topk import grouped_top_m
+from saelect.workers.selection_shard import SelectionShard, ShardData, score_keys
 
 # ---------------------------------------------------------------------------- hashing
 

@@ -15,15 +15,14 @@ import itertools
 
 import numpy as np
 import pytest
-
-import workers.shard_derived as shard_derived
-from service.policies import PolicyConfig, make_policy
-from service.policies.factor_scores import ScoreTerms, factor_scores
-from service.selection.engine import SelectionEngine, SingleProcessSelector
-from service.selection.hashing import BLOCK, STREAM_GUMBEL, gumbel, gumbel_range
-from service.selection.threshold import local_broadcast
-from workers.selection_shard import SelectionShard, ShardData
-from workers.selection_state import shard_memory, state_bytes
+import saelect.workers.shard_derived as shard_derived
+from saelect.service.policies import PolicyConfig, make_policy
+from saelect.service.policies.factor_scores import ScoreTerms, factor_scores
+from saelect.service.selection.engine import SelectionEngine, SingleProcessSelector
+from saelect.service.selection.hashing import BLOCK, STREAM_GUMBEL, gumbel, gumbel_range
+from saelect.service.selection.threshold import local_broadcast
+from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_state import shard_memory, state_bytes
 
 
 def pinned_data(n: int = 70_000, seed: int = 14) -> ShardData:

@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from workers.shard_plan import (
+from saelect.workers.shard_plan import (
     check_allowed,
     default_num_shards,
     plan_shards,

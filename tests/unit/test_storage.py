@@ -1,4 +1,4 @@
-"""workers.storage: round trips on local paths, file:// URIs and an in-memory pyarrow fs;
+"""saelect.workers.storage: round trips on local paths, file:// URIs and an in-memory pyarrow fs;
 atomic writes never expose partial files."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyarrow.fs import _MockFileSystem
-
-from workers.storage import TMP_MARKER, Storage, WriteTally
+from saelect.workers.storage import TMP_MARKER, Storage, WriteTally
 
 KINDS = ["path", "file_uri", "mockfs"]
 

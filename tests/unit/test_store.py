@@ -1,5 +1,5 @@
-"""service.store: the job store (docs/reliability.md, Persistence) on local paths, file:// URIs
-and in-memory filesystems."""
+"""saelect.service.store: the job store (docs/reliability.md, Persistence) on local paths,
+file:// URIs and in-memory filesystems."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyarrow.fs import _MockFileSystem
-
-from service.errors import InvalidRequest, UnknownJob
-from service.specs import JobSpec, job_spec_from_dict
-from service.store import MANIFEST_FILE, JobState, JobStore, check_job_id, new_job_id
-from workers.storage import Storage
+from saelect.service.errors import InvalidRequest, UnknownJob
+from saelect.service.specs import JobSpec, job_spec_from_dict
+from saelect.service.store import MANIFEST_FILE, JobState, JobStore, check_job_id, new_job_id
+from saelect.workers.storage import Storage
 
 SPEC_DICT = {
     "name": "fmnist",

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from saelect.service.jobs import SCORING_MANIFEST, seal_scoring
+from saelect.service.store import MANIFEST_FILE, JobState, JobStore
+from saelect.workers.storage import CorruptFileError, Storage, digest, verify_tree, write_manifest
 
-from service.jobs import SCORING_MANIFEST, seal_scoring
-from service.store import MANIFEST_FILE, JobState, JobStore
 from tests.unit.test_store import make_spec
-from workers.storage import CorruptFileError, Storage, digest, verify_tree, write_manifest
 
 JOB = "j-1"
 

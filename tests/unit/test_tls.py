@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from saelect.client import SelectionClient, SelectionError
+from saelect.service.app import create_app
+from saelect.service.server import server_config
+from saelect.service.settings import Settings
 
-from client import SelectionClient, SelectionError
-from service.app import create_app
-from service.server import server_config
-from service.settings import Settings
 from tests.unit.fakes import FakeBackend
 from tests.unit.test_client import SPEC, TOKEN, ServerThread, free_socket
 
@@ -119,7 +119,7 @@ def test_settings_tls_pair_scheme_and_missing_files(tmp_path: Path) -> None:
 
 
 def test_serve_cli_passes_the_tls_options() -> None:
-    from service.cli import build_parser
+    from saelect.service.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
     assert (args.tls_cert, args.tls_key) == ("c.pem", "k.pem")
@@ -132,7 +132,7 @@ def test_saelect_jobs_trusts_the_ca_bundle_from_the_environment(
 ) -> None:
     """`saelect jobs list` against the HTTPS service: fails without SAELECT_CA_BUNDLE, lists the
     jobs with it."""
-    from service.cli import main
+    from saelect.service.cli import main
 
     url, cert = tls_server
     monkeypatch.setenv("SAELECT_API_TOKEN", TOKEN)

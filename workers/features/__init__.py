@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from workers.features.base import (
+from saelect.workers.features.base import (
     DEFAULT_PIXELS_DIM,
     KINDS,
     Extractor,
@@ -19,12 +19,12 @@ from workers.features.base import (
     as_float_matrix,
     column_to_numpy,
 )
-from workers.features.column import ColumnExtractor
-from workers.features.image_model import ImageModelExtractor
-from workers.features.module import ModuleExtractor
-from workers.features.pixels import PixelsExtractor
-from workers.features.selfsup import SELFSUP_DIM, SelfSupExtractor
-from workers.features.text import TEXT_DIM, TextExtractor
+from saelect.workers.features.column import ColumnExtractor
+from saelect.workers.features.image_model import ImageModelExtractor
+from saelect.workers.features.module import ModuleExtractor
+from saelect.workers.features.pixels import PixelsExtractor
+from saelect.workers.features.selfsup import SELFSUP_DIM, SelfSupExtractor
+from saelect.workers.features.text import TEXT_DIM, TextExtractor
 
 __all__ = [
     "DEFAULT_PIXELS_DIM",

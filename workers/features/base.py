@@ -14,8 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
-
-from workers.progress import Progress, batch_ranges
+from saelect.workers.progress import Progress, batch_ranges
 
 __all__ = [
     "DEFAULT_PIXELS_DIM",

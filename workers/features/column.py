@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from workers.features.base import (
+from saelect.workers.features.base import (
     FeatureSpec,
     as_float_matrix,
     dim_from_state,

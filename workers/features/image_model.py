@@ -28,15 +28,14 @@ import threading
 from typing import Any
 
 import numpy as np
-
-from workers.features.base import (
+from saelect.workers.features.base import (
     FeatureSpec,
     dim_from_state,
     dim_state,
     map_batches,
     require_fitted,
 )
-from workers.features.images import decode_images
+from saelect.workers.features.images import decode_images
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "ImageModelExtractor", "load_backbone", "load_weights_file"]
 

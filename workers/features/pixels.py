@@ -14,8 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from workers.features.base import DEFAULT_PIXELS_DIM, FeatureSpec, as_float_matrix, map_batches
+from saelect.workers.features.base import (
+    DEFAULT_PIXELS_DIM,
+    FeatureSpec,
+    as_float_matrix,
+    map_batches,
+)
 
 __all__ = ["PixelsExtractor"]
 

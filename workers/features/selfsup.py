@@ -36,9 +36,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from workers.features.base import FeatureSpec, as_float_matrix, map_batches
-from workers.progress import Progress
+from saelect.workers.features.base import FeatureSpec, as_float_matrix, map_batches
+from saelect.workers.progress import Progress
 
 if TYPE_CHECKING:
     import torch

@@ -14,8 +14,7 @@ import threading
 from typing import Any
 
 import numpy as np
-
-from workers.features.base import (
+from saelect.workers.features.base import (
     FeatureSpec,
     dim_from_state,
     dim_state,

@@ -196,6 +196,7 @@ def test_serve_process_loopback_lease_and_sigkill_restarts(tmp_path: Path) -> No
             assert np.array_equal(_indices(client, job, 2, r, RANKS), reference[2][r])
 
         # 3) SIGKILL while 32 ranks wait on the last epoch (killed once epoch 3 is committed)
+        client.wait_ready(twin, timeout=300, poll=0.2)  # the twin is rebuilt by the restart too
         figures["epoch_s"] = [round(client.stats(twin, t)["selection_seconds"], 3)
                               for t in range(EPOCHS)]  # fmt: skip
         before = servers[-1].pids()

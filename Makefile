@@ -45,8 +45,8 @@ bench: venv data
 	$(BIN)/python benchmarks/run_all.py
 
 lint: venv
-	$(BIN)/ruff check service workers client tests benchmarks
-	$(BIN)/ruff format --check service workers client tests benchmarks
+	$(BIN)/ruff check saelect service workers client tests benchmarks
+	$(BIN)/ruff format --check saelect service workers client tests benchmarks
 	$(BIN)/mypy service workers client
 
 clean:

@@ -134,9 +134,10 @@ def _top(module: str) -> str:
 
 def test_client_imports_only_what_the_base_install_brings() -> None:
     """Every module of ``client`` imports, at its top level, only the standard library, numpy,
-    httpx and ``saelect.client`` itself (no other part of saelect); ray (the Ray helpers) loads inside functions. The one exception
-    is ``client.sampler`` (a torch ``Sampler``: the trainer's torch, or the ``sampler`` extra),
-    which ``client`` loads on first use of ``SelectionSampler``."""
+    httpx and ``saelect.client`` itself (no other part of saelect); ray (the Ray helpers) loads
+    inside functions. The one exception is ``client.sampler`` (a torch ``Sampler``: the
+    trainer's torch, or the ``sampler`` extra), which ``client`` loads on first use of
+    ``SelectionSampler``."""
     base = set(sys.stdlib_module_names) | {"numpy", "httpx", "saelect.client", "__future__"}
     offenders = {}
     for path in sorted((ROOT / "client").glob("*.py")):

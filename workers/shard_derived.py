@@ -233,6 +233,6 @@ class ShardDerived:
                 return np.rint(active.T @ x[a:b]).astype(np.int64)
 
             parts = _run([lambda a=a, b=b, m=m: block(a, b, m) for a, b, _, m in codes.blocks])
-        counts = np.sum(parts, axis=0, dtype=np.int64)
+        counts: np.ndarray = np.asarray(np.sum(parts, axis=0, dtype=np.int64))
         self._counts_memo = (rows, counts)
         return counts

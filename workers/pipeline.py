@@ -467,8 +467,11 @@ def run_scoring(
                 )
                 sae_files = scoring_steps.sae_to_files(model, sae_config)
             else:
-                threads = max(1, int(request.cpus))  # its own bundle: OpenMP threads beyond
-                # the reserved CPUs spin against other work (measured 10-80x slower on 2 busy cores)
+                # every CPU the run reserved: the SAE trains alone (the samples are in, encoding
+                # has not started), so the other bundles' CPUs are idle; never more than reserved
+                # (OpenMP threads beyond them spin against other work: 10-80x slower measured on 2
+                # busy cores)
+                threads = max(1, int(request.cpus * request.workers))
                 sae_files = ray.get(
                     task(tasks.train_sae, gpu=True, bundle=0).remote(sae_config, threads, *feats)
                 )

@@ -11,7 +11,6 @@ refuse to serve rather than silently differ).
 from __future__ import annotations
 
 import hashlib
-import itertools
 
 import numpy as np
 import pytest
@@ -23,6 +22,8 @@ from saelect.service.selection.hashing import BLOCK, STREAM_GUMBEL, gumbel, gumb
 from saelect.service.selection.threshold import local_broadcast
 from saelect.workers.selection_shard import SelectionShard, ShardData
 from saelect.workers.selection_state import shard_memory, state_bytes
+
+from tests.unit.test_engine import split
 
 
 def pinned_data(n: int = 70_000, seed: int = 14) -> ShardData:
@@ -47,25 +48,6 @@ def pinned_data(n: int = 70_000, seed: int = 14) -> ShardData:
     )
 
 
-def cut(data: ShardData, bounds: list[int]) -> list[ShardData]:
-    def part(arr: np.ndarray | None, a: int, b: int) -> np.ndarray | None:
-        return None if arr is None else arr[a:b]
-
-    return [
-        ShardData(
-            a,
-            b,
-            R=part(data.R, a, b),
-            D=part(data.D, a, b),
-            labels=part(data.labels, a, b),
-            code_ids=part(data.code_ids, a, b),
-            code_values=part(data.code_values, a, b),
-            p=data.p,
-        )
-        for a, b in itertools.pairwise(bounds)
-    ]
-
-
 PINNED = [
     ({}, "c5e13acc6f04f543b6ee"),  # the defaults: Gumbel, class quotas, dynamic coverage
     ({"penalty": "multiplicative", "tau": 0.5}, "c1e1bbf429949b536dab"),
@@ -86,7 +68,7 @@ def test_served_epochs_are_the_ones_served_before_the_blocked_paths(
     config = PolicyConfig("factor", 0.3, 4, 7, params)
     single = SingleProcessSelector(make_policy(config), data)
     policy = make_policy(config)
-    shards = [SelectionShard(d, policy) for d in cut(data, [0, 20_000, 20_001, data.n])]
+    shards = [SelectionShard(d, policy) for d in split(data, [0, 20_000, 20_001, data.n])]
     sharded = SelectionEngine(policy, local_broadcast(shards))
     for engine in (single, sharded):
         h = hashlib.sha256()

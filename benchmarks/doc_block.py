@@ -26,3 +26,15 @@ def replace_block(path: Path, begin: str, end: str, block: str, *, heading: str)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def replace_marked(path: Path, begin: str, end: str, body: str) -> None:
+    """Put ``body`` between the ``begin`` and ``end`` markers already in ``path`` (kept, with a
+    newline after ``begin``). ValueError when the doc lacks them: such a doc is written by hand
+    around its markers, and a block appended at its end would land in the wrong place."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no {begin} ... {end} block")
+    pre, rest = text.split(begin, 1)
+    _, post = rest.split(end, 1)
+    path.write_text(pre + begin + "\n" + body + end + post)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.doc_block import replace_marked
 from benchmarks.train_regimes import (
     HEAD_CLASSES,
     REGIMES,
@@ -173,9 +174,4 @@ def render(report: dict[str, Any]) -> str:
 
 def write_doc(block: str, doc: Path = DOC) -> None:
     """Replace the marked block of ``doc`` (ValueError when the markers are missing)."""
-    text = doc.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise ValueError(f"{doc} has no {DOC_BEGIN} ... {DOC_END} block")
-    pre, rest = text.split(DOC_BEGIN, 1)
-    _, post = rest.split(DOC_END, 1)
-    doc.write_text(pre + DOC_BEGIN + "\n" + block + DOC_END + post)
+    replace_marked(doc, DOC_BEGIN, DOC_END, block)

@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from benchmarks.doc_block import replace_marked
 from benchmarks.train_runs import read_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,12 +198,7 @@ def render(records: list[dict[str, Any]]) -> str:
 
 def write_doc(block: str, doc: Path = DOC) -> None:
     """Replace the marked block of ``doc`` (ValueError when the markers are missing)."""
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{doc} has no {BEGIN} ... {END} block")
-    pre, rest = text.split(BEGIN, 1)
-    _, post = rest.split(END, 1)
-    doc.write_text(pre + BEGIN + "\n" + block + END + post)
+    replace_marked(doc, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.doc_block import replace_block
+from benchmarks.doc_block import replace_block, replace_marked
 
 BEGIN, END = "<!-- BEGIN GENERATED: x -->", "<!-- END GENERATED: x -->"
 
@@ -34,3 +34,15 @@ def test_block_must_carry_its_markers(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="markers"):
         replace_block(doc, BEGIN, END, "row", heading="Measured")
     assert doc.read_text() == "# Scaling\n"
+
+
+def test_marked_block_is_replaced_and_a_doc_without_markers_refused(tmp_path: Path) -> None:
+    doc = tmp_path / "train.md"
+    doc.write_text("# T\n\n<!-- r:begin -->\nold\n<!-- r:end -->\nprose\n")
+    replace_marked(doc, "<!-- r:begin -->", "<!-- r:end -->", "new\n")
+    assert doc.read_text() == "# T\n\n<!-- r:begin -->\nnew\n<!-- r:end -->\nprose\n"
+    bare = tmp_path / "bare.md"
+    bare.write_text("# T\n")
+    with pytest.raises(ValueError, match="no <!-- r:begin -->"):
+        replace_marked(bare, "<!-- r:begin -->", "<!-- r:end -->", "new\n")
+    assert bare.read_text() == "# T\n"

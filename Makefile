@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# A second venv for the timm/torchvision tests: torch's CUDA build with its matching torchvision.
+VISION_VENV := .venv-vision
+VISION_STAMP := $(VISION_VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -11,7 +14,7 @@ export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv data test test-unit demo bench lint clean
+.PHONY: venv venv-vision data test test-unit demo bench lint clean
 
 # pyproject.toml declares version ranges; constraints.txt holds the exact versions installed here.
 $(STAMP): pyproject.toml constraints.txt
@@ -23,6 +26,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# constraints-vision.txt pins torch, torchvision and timm; every other version comes from
+# constraints.txt without its torch pin (a CPU-only torch, which PyPI's torchvision cannot load).
+$(VISION_STAMP): pyproject.toml constraints.txt constraints-vision.txt
+	test -x $(VISION_VENV)/bin/python || $(PY) -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/pip install -q --upgrade pip
+	grep -v '^torch==' constraints.txt > $(VISION_VENV)/constraints-base.txt
+	$(VISION_VENV)/bin/pip install -q -c $(VISION_VENV)/constraints-base.txt \
+	  -c constraints-vision.txt -e ".[service,vision]"
+	touch $(VISION_STAMP)
+
+venv-vision: $(VISION_STAMP)
+
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (installed when missing and root).
 data:
 	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte ]; then \
@@ -32,10 +47,13 @@ data:
 	  else echo "Fashion-MNIST missing: install the Debian package dataset-fashion-mnist"; fi; \
 	fi
 
-test: venv data
+# The timm/torchvision tests run in $(VISION_VENV), named here: they fail, not skip, without it.
+test test-unit: export SAELECT_VISION_PYTHON := $(CURDIR)/$(VISION_VENV)/bin/python
+
+test: venv venv-vision data
 	$(BIN)/python -m pytest -q tests
 
-test-unit: venv
+test-unit: venv venv-vision
 	$(BIN)/python -m pytest -q tests/unit
 
 demo: venv data
@@ -50,4 +68,4 @@ lint: venv
 	$(BIN)/mypy service workers client
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VISION_VENV) .pytest_cache .mypy_cache .ruff_cache

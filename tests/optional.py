@@ -4,6 +4,10 @@ Fashion-MNIST (Debian's ``dataset-fashion-mnist``) and the ``text`` extra (the M
 encoder) are not needed by most tests. A test that needs one skips without it, and the skip
 reason, shown in the summary (``-ra``), says what is missing and the command that installs it.
 
+The timm and torchvision tests run in a second venv (`vision_python`): under ``make test``,
+which builds it and names it in ``SAELECT_VISION_PYTHON``, they fail without it; run outside
+make, they skip when ``.venv-vision`` is not there.
+
 Example:
     >>> @requires_fashion_mnist                    # doctest: +SKIP
     ... def test_on_fashion_mnist() -> None: ...
@@ -12,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -61,3 +66,34 @@ requires_text_extra = pytest.mark.skipif(
 )
 """Marks a test that runs the MiniLM text encoder: skipped, with the install command, without
 the ``text`` extra."""
+
+
+VISION_PYTHON_ENV = "SAELECT_VISION_PYTHON"
+"""The variable naming the vision venv's interpreter (`make test` sets it)."""
+VISION_VENV = Path(__file__).resolve().parents[1] / ".venv-vision"
+"""The vision venv `make venv-vision` builds: torch's CUDA build with its matching torchvision
+(PyPI's torchvision fails to import beside the project venv's CPU-only torch), and timm."""
+VISION_INSTALL = "make venv-vision"
+"""The command that builds `VISION_VENV`."""
+
+
+def vision_python() -> str:
+    """The interpreter of the vision venv: ``$SAELECT_VISION_PYTHON``, else
+    ``.venv-vision/bin/python``.
+
+    Fails the calling test when ``$SAELECT_VISION_PYTHON`` names a missing file (``make test``
+    sets it, after building the venv), and skips it, with the install command, when the variable
+    is unset and ``.venv-vision`` was never built.
+    """
+    named = os.environ.get(VISION_PYTHON_ENV)
+    if named:
+        if not os.access(named, os.X_OK):
+            pytest.fail(f"{VISION_PYTHON_ENV}={named} is not an executable: {VISION_INSTALL}")
+        return named
+    default = VISION_VENV / "bin" / "python"
+    if not os.access(default, os.X_OK):
+        pytest.skip(
+            f"the vision venv {VISION_VENV} is missing (timm and torchvision need a torchvision "
+            f"built for their torch): {VISION_INSTALL}, or set {VISION_PYTHON_ENV}"
+        )
+    return str(default)

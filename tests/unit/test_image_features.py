@@ -3,12 +3,18 @@
 No weights are downloaded: each backbone is built with seeded random weights, saved, and loaded
 back by path. Features are checked against the saved model run by hand (so the loaded weights are
 the saved ones), and a job is scored from them in one process (`workers.scoring_local`).
+
+The timm and torchvision backbones run in the vision venv (`tests.optional.vision_python`,
+`make venv-vision`) as a subprocess of `tests.unit.vision_backbones`: PyPI's torchvision, which
+timm imports, cannot load beside this venv's CPU-only torch.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
+import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +27,17 @@ from PIL import Image
 from saelect.service.errors import InvalidRequest
 from saelect.service.specs import job_spec_from_dict
 from saelect.workers.features import FeatureSpec, make_extractor
-from saelect.workers.features.image_model import IMAGENET_MEAN, IMAGENET_STD, load_weights_file
+from saelect.workers.features.image_model import load_weights_file
 from saelect.workers.features.images import decode_images
 from saelect.workers.sae import SAEConfig
 from saelect.workers.scores import ScoreConfig
 from saelect.workers.scoring_local import score_single_process
 
-from tests.optional import requires_text_extra
+from tests.optional import requires_text_extra, vision_python
+from tests.unit.vision_backbones import LIBRARIES, N_FEATURE_ROWS, SIZE, reference
 
 N = 48
-SIZE = 32
-VISION_INSTALL = (
-    "pip install -e '.[vision]' (timm imports torchvision, whose build must match the installed "
-    "torch: a CPU-only torch needs torchvision's CPU build)"
-)
-
-
-def _importable(name: str) -> bool:
-    """True when ``name`` imports (timm needs a working torchvision, not only its files)."""
-    if importlib.util.find_spec(name) is None:
-        return False
-    try:
-        importlib.import_module(name)
-    except Exception:  # a torchvision built for another torch fails inside its import
-        return False
-    return True
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def png(rgb: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -89,15 +81,6 @@ def resnet_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     out = tmp_path_factory.mktemp("resnet")
     model.save_pretrained(out)
     return out, model
-
-
-def reference(model: Any, rows: list[Any], pool: Any) -> np.ndarray:
-    """float32 (n, F): the saved model run by hand on the decoded, normalized images."""
-    x = torch.from_numpy(decode_images(rows, SIZE))
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.no_grad():
-        return pool(model, (x - mean) / std).reshape(len(rows), -1).numpy()
 
 
 def test_decode_accepts_structs_and_raw_bytes_in_any_format() -> None:
@@ -183,50 +166,31 @@ def test_weights_files_load_as_state_dicts(tmp_path: Path) -> None:
         load_weights_file(str(tmp_path / "missing.pt"))
 
 
-@pytest.mark.skipif(not _importable("timm"), reason=f"timm is not importable: {VISION_INSTALL}")
-def test_timm_backbone_from_a_saved_random_weights_file(
-    image_parquet: Path, tmp_path: Path
+def run_in_vision_venv(library: str, parquet: Path, workdir: Path) -> dict[str, Any]:
+    """Run `tests.unit.vision_backbones` for ``library`` in the vision venv; its JSON summary.
+
+    Fails (with the subprocess's output) when a check fails there.
+    """
+    python = vision_python()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [python, "-m", "tests.unit.vision_backbones", library, str(parquet), str(workdir)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_backbone_from_a_saved_random_weights_file_scores_a_job(
+    library: str, image_parquet: Path, tmp_path: Path
 ) -> None:
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(2)
-    model = timm.create_model("resnet18", pretrained=False).eval()  # with its classifier
-    save_file(model.state_dict(), tmp_path / "resnet18.safetensors")
-    rows = pq.read_table(image_parquet)["image"].to_pylist()[:6]
-    spec = FeatureSpec(
-        "image_model", "image", model="resnet18", weights=str(tmp_path / "resnet18.safetensors"),
-        image_size=SIZE,
-    )  # fmt: skip
-    ex = make_extractor(spec)
-    ex.fit(rows)
-    feats = ex.transform(rows, progress=False)
-    expected = reference(model, rows, lambda m, x: m.forward_head(m.forward_features(x), True))
-    assert feats.shape == (6, 512)
-    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.skipif(
-    not _importable("torchvision"), reason=f"torchvision is not importable: {VISION_INSTALL}"
-)
-def test_torchvision_backbone_from_a_saved_random_weights_file(
-    image_parquet: Path, tmp_path: Path
-) -> None:
-    from torchvision import models
-
-    torch.manual_seed(3)
-    model = models.get_model("resnet18", weights=None).eval()
-    torch.save(model.state_dict(), tmp_path / "resnet18.pth")
-    rows = pq.read_table(image_parquet)["image"].to_pylist()[:6]
-    spec = FeatureSpec(
-        "image_model", "image", model="resnet18", library="torchvision",
-        weights=str(tmp_path / "resnet18.pth"), image_size=SIZE,
-    )  # fmt: skip
-    ex = make_extractor(spec)
-    ex.fit(rows)
-    model.fc = torch.nn.Identity()
-    expected = reference(model, rows, lambda m, x: m(x))
-    np.testing.assert_allclose(ex.transform(rows, progress=False), expected, rtol=1e-4, atol=1e-5)
+    """timm (classifier dropped by timm) and torchvision (last nn.Linear dropped) resnet18s with
+    seeded random weights, saved and loaded by path: the features equal the saved model run by
+    hand and a job is scored from them (checked in the vision venv, see `vision_backbones`)."""
+    summary = run_in_vision_venv(library, image_parquet, tmp_path)
+    assert summary["library"] == library
+    assert summary["features"] == [N_FEATURE_ROWS, 512]
+    assert summary["max_abs_diff"] <= 1e-3
+    assert summary["scored_rows"] == N
 
 
 def test_spec_fields_apply_to_their_kinds_and_files_to_allowed_roots(tmp_path: Path) -> None:

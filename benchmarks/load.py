@@ -129,11 +129,53 @@ async def _rank(http: Any, job: str, rank: int, world: int, epochs: int) -> list
     return out
 
 
+async def _rank_raw(url: str, job: str, rank: int, world: int, epochs: int) -> list[Any]:
+    """``_rank`` on a ``raw_http.RawConnection`` (tens of microseconds of client CPU per request
+    against about a millisecond for httpx)."""
+    from raw_http import RawConnection
+
+    out: list[Any] = []
+    target = f"/v1/jobs/{job}/epochs/{{}}/indices?rank={rank}&world_size={world}"
+    try:
+        async with RawConnection(url) as http:
+            for t in range(epochs):
+                t0 = time.perf_counter()
+                try:
+                    status, headers, body = await http.get(
+                        target.format(t), {"Accept": "application/octet-stream"}
+                    )
+                    dt = time.perf_counter() - t0
+                    if status != 200:
+                        out.append((t, dt, f"http_{status}"))
+                    elif len(body) != 8 * int(headers["x-saelect-count"]):
+                        out.append((t, dt, "short_body"))
+                    else:
+                        out.append((t, dt, None))
+                except Exception as exc:  # the connection is unusable after a failure
+                    out.append((t, time.perf_counter() - t0, type(exc).__name__))
+                    break
+    except OSError as exc:  # could not connect
+        out.append((0, 0.0, type(exc).__name__))
+    return out
+
+
+CLIENTS = ("httpx", "raw")
+"""Load clients: ``httpx`` (an ``httpx.AsyncClient`` per rank, what a trainer would use) and
+``raw`` (``raw_http.RawConnection``: the server's figures without the client's CPU)."""
+
+
 def _client_proc(
-    url: str, job: str, ranks: list[int], world: int, epochs: int, barrier: Any, results: Any
+    url: str,
+    job: str,
+    ranks: list[int],
+    world: int,
+    epochs: int,
+    barrier: Any,
+    results: Any,
+    kind: str = "httpx",
 ) -> None:
-    """A client process: one ``httpx.AsyncClient`` (one connection) per rank, made before the
-    start, then every rank at once; puts ``{"fetches", "cpu_s"}`` on ``results``."""
+    """A client process: one client (one connection) per rank, of ``kind`` (``CLIENTS``), made
+    before the start, then every rank at once; puts ``{"fetches", "cpu_s"}`` on ``results``."""
     import ssl
 
     import httpx
@@ -141,6 +183,11 @@ def _client_proc(
     tls = ssl.create_default_context()  # one context for all clients (plain HTTP never uses it)
 
     async def run() -> tuple[list[list[Any]], float]:
+        if kind == "raw":
+            await asyncio.to_thread(barrier.wait)
+            cpu0 = time.process_time()
+            per_rank = await asyncio.gather(*(_rank_raw(url, job, r, world, epochs) for r in ranks))
+            return per_rank, time.process_time() - cpu0
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         clients = [
             httpx.AsyncClient(base_url=url, limits=limits, timeout=600, verify=tls) for _ in ranks
@@ -237,14 +284,21 @@ def write_rows(path: Path, rows: int) -> Path:
     return path
 
 
-def start_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+SERVING = {"fast": "true", "routes": "false"}
+"""Serving modes: ``fast`` answers in-memory epochs before the routes (the default),
+``routes`` sends every request through FastAPI (``SAELECT_FAST_INDICES``)."""
+
+
+def start_server(work: Path, serving: str = "fast") -> tuple[subprocess.Popen[bytes], str]:
     """`saelect serve` on a free loopback port, in its own process group; waits for /healthz."""
     import httpx
 
     port = _free_port()
     env = {**os.environ, **RAY_ENV, "SAELECT_ALLOWED_ROOTS": json.dumps([str(work)])}
     env["SAELECT_URL_FILE"] = str(work / "url")
-    cmd = [sys.executable, "-m", "saelect.service.cli", "serve", "--store", str(work / "store")]
+    env["SAELECT_FAST_INDICES"] = SERVING[serving]
+    store = work / f"store-{serving}"
+    cmd = [sys.executable, "-m", "saelect.service.cli", "serve", "--store", str(store)]
     cmd += ["--port", str(port)]
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -285,6 +339,7 @@ def run_pass(
     phase: str,
     procs: int,
     profile: Path | None = None,
+    client: str = "httpx",
 ) -> Result:
     """All ranks of ``level`` fetch every epoch once, spread over ``procs`` client processes;
     with ``profile``, py-spy samples the SelectionActor meanwhile (collapsed stacks there)."""
@@ -301,7 +356,7 @@ def run_pass(
     clients = [
         ctx.Process(
             target=_client_proc,
-            args=(url, job, share, level.ranks, level.epochs, barrier, results),
+            args=(url, job, share, level.ranks, level.epochs, barrier, results, client),
             daemon=True,
         )
         for share in shares
@@ -344,6 +399,37 @@ def run_pass(
     )
 
 
+def serve_levels(
+    work: Path, serving: str, levels: list[Level], data: dict[int, Path], args: Any
+) -> list[Result]:
+    """Start a server in mode ``serving``, run the cold and warm pass of every level, stop it.
+    Level names get `` [routes]`` for the routes-only mode."""
+    results: list[Result] = []
+    proc, url = start_server(work, serving)
+    try:
+        for level in levels:
+            job = create_job(url, data[level.rows], level)
+            if serving != "fast":
+                level = Level(**{**level.__dict__, "name": f"{level.name} [{serving}]"})
+            kinds = args.clients.split(",")
+            passes = [("cold", kinds[0])] + [("warm", kind) for kind in kinds]
+            for phase, kind in passes:
+                aim = level.ranks == 256 or (args.quick and level.rows == levels[-1].rows)
+                aim = aim and serving == args.serving.split(",")[0] and kind == kinds[-1]
+                spy = Path(args.profile) if args.profile and phase == "warm" and aim else None
+                label = phase if len(kinds) == 1 else f"{phase} ({kind})"
+                res = run_pass(url, proc.pid, job, level, label, args.procs, spy, kind)
+                results.append(res)
+                print(json.dumps(res.row()), flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="16 and 64 ranks, 3 epochs, 100k rows")
@@ -353,12 +439,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.add_argument(
+        "--serving",
+        default="fast",
+        help="comma-separated serving modes, each a server of its own run after the other: "
+        "fast (in-memory epochs answered before the routes, the default) and routes (every "
+        "request through FastAPI)",
+    )
+    p.add_argument(
+        "--clients",
+        default="httpx,raw",
+        help="comma-separated load clients of the warm passes (httpx, raw); the cold pass "
+        "uses the first",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         help="py-spy the SelectionActor during the warm pass of the 256-rank level (the last "
         "level with --quick) into this collapsed-stack file",
     )
     args = p.parse_args(argv)
+    for kind in args.clients.split(","):
+        if kind not in CLIENTS:
+            p.error(f"--clients: unknown client {kind!r} (one of {', '.join(CLIENTS)})")
+    for serving in args.serving.split(","):
+        if serving not in SERVING:
+            p.error(f"--serving: unknown mode {serving!r} (one of {', '.join(SERVING)})")
     if args.quick:
         levels = [Level("16 ranks", 16, 3, 60_000, 0.5), Level("64 ranks", 64, 3, 60_000, 0.5)]
         levels.append(Level("64 ranks, 100k-sample epoch", 64, 2, 100_000, 1.0))
@@ -373,24 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         data = {
             n: write_rows(work / f"rows{n}" / "data.parquet", n) for n in {x.rows for x in levels}
         }
-        proc, url = start_server(work)
-        try:
-            for level in levels:
-                job = create_job(url, data[level.rows], level)
-                for phase in ("cold", "warm"):
-                    aim = level.ranks == 256 or (args.quick and level is levels[-1])
-                    spy = Path(args.profile) if args.profile and phase == "warm" and aim else None
-                    res = run_pass(url, proc.pid, job, level, phase, args.procs, spy)
-                    results.append(res)
-                    print(json.dumps(res.row()), flush=True)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        for serving in args.serving.split(","):
+            results += serve_levels(work, serving, levels, data, args)
     cmd = "python benchmarks/load.py" + (" --quick" if args.quick else "")
     cmd += f" --procs {args.procs}"
+    cmd += f" --serving {args.serving}" if args.serving != "fast" else ""
+    cmd += f" --clients {args.clients}" if args.clients != "httpx,raw" else ""
     cmd += f" --profile {Path(args.profile).name}" if args.profile else ""
     cmd += f" --out {args.out}" if args.out else ""
     text = report([r.row() for r in results], cmd, time.perf_counter() - start)

@@ -22,6 +22,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from saelect.service.backend import Backend
 from saelect.service.errors import PayloadTooLarge, SaelectError
+from saelect.service.fast_indices import FastIndicesMiddleware
 from saelect.service.metrics import Metrics, MetricsMiddleware
 from saelect.service.routes import check_token, epochs, health, jobs, require_token_for_docs
 from saelect.service.routes import metrics as metrics_route
@@ -271,6 +272,9 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     for module in (health, metrics_route, jobs, epochs):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(  # inside the token check; before the routes
+        FastIndicesMiddleware, backend=backend, settings=settings, metrics=app.state.metrics
+    )
     app.add_middleware(TokenMiddleware, settings=settings)  # outside the body limit: 401 first
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     add_listener = getattr(backend, "add_epoch_listener", None)  # optional Backend method

@@ -532,6 +532,21 @@ class JobManager:
         order = await self._epoch(job, epoch)
         return rank_indices(order, rank, world_size)
 
+    def ready_epoch_indices(
+        self, job_id: str, epoch: int, rank: int, world_size: int
+    ) -> np.ndarray | None:
+        """int64 (per_rank,) as ``epoch_indices`` when the job is ready and the epoch is in
+        memory, else None (then ``epoch_indices`` answers, or raises what it must). Never
+        blocks and never raises: the serving fast path (``service.fast_indices``) calls it on
+        the event loop."""
+        job = self._jobs.get(job_id)
+        if job is None or job.deleted or job.engine is None or job.phase == "failed":
+            return None
+        if not 0 <= rank < world_size:
+            return None
+        order = job.epochs.get(epoch)
+        return None if order is None else rank_indices(order, rank, world_size)
+
     async def epoch_weights(
         self, job_id: str, epoch: int, rank: int, world_size: int
     ) -> np.ndarray:

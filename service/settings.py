@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     max_jobs: int = Field(default=256, ge=1)
     """Most live jobs (any phase but ``failed``); creating one more is 429 ``too_many_jobs``
     until one is deleted."""
+    fast_indices: bool = True
+    """Answer a binary fetch of an epoch already in memory before FastAPI's routing
+    (``service.fast_indices``: same bytes and headers, a fraction of the CPU per request);
+    ``false`` sends every request through the routes (the load benchmark compares both)."""
     tls_cert: str | None = None
     """PEM certificate chain to serve HTTPS with (with ``tls_key``); None serves plain HTTP.
     The files are read on the node the SelectionActor runs on."""

@@ -1,0 +1,118 @@
+"""The serving fast path: a rank's binary indices of an epoch already in memory, answered
+before FastAPI's routing.
+
+Once an epoch is computed, every rank's fetch of it is the same small job: slice the epoch
+order, send the bytes. Through FastAPI that costs route matching, path and query validation,
+four dependencies and a ``Response`` object per request, most of the SelectionActor's event-loop
+time under load (docs/benchmarks_load.md profiles it). :class:`FastIndicesMiddleware` answers
+``GET /v1/jobs/{id}/epochs/{t}/indices?rank=R&world_size=W`` itself when every check the route
+would make passes and the backend has the epoch at hand (its optional
+``ready_epoch_indices``); anything else, any doubt, goes on to the app unchanged: JSON answers,
+unknown or not-ready jobs, epochs still to compute, malformed or extra query parameters, limits.
+The bytes and headers are the route's own (tests/unit/test_fast_indices.py compares them), and
+the token has been checked already: the middleware sits inside ``TokenMiddleware``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+from saelect.service.metrics import Metrics
+from saelect.service.routes.epochs import BINARY, COUNT_HEADER, wants_json
+from saelect.service.settings import Settings
+
+__all__ = ["FastIndicesMiddleware", "parse_rank_query"]
+
+PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})/epochs/(0|[1-9][0-9]{0,17})/indices$")
+"""The route's path, with the route's own job id pattern and a plain non-negative epoch."""
+_INT = re.compile(rb"^(0|[1-9][0-9]{0,17})$")
+ROUTE_TEMPLATE = "/v1/jobs/{job_id}/epochs/{epoch}/indices"
+
+
+class _Route:
+    """What ``MetricsMiddleware`` reads of a matched route: its path template."""
+
+    path = ROUTE_TEMPLATE
+
+
+_ROUTE = _Route()
+
+
+def parse_rank_query(query: bytes) -> tuple[int, int] | None:
+    """(rank, world_size) of a query string holding at most ``rank`` and ``world_size``, each
+    once, as plain decimal integers (defaults 0 and 1, as the route's); None for anything else
+    (the route then answers, with its own validation)."""
+    values = {b"rank": 0, b"world_size": 1}
+    seen: set[bytes] = set()
+    if query:
+        for part in query.split(b"&"):
+            key, sep, value = part.partition(b"=")
+            if not sep or key not in values or key in seen or not _INT.match(value):
+                return None
+            seen.add(key)
+            values[key] = int(value)
+    return values[b"rank"], values[b"world_size"]
+
+
+class FastIndicesMiddleware:
+    """Pure ASGI middleware: the binary indices of an in-memory epoch without the router.
+
+    ``backend.ready_epoch_indices(job_id, epoch, rank, world_size)`` (optional; without it the
+    middleware only passes requests on) returns int64 (per_rank,) when the job is ready and the
+    epoch is in memory, else None. It must not block: it runs on the event loop.
+    """
+
+    def __init__(self, app: Any, backend: Any, settings: Settings, metrics: Metrics) -> None:
+        self.app = app
+        self.lookup = getattr(backend, "ready_epoch_indices", None)
+        self.max_world_size = settings.max_world_size
+        self.enabled = settings.fast_indices and self.lookup is not None
+        self.metrics = metrics
+
+    def _answer(self, scope: dict[str, Any]) -> tuple[np.ndarray, int] | None:
+        """(the rank's int64 indices, epoch) when the fast path may answer ``scope``."""
+        if scope["method"] != "GET":
+            return None
+        match = PATH.match(scope["path"])
+        if match is None:
+            return None
+        parsed = parse_rank_query(scope.get("query_string", b""))
+        if parsed is None:
+            return None
+        rank, world_size = parsed
+        if not 0 <= rank < world_size <= self.max_world_size:
+            return None
+        accept = None
+        for key, value in scope.get("headers") or ():
+            if key == b"accept":
+                accept = value.decode("latin-1")
+                break
+        if wants_json(accept):
+            return None
+        epoch = int(match.group(2))
+        assert self.lookup is not None
+        idx = self.lookup(match.group(1), epoch, rank, world_size)
+        if idx is None:
+            return None
+        return np.ascontiguousarray(idx, dtype="<i8"), epoch
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        answer = self._answer(scope) if self.enabled and scope["type"] == "http" else None
+        if answer is None:
+            await self.app(scope, receive, send)
+            return
+        idx, epoch = answer
+        n = int(idx.shape[0])
+        body = idx.tobytes()
+        scope["route"] = _ROUTE  # the template MetricsMiddleware labels the request with
+        self.metrics.observe_indices("binary", n)
+        headers = [  # the route's headers, in the order Starlette's Response writes them
+            (COUNT_HEADER.lower().encode(), str(n).encode()),
+            (b"x-saelect-epoch", str(epoch).encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"content-type", BINARY.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -246,6 +246,7 @@ class SelectionShard:
     def _reset_stage(self) -> None:
         self._stage: tuple[Any, int] | None = None
         self._scores: np.ndarray | None = None  # float64 (n,)
+        self._all_eligible = False  # the open stage's scores hold no -inf (none to check)
         self._keys: np.ndarray | None = None  # uint64 (n,)
         self._quotas: tuple[int, ...] | None = None  # the open stage's per-class counts
         self._summary: GroupSummary | None = None
@@ -309,12 +310,14 @@ class SelectionShard:
         if not scores.flags.writeable or not scores.flags.c_contiguous:
             scores = np.ascontiguousarray(scores).copy()
         scores += 0.0  # -0.0 -> +0.0, so float ties and key ties agree
-        with np.errstate(invalid="ignore"):  # inf - inf in the quick sum is fine
-            quick_nan = np.isnan(scores.sum())
-        if quick_nan and np.isnan(scores).any():
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the quick sum is fine
+            total = scores.sum()
+        if np.isnan(total) and np.isnan(scores).any():
             raise ValueError(f"policy produced NaN scores in epoch {epoch}")
+        all_eligible = bool(np.isfinite(total))  # a finite sum: no infinite score
         if self._taken_count:
             scores[self._taken] = -np.inf
+            all_eligible = False
         quotas = getattr(stage, "quotas", None)
         if quotas is not None:
             if self.data.labels is None:
@@ -322,6 +325,7 @@ class SelectionShard:
             self._quotas = tuple(int(q) for q in quotas)
         self._stage = (stage, epoch)
         self._scores = scores
+        self._all_eligible = all_eligible
         self._refined = np.zeros(self._num_groups, dtype=bool)
         self._tie_key = np.full(self._num_groups, NO_KEY, dtype=np.uint64)
 
@@ -597,7 +601,11 @@ class SelectionShard:
     def take_local(self, pos: np.ndarray) -> int:
         """Select the local positions ``pos`` (all must be eligible in the open stage)."""
         pos = np.asarray(pos, dtype=np.int64)
-        if pos.shape[0] and not np.all(self.stage_scores()[pos] > -np.inf):
+        scores = self.stage_scores()
+        if self._all_eligible:  # every position is eligible: check only the range
+            if pos.shape[0] and (int(pos.min()) < 0 or int(pos.max()) >= scores.shape[0]):
+                raise ValueError("take_local got a position outside the shard")
+        elif pos.shape[0] and not np.all(scores[pos] > -np.inf):
             raise ValueError("take_local got an ineligible position")
         self._taken[pos] = True
         self._taken_count += int(pos.shape[0])

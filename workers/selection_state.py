@@ -48,13 +48,14 @@ _BASE_MEMORY = 64 * 2**20
 _HELD_PER_ROW = 8 + 16 + 24 + 8
 """Bytes per sample held by every state actor: labels, their class layout (order and inverse,
 int64 each), usage and policy counters (about 24 B), the reused float64 stage-score buffer."""
-_SCORED_PER_ROW = 16 + 4 + 5 + 4 + 12
+_SCORED_PER_ROW = 16 + 4 + 5 + 12
 """Bytes per sample held with scores, besides the codes: R and D (float64), the sparse
-matrices' row pointers (int32), per-sample activation mass and its sign, the selection
-indicator of the unit counts (float32) and up to three memoized coverage profiles (float32)."""
+matrix's row pointers (int32), per-sample activation mass and its sign, and up to three
+memoized coverage profiles (float32)."""
 _CODES_PER_UNIT = 6 + 8
-"""Bytes per sample and code unit: the stored codes (int32 id, float16 value) and the two
-float32 sparse matrices over them (activations and 0/1 pattern; the ids are shared)."""
+"""Bytes per sample and code unit: the stored codes (int32 id, float16 value), the float32
+sparse matrix of the activations (the ids are shared) and, where some activation is 0, the
+int32 ids the unit counts read (0-activation entries masked)."""
 _TRANSIENT_PER_ROW = 64
 """Bytes per sample of an epoch's transient arrays: the score keys (uint64) and their class
 order, the class-ordered scores, the selection mask, usage after the epoch, the unit-count

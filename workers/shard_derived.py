@@ -1,12 +1,14 @@
 """Read-only structures derived from one shard's data, built on first use.
 
 :class:`ShardDerived` holds, for one ``workers.selection_shard.ShardData``: the label layout
-(positions grouped by class, a counting sort), the class counts, and the codes as sparse
-matrices for dynamic coverage. The matrices are split into row blocks (one per thread, and
-none over 2**24 rows), each a zero-copy view of the stored unit ids; the two per-epoch sparse
-products run block by block on a small thread pool (scipy's sparse kernels release the GIL).
-Every block computes exactly what the whole matrix would (a row's sum never crosses blocks;
-unit counts are exact integers), so the results do not depend on the number of threads.
+(positions grouped by class, a counting sort), the class counts, and the codes for dynamic
+coverage. The coverage weights are a sparse matrix-vector product: the clipped activations as a
+CSR matrix split into row blocks (one per thread, and none over 2**24 rows), each a zero-copy
+view of the stored unit ids, multiplied block by block on a small thread pool (scipy's sparse
+kernels release the GIL; a row's sum never crosses blocks). The units covered by a selection
+are counted over the selected rows only: their unit ids are gathered in cache-sized blocks of
+rows and counted by a transposed sparse product over each block (exact integers, whatever the
+blocks or threads). So the results do not depend on the number of threads.
 
 Threads: ``SAELECT_SELECTION_THREADS`` (default: min(2, CPUs)).
 """
@@ -14,12 +16,11 @@ Threads: ``SAELECT_SELECTION_THREADS`` (default: min(2, CPUs)).
 from __future__ import annotations
 
 import itertools
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from saelect.service.selection.pool import run_tasks as _run
+from saelect.service.selection.pool import selection_threads
 
 if TYPE_CHECKING:
     from saelect.workers.selection_shard import ShardData
@@ -27,36 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["LabelLayout", "ShardDerived", "selection_threads"]
 
 _PROFILE_MEMO = 3  # coverage weight vectors whose products a shard keeps
-_MAX_BLOCK_ROWS = 1 << 24  # float32 sums of 0/1 stay exact below 2**24 rows
+_MAX_BLOCK_ROWS = 1 << 24  # rows per block of the coverage product at most
 _MIN_SPLIT_ROWS = 1 << 16  # below this one block: a thread costs more than it saves
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def selection_threads() -> int:
-    """Threads of the shard's sparse products: ``SAELECT_SELECTION_THREADS`` or min(2, CPUs)."""
-    raw = os.environ.get("SAELECT_SELECTION_THREADS", "")
-    if raw.strip():
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(f"SAELECT_SELECTION_THREADS={raw!r} must be an integer >= 1")
-        return value
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-def _run(tasks: list[Any]) -> list[Any]:
-    """Call every zero-argument function of ``tasks``; on the shared pool when more than one."""
-    global _POOL
-    if len(tasks) == 1:
-        return [tasks[0]()]
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(2, selection_threads()))
-        pool = _POOL
-    return [f.result() for f in [pool.submit(t) for t in tasks]]
+_COUNT_ROWS = 8192  # selected rows gathered per block of the unit counts (k int32 ids each)
 
 
 def row_blocks(n: int, threads: int) -> list[tuple[int, int]]:
@@ -87,9 +61,11 @@ class LabelLayout(NamedTuple):
 
 
 class _Codes(NamedTuple):
-    """The codes as row blocks of CSR matrices (a, b, activations (b - a, M), 0/1 pattern)."""
+    """The codes as row blocks of CSR matrices (a, b, clipped activations (b - a, M)) and the
+    unit ids the unit counts read."""
 
-    blocks: list[tuple[int, int, Any, Any]]
+    blocks: list[tuple[int, int, Any]]
+    active_ids: np.ndarray  # int32 (n, k) unit ids, M where the clipped activation is 0
     mass: np.ndarray  # float32 (n,) sum of the clipped activations
     positive: np.ndarray  # bool (n,) mass > 0
     massless: np.ndarray  # int64 positions whose mass is 0
@@ -109,28 +85,32 @@ class ShardDerived:
         self._codes: _Codes | None = None
         self._profile_memo: list[tuple[np.ndarray, np.ndarray]] = []  # [(g (M,), h (n,))]
         self._counts_memo: tuple[np.ndarray, np.ndarray] | None = None  # (rows, counts (M,))
-        self._x: np.ndarray | None = None  # float32 (n,) selection indicator, reused
-        self._lock = threading.Lock()
 
     def nbytes(self) -> int:
         """Bytes held by the structures built so far (for memory accounting).
 
-        With codes of k units per sample: 8 k + 13 bytes per sample (float32 activations and 0/1
-        pattern, the mass and its sign, the selection indicator once counted; the column ids
-        are the stored ``code_ids``), plus the last coverage profiles (4 bytes per sample each,
-        up to 3); with labels, 16 bytes per sample for the label layout.
+        With codes of k units per sample: 4 k + 9 bytes per sample (float32 activations, their
+        row pointers, the mass and its sign; the column ids are the stored ``code_ids`` when
+        they are int32), plus 4 k more when some activation is <= 0 or the ids are not int32
+        (the ids the unit counts read, 0-activation entries masked), plus the last coverage
+        profiles (4 bytes per sample each, up to 3); with labels, 16 bytes per sample for the
+        label layout.
         """
         total = 0
         if self._codes is not None:
             ids = self._data.code_ids
-            for _, _, values, active in self._codes.blocks:
-                total += int(values.data.nbytes) + int(active.data.nbytes)
-                total += int(values.indptr.nbytes)
+            shared = []
+            for _, _, values in self._codes.blocks:
+                total += int(values.data.nbytes) + int(values.indptr.nbytes)
                 if ids is None or not np.shares_memory(values.indices, ids):
                     total += int(values.indices.nbytes)
+                    shared.append(values.indices)
+            active = self._codes.active_ids
+            if (ids is None or not np.shares_memory(active, ids)) and not any(
+                np.shares_memory(active, x) for x in shared
+            ):
+                total += int(active.nbytes)
             total += int(self._codes.mass.nbytes) + int(self._codes.positive.nbytes)
-        if self._x is not None:
-            total += int(self._x.nbytes)
         if self._class_counts is not None:
             total += int(self._class_counts.nbytes)
         if self._layout is not None:
@@ -165,8 +145,8 @@ class ShardDerived:
         return self._class_counts
 
     def _codes_blocks(self) -> _Codes:
-        """The codes' row blocks: CSR (b - a, M) float32 clipped activations and 0/1 pattern,
-        whose column ids are views of ``code_ids`` (built once)."""
+        """The codes' row blocks: CSR (b - a, M) float32 clipped activations whose column ids
+        are views of ``code_ids``, and the int32 ids of the active entries (built once)."""
         if self._codes is None:
             import scipy.sparse as sp
 
@@ -179,7 +159,6 @@ class ShardDerived:
             np.maximum(vals, 0, out=vals)
             mass = vals.sum(axis=1)  # (n,) float32, the literal per-sample mass
             flat = vals.reshape(-1)
-            ones = (flat > 0).astype(np.float32)
             index = np.int32 if n * k < np.iinfo(np.int32).max else np.int64
             indices = np.ascontiguousarray(d.code_ids, dtype=index).reshape(-1)
             blocks = []
@@ -188,9 +167,13 @@ class ShardDerived:
                 cut = slice(a * k, b * k)
                 shape = (b - a, units)
                 values = sp.csr_matrix((flat[cut], indices[cut], indptr), shape=shape, copy=False)
-                active = sp.csr_matrix((ones[cut], indices[cut], indptr), shape=shape, copy=False)
-                blocks.append((a, b, values, active))
-            self._codes = _Codes(blocks, mass, mass > 0, np.flatnonzero(mass <= 0))
+                blocks.append((a, b, values))
+            active = vals > 0  # (n, k)
+            if index == np.int32 and bool(active.all()):
+                active_ids = indices.reshape(n, k)  # a view: nothing to mask
+            else:
+                active_ids = np.where(active, d.code_ids, units).astype(np.int32)
+            self._codes = _Codes(blocks, active_ids, mass, mass > 0, np.flatnonzero(mass <= 0))
         return self._codes
 
     def profile_dot(self, g: np.ndarray) -> np.ndarray:
@@ -209,30 +192,65 @@ class ShardDerived:
             part = values @ g  # (b - a,) float32, one pass over the block's activations
             np.divide(part, codes.mass[a:b], out=h[a:b], where=codes.positive[a:b])
 
-        _run([lambda a=a, b=b, v=v: block(a, b, v) for a, b, v, _ in codes.blocks])
+        _run([lambda a=a, b=b, v=v: block(a, b, v) for a, b, v in codes.blocks])
         h[codes.massless] = 1.0  # no positive activation: weight 1
         self._profile_memo = [(g.copy(), h), *self._profile_memo[: _PROFILE_MEMO - 1]]
         return h
 
     def unit_counts(self, rows: np.ndarray) -> np.ndarray:
-        """int64 (M,) how many of the samples ``rows`` (local positions) have each unit active
-        (activation > 0). The last result is memoized by the identity of ``rows``."""
+        """int64 (M,) how many of the samples ``rows`` (int (m,) local positions, distinct) have
+        each unit active (activation > 0). The last result is memoized by the identity of
+        ``rows``.
+
+        Reads only the selected rows: their unit ids are gathered in blocks of
+        ``_COUNT_ROWS`` rows (about 1 MiB at k = 32, so the gather and the count stay in
+        cache), each block counted by a transposed sparse product (M + 1 columns: an inactive
+        entry counts in the last, dropped); the rows are split between the pool's threads.
+        """
         memo = self._counts_memo
         if memo is not None and memo[0] is rows:
             return memo[1]
         codes = self._codes_blocks()
-        with self._lock:  # the selection indicator x is a buffer reused across epochs
-            if self._x is None:
-                self._x = np.empty(self._data.n, dtype=np.float32)
-            x = self._x
-            x.fill(0.0)
-            x[rows] = 1.0
-
-            def block(a: int, b: int, active: Any) -> np.ndarray:
-                # float32 sums of 0/1 over < 2**24 rows are exact integers
-                return np.rint(active.T @ x[a:b]).astype(np.int64)
-
-            parts = _run([lambda a=a, b=b, m=m: block(a, b, m) for a, b, _, m in codes.blocks])
-        counts: np.ndarray = np.asarray(np.sum(parts, axis=0, dtype=np.int64))
+        assert self._data.p is not None  # the codes were built
+        units = int(self._data.p.shape[0])
+        pos = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = codes.active_ids.shape[0]
+        if pos.shape[0] and (int(pos.min()) < 0 or int(pos.max()) >= n):
+            raise IndexError(f"unit_counts: rows outside [0, {n})")
+        parts = selection_threads() if pos.shape[0] >= _MIN_SPLIT_ROWS else 1
+        bounds = np.linspace(0, pos.shape[0], parts + 1).astype(np.int64)
+        tasks = [
+            lambda a=int(a), b=int(b): _count_units(codes.active_ids, pos[a:b], units)
+            for a, b in itertools.pairwise(bounds)
+        ]
+        counts: np.ndarray = np.rint(np.sum(_run(tasks), axis=0)).astype(np.int64)
         self._counts_memo = (rows, counts)
         return counts
+
+
+def _count_units(ids: np.ndarray, rows: np.ndarray, units: int) -> np.ndarray:
+    """float64 (units,) how often each unit id in [0, units) occurs in the rows ``rows`` of
+    ``ids`` (int32 (n, k), C-contiguous; the id ``units`` marks an entry not to count).
+
+    Blocks of ``_COUNT_ROWS`` rows: one gather (each row is one k * 4-byte item) into a reused
+    buffer, then a transposed sparse product with a vector of ones (float32 sums of at most
+    ``_COUNT_ROWS`` ones per block are exact; the float64 total stays exact below 2**53)."""
+    import scipy.sparse as sp
+
+    k = ids.shape[1]
+    size = min(_COUNT_ROWS, rows.shape[0])
+    buffer = np.empty((size, k), dtype=np.int32)
+    ones = np.ones(size * k, dtype=np.float32)
+    indptr = np.arange(0, size * k + 1, k, dtype=np.int32)
+    x = np.ones(size, dtype=np.float32)
+    total = np.zeros(units + 1, dtype=np.float64)
+    for a in range(0, rows.shape[0], _COUNT_ROWS):
+        r = min(_COUNT_ROWS, rows.shape[0] - a)
+        np.take(ids, rows[a : a + r], axis=0, out=buffer[:r], mode="clip")  # rows checked
+        block = sp.csr_matrix(
+            (ones[: r * k], buffer[:r].reshape(-1), indptr[: r + 1]),
+            shape=(r, units + 1),
+            copy=False,
+        )
+        total += block.T @ x[:r]
+    return total[:units]

@@ -11,7 +11,9 @@ a ``broadcast(method, *args) -> [result per shard]`` callable (Ray actor handles
    :func:`service.selection.threshold.grouped_top_m_protocol` (a single in-process shard uses
    :func:`service.selection.topk.top_m` per class directly; both give the same result);
 3. shards return their picks (sorted global indices, weights, stats partials); the epoch order is
-   the sorted selection permuted by ``np.random.default_rng([seed, epoch])``;
+   the sorted selection permuted by ``np.random.default_rng([seed, epoch])`` (a function of the
+   epoch's size only, so it is drawn on the thread pool of ``service.selection.pool`` while
+   the shards finish);
 4. :meth:`SelectionEngine.commit` counts the epoch in the shards' counters and the policy's global
    state, once per epoch however often it is called.
 
@@ -34,6 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from saelect.service.policies.base import Policy, Stage, add_counts, check_losses
+from saelect.service.selection.pool import submit
 from saelect.service.selection.shuffle import epoch_permutation
 from saelect.service.selection.threshold import (
     Broadcast,
@@ -150,14 +153,20 @@ class SelectionEngine:
         ctx = self.policy.context(epoch, b("begin_epoch", epoch), None)
         for _ in range(self.policy.stat_rounds - 1):
             ctx = self.policy.context(epoch, b("local_stats", epoch, ctx), ctx)
-        rounds = 0
+        rounds, size = 0, 0
         for stage in self.policy.stages(epoch, ctx):
             if stage.count == 0:
                 continue
             rounds += self._stage(stage, epoch, ctx)
+            size += stage.count
+        seed = self.policy.config.seed
+        # the epoch order depends on the size only: drawn on the pool while the shards finish
+        shuffle = submit(lambda: epoch_permutation(size, seed, epoch))
         parts = b("finish", epoch, ctx)
         selected = np.concatenate([p["indices"] for p in parts]).astype(np.int64, copy=False)
-        perm = epoch_permutation(selected.shape[0], self.policy.config.seed, epoch)
+        perm = shuffle.result()
+        if perm.shape[0] != selected.shape[0]:  # a stage took another count: draw it again
+            perm = epoch_permutation(selected.shape[0], seed, epoch)
         weights = None
         if parts[0]["weights"] is not None:
             weights = np.concatenate([p["weights"] for p in parts])[perm]

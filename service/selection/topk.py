@@ -11,8 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+from saelect.service.selection.pool import run_tasks, selection_threads
 
 __all__ = ["GroupLayout", "TiebreakSource", "grouped_top_m", "top_m"]
+
+_MIN_SPLIT = 1 << 16  # below this many positions the groups run on one thread
 
 TiebreakSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
 """Either a uint64 array (N,) of tie-breaks, or a function positions -> uint64 tie-breaks.
@@ -151,18 +154,44 @@ def grouped_top_m(
     order, starts = layout.order, layout.starts
     in_order = np.empty(order.shape[0])
     in_order[layout.inverse] = scores  # one in-order read: faster than gathering scores[order]
-    picks = [np.empty(0, dtype=np.int64)]
-    for g, q in enumerate(quotas):
-        if q == 0:
-            continue
+    groups = [g for g, q in enumerate(quotas) if q > 0]
+
+    def take(g: int) -> np.ndarray:
         lo, hi = (int(starts[g]), int(starts[g + 1])) if g + 1 < starts.shape[0] else (0, 0)
 
-        def group_tiebreak(p: np.ndarray, lo: int = lo) -> np.ndarray:
+        def group_tiebreak(p: np.ndarray) -> np.ndarray:
             return tiebreak(order[p + lo])
 
         try:  # positions ascend within a group, so "position asc" among ties is kept
-            sub = top_m(in_order[lo:hi], group_tiebreak, int(q))
+            sub = top_m(in_order[lo:hi], group_tiebreak, int(quotas[g]))
         except ValueError as exc:
             raise ValueError(f"group {g}: {exc}") from None
-        picks.append(order[sub + lo])
+        return order[sub + lo]
+
+    def run(chunk: list[int]) -> list[np.ndarray]:
+        return [take(g) for g in chunk]
+
+    # the groups in contiguous chunks of about equal size, one per thread; each group's
+    # picks do not depend on the others, and they are joined in group order
+    sizes = [int(starts[g + 1] - starts[g]) if g + 1 < starts.shape[0] else 0 for g in groups]
+    threads = selection_threads() if order.shape[0] >= _MIN_SPLIT else 1
+    chunks = _chunks(groups, sizes, threads)
+    picks = [np.empty(0, dtype=np.int64)]
+    for part in run_tasks([lambda c=c: run(c) for c in chunks]):
+        picks += part
     return np.concatenate(picks)
+
+
+def _chunks(items: list[int], sizes: list[int], parts: int) -> list[list[int]]:
+    """``items`` cut into at most ``parts`` contiguous runs of about equal total size."""
+    total = sum(sizes)
+    if parts <= 1 or len(items) <= 1 or total == 0:
+        return [items] if items else []
+    out: list[list[int]] = [[]]
+    done = 0
+    for item, size in zip(items, sizes, strict=True):
+        if out[-1] and done >= total * len(out) / parts and len(out) < parts:
+            out.append([])
+        out[-1].append(item)
+        done += size
+    return out

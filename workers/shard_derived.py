@@ -30,7 +30,7 @@ __all__ = ["LabelLayout", "ShardDerived", "selection_threads"]
 _PROFILE_MEMO = 3  # coverage weight vectors whose products a shard keeps
 _MAX_BLOCK_ROWS = 1 << 24  # rows per block of the coverage product at most
 _MIN_SPLIT_ROWS = 1 << 16  # below this one block: a thread costs more than it saves
-_COUNT_ROWS = 8192  # selected rows gathered per block of the unit counts (k int32 ids each)
+_COUNT_ROWS = 16384  # selected rows gathered per block of the unit counts (k int32 ids each)
 
 
 def row_blocks(n: int, threads: int) -> list[tuple[int, int]]:
@@ -203,13 +203,19 @@ class ShardDerived:
         ``rows``.
 
         Reads only the selected rows: their unit ids are gathered in blocks of
-        ``_COUNT_ROWS`` rows (about 1 MiB at k = 32, so the gather and the count stay in
+        ``_COUNT_ROWS`` rows (2 MiB at k = 32, so the gather and the count stay in
         cache), each block counted by a transposed sparse product (M + 1 columns: an inactive
         entry counts in the last, dropped); the rows are split between the pool's threads.
         """
         memo = self._counts_memo
         if memo is not None and memo[0] is rows:
             return memo[1]
+        counts = self._count(rows, selection_threads())
+        self._counts_memo = (rows, counts)
+        return counts
+
+    def _count(self, rows: np.ndarray, threads: int) -> np.ndarray:
+        """:meth:`unit_counts` computed, the rows split into ``threads`` parts."""
         codes = self._codes_blocks()
         assert self._data.p is not None  # the codes were built
         units = int(self._data.p.shape[0])
@@ -217,15 +223,13 @@ class ShardDerived:
         n = codes.active_ids.shape[0]
         if pos.shape[0] and (int(pos.min()) < 0 or int(pos.max()) >= n):
             raise IndexError(f"unit_counts: rows outside [0, {n})")
-        parts = selection_threads() if pos.shape[0] >= _MIN_SPLIT_ROWS else 1
+        parts = threads if pos.shape[0] >= _MIN_SPLIT_ROWS else 1
         bounds = np.linspace(0, pos.shape[0], parts + 1).astype(np.int64)
         tasks = [
             lambda a=int(a), b=int(b): _count_units(codes.active_ids, pos[a:b], units)
             for a, b in itertools.pairwise(bounds)
         ]
-        counts: np.ndarray = np.rint(np.sum(_run(tasks), axis=0)).astype(np.int64)
-        self._counts_memo = (rows, counts)
-        return counts
+        return np.rint(np.sum(_run(tasks), axis=0)).astype(np.int64)
 
 
 def _count_units(ids: np.ndarray, rows: np.ndarray, units: int) -> np.ndarray:

@@ -16,6 +16,8 @@ from saelect.service.selection.pool import run_tasks, selection_threads
 __all__ = ["GroupLayout", "TiebreakSource", "grouped_top_m", "top_m"]
 
 _MIN_SPLIT = 1 << 16  # below this many positions the groups run on one thread
+_SAMPLE_MIN = 1 << 18  # from this many scores the m-th largest is bracketed by a sample
+_SAMPLE = 1 << 16  # scores in that sample (about)
 
 TiebreakSource = np.ndarray | Callable[[np.ndarray], np.ndarray]
 """Either a uint64 array (N,) of tie-breaks, or a function positions -> uint64 tie-breaks.
@@ -78,8 +80,7 @@ def top_m(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
 def _partition_top(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.ndarray:
     """top_m's core for 1 <= m <= eligible: the m-th largest value by a partition of the values
     (no index array), then the positions above it and only the boundary ties ordered."""
-    kth = scores.shape[0] - m
-    v = np.partition(scores, kth)[kth]  # the m-th largest score, finite or +inf
+    v = _mth_largest(scores, m)  # the m-th largest score, finite or +inf
     if np.isnan(v):
         raise ValueError("scores contain NaN")
     above = np.flatnonzero(scores > v)  # (< m,)
@@ -92,6 +93,39 @@ def _partition_top(scores: np.ndarray, tiebreak: TiebreakSource, m: int) -> np.n
         order = np.lexsort((ties, ~tb))  # tiebreak desc, then position asc
         ties = ties[order[:need]]
     return np.concatenate([above, ties])
+
+
+def _mth_largest(scores: np.ndarray, m: int) -> float:
+    """The m-th largest of the float64 (N,) ``scores`` (1 <= m <= N), exactly what a partition
+    at N - m gives (NaN when the scores hold NaN and it lands there).
+
+    Large arrays: a strided sample of about :data:`_SAMPLE` scores brackets the value (a few
+    standard deviations of the sample rank either side); one count above the bracket and one
+    compress of the scores inside it leave a small array to partition (a few passes over the
+    scores, no full copy). When the bracket misses, or the scores' sum is NaN (NaN, or both
+    infinities), it falls back to the partition of every score.
+    """
+    n = scores.shape[0]
+    kth = n - m
+    if n >= _SAMPLE_MIN:
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = scores.sum()
+        if not np.isnan(total):
+            sample = scores[:: n // _SAMPLE].copy()  # (>= _SAMPLE,) a deterministic sample
+            rank = kth * sample.shape[0] / n  # where the value sits in the sorted sample
+            margin = 4.0 * np.sqrt(sample.shape[0]) + 8.0
+            a = max(0, int(rank - margin))
+            b = min(sample.shape[0] - 1, int(rank + margin) + 1)
+            sample.partition([a, b])
+            lo, hi = sample[a], sample[b]
+            above = int(np.count_nonzero(scores > hi))  # all of them are in the top m
+            if above < m:
+                inside = scores[(scores >= lo) & (scores <= hi)]  # (w,) the bracket
+                if above + inside.shape[0] >= m:  # the m-th largest is inside
+                    j = inside.shape[0] - (m - above)
+                    inside.partition(j)
+                    return float(inside[j])
+    return float(np.partition(scores, kth)[kth])
 
 
 class GroupLayout(Protocol):

@@ -128,3 +128,45 @@ def test_take_local_refuses_positions_outside_or_ineligible() -> None:
     shard.begin_stage(stage, 0, ctx)
     with pytest.raises(ValueError, match="ineligible"):
         shard.take_local(np.array([3, 49]))
+
+
+def _cases(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(n)
+    ties = rng.integers(0, 5, n).astype(np.float64)
+    inf = rng.random(n)
+    inf[rng.random(n) < 0.3] = -np.inf
+    inf[:7] = np.inf
+    periodic = np.tile(np.arange(n // 1000, dtype=np.float64), 1000)  # period = sample step
+    return [rng.random(n), np.sort(rng.random(n)), ties, np.zeros(n), inf, periodic]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_sampled_mth_largest_equals_the_partition(
+    monkeypatch: pytest.MonkeyPatch, case: int
+) -> None:
+    """Uniform, sorted, heavy ties, constant, +-inf, a period equal to the sample step (the
+    bracket misses, so the fallback runs): the value a full partition gives, for m from 1 to
+    N; with NaN, top_m does what it does with the full partition (refuses it where the
+    boundary shows it)."""
+    monkeypatch.setattr(topk, "_SAMPLE_MIN", 1000)
+    monkeypatch.setattr(topk, "_SAMPLE", 1000)
+    n = 60_000
+    scores = _cases(n)[case]
+    eligible = int(np.count_nonzero(scores > -np.inf))
+    for m in sorted({1, 2, 17, n // 3, eligible // 2, eligible - 1, eligible}):
+        expect = np.partition(scores, n - m)[n - m]
+        assert topk._mth_largest(scores, m) == expect, m
+    tb = np.arange(n, dtype=np.uint64)
+    for nans, m in ((slice(None, None, 5), 5), (slice(100, 103), eligible // 3)):
+        with_nan = scores.copy()
+        with_nan[nans] = np.nan
+        outcomes = []
+        for sample_min in (1000, n + 1):  # sampled, then the full partition
+            monkeypatch.setattr(topk, "_SAMPLE_MIN", sample_min)
+            try:
+                outcomes.append(np.sort(topk.top_m(with_nan, tb, m)).tolist())
+            except ValueError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1]
+        if case in (0, 1, 4):  # continuous scores: the boundary check sees the NaN
+            assert outcomes[0] == "scores contain NaN"

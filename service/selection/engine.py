@@ -13,7 +13,7 @@ a ``broadcast(method, *args) -> [result per shard]`` callable (Ray actor handles
 3. shards return their picks (sorted global indices, weights, stats partials); the epoch order is
    the sorted selection permuted by ``np.random.default_rng([seed, epoch])`` (a function of the
    epoch's size only, so it is drawn on the thread pool of ``service.selection.pool`` while
-   the shards finish);
+   the shards score, select and finish);
 4. :meth:`SelectionEngine.commit` counts the epoch in the shards' counters and the policy's global
    state, once per epoch however often it is called.
 
@@ -153,15 +153,13 @@ class SelectionEngine:
         ctx = self.policy.context(epoch, b("begin_epoch", epoch), None)
         for _ in range(self.policy.stat_rounds - 1):
             ctx = self.policy.context(epoch, b("local_stats", epoch, ctx), ctx)
-        rounds, size = 0, 0
-        for stage in self.policy.stages(epoch, ctx):
-            if stage.count == 0:
-                continue
-            rounds += self._stage(stage, epoch, ctx)
-            size += stage.count
-        seed = self.policy.config.seed
-        # the epoch order depends on the size only: drawn on the pool while the shards finish
+        stages = [stage for stage in self.policy.stages(epoch, ctx) if stage.count > 0]
+        size, seed = sum(stage.count for stage in stages), self.policy.config.seed
+        # the epoch order depends on the size only: drawn on the pool while the shards select
         shuffle = submit(lambda: epoch_permutation(size, seed, epoch))
+        rounds = 0
+        for stage in stages:
+            rounds += self._stage(stage, epoch, ctx)
         parts = b("finish", epoch, ctx)
         selected = np.concatenate([p["indices"] for p in parts]).astype(np.int64, copy=False)
         perm = shuffle.result()

@@ -468,6 +468,15 @@ def test_compose_service_serves_scores_on_both_raylets_and_survives_a_kill(
         assert fetch() == before  # the same epochs, from the store, after the restart
 
     assert service.stop(first=signal.SIGTERM, timeout=60) == 0, service.text()[-3000:]
+    # the token reached no file of the run (the store, the URL file, every log of Ray and of
+    # the service) and no line the service printed
+    leaks = [
+        str(p)
+        for p in cluster.tmp.rglob("*")
+        if p.is_file() and not p.is_symlink() and TOKEN.encode() in p.read_bytes()
+    ]
+    assert leaks == [], leaks
+    assert TOKEN not in service.text()
     assert "stopping" in service.text()
     assert not url_file.exists()  # a clean stop removes the URL it wrote
     cluster.procs.remove(service)

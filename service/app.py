@@ -22,7 +22,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from saelect.service.backend import Backend
 from saelect.service.errors import PayloadTooLarge, SaelectError
-from saelect.service.fast_indices import FastIndicesMiddleware
+from saelect.service.fast_indices import FastIndices
 from saelect.service.metrics import Metrics, MetricsMiddleware
 from saelect.service.routes import check_token, epochs, health, jobs, require_token_for_docs
 from saelect.service.routes import metrics as metrics_route
@@ -238,6 +238,21 @@ def install_docs(app: FastAPI) -> None:
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
+class SaelectApp(FastAPI):
+    """FastAPI with the serving fast path in front: ``fast_indices`` sees each request first
+    and answers a binary fetch of an epoch in memory before the middleware stack and the routes
+    (token and metrics included: ``service.fast_indices``); every other request goes on as in
+    FastAPI."""
+
+    fast_indices: FastIndices | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        fast = self.fast_indices
+        if fast is not None and await fast.answer(scope, send):
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     """The HTTP app over ``backend``.
 
@@ -256,7 +271,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         ``settings.docs_open``).
     """
     settings = settings if settings is not None else Settings()
-    app = FastAPI(
+    app = SaelectApp(
         title="saelect",
         version=VERSION,
         description="Dynamic data selection: per-epoch, per-rank training subsets.",
@@ -267,14 +282,12 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.state.backend = backend
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.fast_indices = FastIndices(backend, settings, app.state.metrics)
     install_error_handlers(app)
     install_docs(app)
     for module in (health, metrics_route, jobs, epochs):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(  # inside the token check; before the routes
-        FastIndicesMiddleware, backend=backend, settings=settings, metrics=app.state.metrics
-    )
     app.add_middleware(TokenMiddleware, settings=settings)  # outside the body limit: 401 first
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     add_listener = getattr(backend, "add_epoch_listener", None)  # optional Backend method

@@ -1,43 +1,38 @@
 """The serving fast path: a rank's binary indices of an epoch already in memory, answered
-before FastAPI's routing.
+before FastAPI's middleware stack and routing.
 
 Once an epoch is computed, every rank's fetch of it is the same small job: slice the epoch
-order, send the bytes. Through FastAPI that costs route matching, path and query validation,
-four dependencies and a ``Response`` object per request, most of the SelectionActor's event-loop
-time under load (docs/benchmarks_load.md profiles it). :class:`FastIndicesMiddleware` answers
-``GET /v1/jobs/{id}/epochs/{t}/indices?rank=R&world_size=W`` itself when every check the route
-would make passes and the backend has the epoch at hand (its optional
+order, send the bytes. Through FastAPI that costs the middleware stack, route matching, path and
+query validation, four dependencies and a ``Response`` object per request, most of the
+SelectionActor's event-loop time under load (docs/benchmarks_load.md profiles it).
+:class:`FastIndices`, called first by the app for every request (``service.app.SaelectApp``),
+answers ``GET /v1/jobs/{id}/epochs/{t}/indices?rank=R&world_size=W`` itself when every check the
+route would make passes (the token too) and the backend has the epoch at hand (its optional
 ``ready_epoch_indices``); anything else, any doubt, goes on to the app unchanged: JSON answers,
-unknown or not-ready jobs, epochs still to compute, malformed or extra query parameters, limits.
-The bytes and headers are the route's own (tests/unit/test_fast_indices.py compares them), and
-the token has been checked already: the middleware sits inside ``TokenMiddleware``.
+unknown or not-ready jobs, epochs still to compute, malformed or extra query parameters, limits,
+a missing or wrong token. The bytes, headers and metrics are the route's own
+(tests/unit/test_fast_indices.py compares them).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import numpy as np
+from saelect.service.errors import SaelectError
 from saelect.service.metrics import Metrics
+from saelect.service.routes import check_token
 from saelect.service.routes.epochs import BINARY, COUNT_HEADER, wants_json
 from saelect.service.settings import Settings
 
-__all__ = ["FastIndicesMiddleware", "parse_rank_query"]
+__all__ = ["FastIndices", "parse_rank_query"]
 
 PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})/epochs/(0|[1-9][0-9]{0,17})/indices$")
 """The route's path, with the route's own job id pattern and a plain non-negative epoch."""
 _INT = re.compile(rb"^(0|[1-9][0-9]{0,17})$")
 ROUTE_TEMPLATE = "/v1/jobs/{job_id}/epochs/{epoch}/indices"
-
-
-class _Route:
-    """What ``MetricsMiddleware`` reads of a matched route: its path template."""
-
-    path = ROUTE_TEMPLATE
-
-
-_ROUTE = _Route()
 
 
 def parse_rank_query(query: bytes) -> tuple[int, int] | None:
@@ -56,18 +51,20 @@ def parse_rank_query(query: bytes) -> tuple[int, int] | None:
     return values[b"rank"], values[b"world_size"]
 
 
-class FastIndicesMiddleware:
-    """Pure ASGI middleware: the binary indices of an in-memory epoch without the router.
+class FastIndices:
+    """The fast path, called first by the app (``service.app.SaelectApp``) for every request.
 
     ``backend.ready_epoch_indices(job_id, epoch, rank, world_size)`` (optional; without it the
-    middleware only passes requests on) returns int64 (per_rank,) when the job is ready and the
-    epoch is in memory, else None. It must not block: it runs on the event loop.
+    fast path answers nothing) returns int64 (per_rank,) when the job is ready and the epoch is
+    in memory, else None. It must not block: it runs on the event loop. The fast path answers
+    only requests that carry the right token (when one is set): any other goes to the app,
+    whose middleware answers 401.
     """
 
-    def __init__(self, app: Any, backend: Any, settings: Settings, metrics: Metrics) -> None:
-        self.app = app
+    def __init__(self, backend: Any, settings: Settings, metrics: Metrics) -> None:
         self.lookup = getattr(backend, "ready_epoch_indices", None)
         self.max_world_size = settings.max_world_size
+        self.token = settings.token
         self.enabled = settings.fast_indices and self.lookup is not None
         self.metrics = metrics
 
@@ -84,13 +81,19 @@ class FastIndicesMiddleware:
         rank, world_size = parsed
         if not 0 <= rank < world_size <= self.max_world_size:
             return None
-        accept = None
+        accept = authorization = None
         for key, value in scope.get("headers") or ():
             if key == b"accept":
                 accept = value.decode("latin-1")
-                break
+            elif key == b"authorization":
+                authorization = value.decode("latin-1")
         if wants_json(accept):
             return None
+        if self.token is not None:
+            try:
+                check_token(self.token, authorization)
+            except SaelectError:
+                return None  # the app's token middleware answers
         epoch = int(match.group(2))
         assert self.lookup is not None
         idx = self.lookup(match.group(1), epoch, rank, world_size)
@@ -98,16 +101,17 @@ class FastIndicesMiddleware:
             return None
         return np.ascontiguousarray(idx, dtype="<i8"), epoch
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        answer = self._answer(scope) if self.enabled and scope["type"] == "http" else None
+    async def answer(self, scope: dict[str, Any], send: Any) -> bool:
+        """Send the answer to ``scope`` and return True, or return False (nothing sent)."""
+        if not self.enabled or scope["type"] != "http":
+            return False
+        start = time.perf_counter()
+        answer = self._answer(scope)
         if answer is None:
-            await self.app(scope, receive, send)
-            return
+            return False
         idx, epoch = answer
         n = int(idx.shape[0])
         body = idx.tobytes()
-        scope["route"] = _ROUTE  # the template MetricsMiddleware labels the request with
-        self.metrics.observe_indices("binary", n)
         headers = [  # the route's headers, in the order Starlette's Response writes them
             (COUNT_HEADER.lower().encode(), str(n).encode()),
             (b"x-saelect-epoch", str(epoch).encode()),
@@ -116,3 +120,6 @@ class FastIndicesMiddleware:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        self.metrics.observe_indices("binary", n)
+        self.metrics.observe_request("GET", ROUTE_TEMPLATE, 200, time.perf_counter() - start)
+        return True

@@ -14,22 +14,21 @@ Restart: the manager rebuilds every stored job. Scoring outputs are on the store
 re-attaches to them without recomputing; the engine then replays the stored epochs (and the
 feedback log, in arrival order) and checks each replayed epoch against the stored one. The next
 epoch is therefore what an uninterrupted run would have produced.
+
+Modules: the in-memory `Job` and its phase changes are in ``service.job``, the scoring (shared per
+`scoring_key`) in ``service.job_scoring``, the stored epochs, feedback log, job state and their
+replay in ``service.job_history``; this module holds the manager, the `Backend` the routes call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
-import json
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-from saelect.service.backend import EpochPlan, JobStatus, Plan, Progress
+from saelect.service.backend import EpochPlan, JobStatus, Plan
 from saelect.service.errors import (
     EpochOutOfRange,
     FeedbackNotAccepted,
@@ -37,63 +36,21 @@ from saelect.service.errors import (
     JobNotReady,
     UnknownJob,
 )
-from saelect.service.policies import make_policy
-from saelect.service.selection.engine import SelectionEngine
+from saelect.service.job import JOBS_LOGGER, Job
+from saelect.service.job_history import (
+    build_engine,
+    select_and_commit,
+    with_engine,
+    write_feedback,
+    write_state,
+)
+from saelect.service.job_scoring import JobScoring, needs_scores, scoring_key
 from saelect.service.selection.partition import per_rank_length, rank_indices, rank_slice
 from saelect.service.specs import JobSpec
-from saelect.service.store import JobState, JobStore, check_job_id, new_job_id
-from saelect.workers.storage import Storage, tree_digests, verify_tree, write_manifest
+from saelect.service.store import JobStore, check_job_id, new_job_id
+from saelect.workers.storage import Storage
 
-log = logging.getLogger(__name__)
-
-FEEDBACK_LOG = "feedback_log"
-SCORING_MANIFEST = "manifest.json"
-"""Digests of a scoring's outputs, written each time `run_scoring` returns (`seal_scoring`)."""
-T = TypeVar("T")
-
-
-@dataclass
-class Job:
-    """In-memory state of one job (the store holds the durable part)."""
-
-    id: str
-    spec: JobSpec
-    phase: str = "pending"
-    progress: Progress = field(default_factory=lambda: Progress(0, 0))
-    num_samples: int | None = None
-    error: str | None = None
-    scoring: Any = None
-    """`workers.pipeline.ScoringResult` once scored (None for a policy that reads no scores)."""
-    shards: Any = None
-    """`workers.selection_state.SelectionShards`: the job's state actors once ready."""
-    reason: str | None = None
-    """Why the job waits (phase ``queued``)."""
-    engine: SelectionEngine | None = None
-    epochs: dict[int, np.ndarray] = field(default_factory=dict)
-    """Served epochs: int64 (size,) indices in serving order."""
-    stats: dict[int, dict[str, Any]] = field(default_factory=dict)
-    feedback_seq: int = 0
-    feedback_keys: set[tuple[int, int, int]] = field(default_factory=set)
-    """(epoch, rank, seq) of every keyed feedback applied: a repeated key is acknowledged, not
-    applied again (a client retrying a post whose answer it lost)."""
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    phase_since: float = field(default_factory=time.monotonic)
-    """When the job entered its current phase (monotonic seconds)."""
-    task: asyncio.Task | None = None
-    deleted: bool = False
-
-    def status(self) -> JobStatus:
-        committed = self.engine.last_committed + 1 if self.engine is not None else 0
-        return JobStatus(
-            id=self.id,
-            name=self.spec.name,
-            phase=self.phase,
-            progress=self.progress,
-            num_samples=self.num_samples,
-            epochs_committed=committed,
-            error=self.error,
-            reason=self.reason if self.phase == "queued" else None,
-        )
+log = logging.getLogger(JOBS_LOGGER)
 
 
 class JobManager:
@@ -120,17 +77,17 @@ class JobManager:
         progress_bar: bool = False,
     ) -> None:
         self.store = store
-        self.allowed_roots = allowed_roots
-        self.pipeline_options = pipeline_options
-        self.progress_bar = progress_bar
+        self.scoring = JobScoring(
+            store.storage,
+            allowed_roots=allowed_roots,
+            pipeline_options=pipeline_options,
+            progress_bar=progress_bar,
+        )
         self._jobs: dict[str, Job] = {}
         self._broken: dict[str, str] = {}
         """Stored jobs that could not be resumed: id -> why (listed as failed)."""
-        self._scoring_locks: dict[str, asyncio.Lock] = {}
         self._epoch_listeners: list[Callable[[str, str, int, float], None]] = []
         self._feedback_listeners: list[Callable[[str, str, int, int], None]] = []
-        self._scoring_bytes = 0
-        """Bytes stored by the scoring runs this manager completed."""
 
     def add_feedback_listener(self, fn: Callable[[str, str, int, int], None]) -> None:
         """Call ``fn(job_id, policy, lag, samples)`` after each feedback applied; ``lag`` is how
@@ -148,7 +105,7 @@ class JobManager:
         Jobs that differ only in their policy (the A/B case) share one scoring: the second job
         waits for the first and then loads its outputs instead of recomputing them.
         """
-        return self.store.storage.child(f"scoring/{key}")
+        return self.scoring.storage(key)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def resume(self) -> list[str]:
@@ -212,96 +169,14 @@ class JobManager:
             if job.shards is not None:
                 await asyncio.to_thread(job.shards.shutdown)
 
-    # -- scoring -----------------------------------------------------------------------------
-    def _on_progress(self, job: Job, phase: str, done: int, total: int) -> None:
-        if phase != job.phase:
-            now = time.monotonic()
-            log.info(
-                "job %s: %s -> %s after %.1f s", job.id, job.phase, phase, now - job.phase_since
-            )
-            job.phase_since = now
-        job.phase = phase
-        job.progress = Progress(done, total)
-
-    def _on_wait(self, job: Job, reason: str | None) -> None:
-        if job.deleted:  # stop waiting for resources on behalf of a deleted job
-            raise RuntimeError(f"job {job.id} was deleted while it waited to be scored")
-        if reason is not None:
-            if job.reason is None:
-                log.info("job %s: queued: %s", job.id, reason)
-            self._on_progress(job, "queued", 0, 0)
-        job.reason = reason
-
+    # -- scoring, then start -----------------------------------------------------------------
     async def _score(self, job: Job) -> None:
         """Score the job (if its policy reads scores), start its state actors, replay."""
-        from saelect.workers.pipeline import run_scoring
         from saelect.workers.selection_state import SelectionShards
-        from saelect.workers.shard_plan import plan_shards
 
         spec = job.spec
         try:
-            storage = None
-            if needs_scores(spec):
-                key = scoring_key(spec)
-                lock = self._scoring_locks.setdefault(key, asyncio.Lock())
-                if lock.locked():
-                    others = [
-                        j.id
-                        for j in self._jobs.values()
-                        if j is not job
-                        and j.phase not in ("ready", "failed")
-                        and scoring_key(j.spec) == key
-                    ]
-                    self._on_wait(
-                        job,
-                        f"waits for the scoring it shares with {others or 'another job'}"
-                        " (same data, features and SAE)",
-                    )
-                async with lock:
-                    self._on_wait(job, None)
-                    await asyncio.to_thread(self._check_scoring, job, key)
-                    result = await asyncio.to_thread(
-                        run_scoring,
-                        self.scoring_storage(key),
-                        spec.dataset.uri,
-                        spec.dataset.feature,
-                        spec.dataset.label_column,
-                        spec.sae,
-                        spec.scores,
-                        resources=spec.scoring,
-                        on_progress=lambda ph, d, t: self._on_progress(
-                            job, _scoring_phase(ph), d, t
-                        ),
-                        on_wait=lambda reason: self._on_wait(job, reason),
-                        progress_bar=self.progress_bar,
-                        allowed_roots=self.allowed_roots,
-                        options=self.pipeline_options,
-                        reservation_name=f"saelect-scoring-{key}",
-                    )
-                    await asyncio.to_thread(seal_scoring, self.scoring_storage(key))
-                job.scoring = result
-                plan, storage = result.plan, result.storage
-                scored_s = sum(v for k, v in result.timings.items() if k != "queued")
-                if scored_s > 0:  # scored now, not loaded: its outputs were written now
-                    self._scoring_bytes += await asyncio.to_thread(result.storage.size)
-                    log.info(
-                        "job %s: scored %d samples in %.1f s (%.0f samples/s; %s)",
-                        job.id,
-                        result.num_samples,
-                        scored_s,
-                        result.num_samples / scored_s,
-                        ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()),
-                    )
-            else:
-                label = spec.dataset.label_column
-                plan = await asyncio.to_thread(
-                    plan_shards,
-                    spec.dataset.uri,
-                    None,
-                    columns=[label] if label else [],
-                    allowed_roots=self.allowed_roots,
-                    num_cpus=_cluster_cpus(),
-                )
+            plan, storage = await self.scoring.plan(job, self._jobs)
             if job.deleted:
                 return
             job.num_samples = int(plan.num_rows)
@@ -312,9 +187,9 @@ class JobManager:
             if job.deleted:
                 await asyncio.to_thread(job.shards.shutdown)
                 return
-            engine = await asyncio.to_thread(self._build_engine, job)
+            engine = await asyncio.to_thread(build_engine, self.store, job)
             job.engine = engine
-            self._on_progress(job, "ready", 1, 1)
+            job.on_progress("ready", 1, 1)
             log.info(
                 "job %s: ready (%d samples, %d shards, %d epochs replayed)",
                 job.id,
@@ -322,62 +197,15 @@ class JobManager:
                 len(job.shards.actors),
                 engine.last_committed + 1,
             )
-            self._write_state(job)
+            write_state(self.store, job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the job fails with the error; the service keeps serving
             log.exception("job %s failed", job.id)
             job.error = f"{type(exc).__name__}: {exc}"
-            self._on_progress(job, "failed", 0, 0)
+            job.on_progress("failed", 0, 0)
             if not job.deleted:
-                self._write_state(job)
-
-    def _check_scoring(self, job: Job, key: str) -> None:
-        """Drop a stored scoring that fails its checksums: it is derived, so it is recomputed."""
-        problem = verify_tree(self.scoring_storage(key), SCORING_MANIFEST)
-        if problem is not None:
-            log.warning("job %s: %s; recomputing the scoring %s", job.id, problem, key)
-            self.store.storage.delete(f"scoring/{key}")
-
-    def _build_engine(self, job: Job) -> SelectionEngine:
-        """Attach the policy to the shards, then replay stored epochs and feedback in order."""
-        policy = make_policy(job.spec.policy)
-        job.shards.attach(policy)
-        engine = SelectionEngine(policy, job.shards.broadcast())
-        feedback = self._feedback_log(job.id)
-        job.feedback_seq = len(feedback)
-        job.feedback_keys = {key for *_, key in feedback if key is not None}
-        for epoch in self.store.committed_epochs(job.id):
-            for before, idx, losses, _ in feedback:
-                if before == epoch:
-                    engine.feedback(idx, losses)
-            stored = self.store.read_epoch(job.id, epoch)
-            if stored is None:  # listed by committed_epochs, so only a concurrent delete
-                raise RuntimeError(f"epoch {epoch} of job {job.id} vanished from the store")
-            res = engine.select(epoch)
-            if not np.array_equal(res.indices, stored):
-                raise RuntimeError(
-                    f"replay of epoch {epoch} of job {job.id} differs from the stored epoch; "
-                    "the store was written by a different configuration or version"
-                )
-            engine.commit(epoch)
-            job.epochs[epoch] = stored
-            job.stats[epoch] = self._read_stats(job.id, epoch, res.stats)
-        for before, idx, losses, _ in feedback:
-            if before > engine.last_committed:
-                engine.feedback(idx, losses)
-        return engine
-
-    def _write_state(self, job: Job) -> None:
-        last = job.engine.last_committed if job.engine is not None else -1
-        state = JobState(
-            last_committed_epoch=last,
-            seed=job.spec.policy.seed,
-            phase=job.phase,
-            num_samples=job.num_samples,
-            error=job.error,
-        )
-        self.store.write_state(job.id, state)
+                write_state(self.store, job)
 
     # -- queries -----------------------------------------------------------------------------
     def _broken_status(self, job_id: str) -> JobStatus:
@@ -425,7 +253,7 @@ class JobManager:
         from saelect.service.metrics import JobMetrics
 
         jobs = [j for j in self._jobs.values() if not j.deleted]
-        held = await asyncio.to_thread(lambda: [self._scoring_resources(j) for j in jobs])
+        held = await asyncio.to_thread(lambda: [self.scoring.resources(j) for j in jobs])
         return [JobMetrics(j.id, j.spec.policy.name, r) for j, r in zip(jobs, held, strict=True)]
 
     async def store_bytes_written(self) -> dict[str, int]:
@@ -433,18 +261,7 @@ class JobManager:
         ``jobs/``: epochs, their stats and weights, feedback, job state) and ``scoring`` (the
         outputs each scoring run stored, counted when it completes; a scoring loaded from the
         store adds nothing). The ``/metrics`` route reads them at scrape time."""
-        return {"jobs": self.store.bytes_written, "scoring": self._scoring_bytes}
-
-    def _scoring_resources(self, job: Job) -> dict[str, float]:
-        from saelect.workers.pipeline import STATE_FILE
-
-        if job.phase not in SCORING_PHASES or not needs_scores(job.spec):
-            return {}
-        try:
-            doc = self.scoring_storage(scoring_key(job.spec)).read_json(STATE_FILE)
-        except Exception:  # not written yet, or being replaced: nothing known to be held
-            return {}
-        return {str(k): float(v) for k, v in (doc.get("resources") or {}).items()}
+        return {"jobs": self.store.bytes_written, "scoring": self.scoring.bytes_written}
 
     async def get_job(self, job_id: str) -> JobStatus:
         if check_job_id(job_id) in self._broken:
@@ -471,55 +288,12 @@ class JobManager:
                 await asyncio.to_thread(self._next_epoch, job)
         return job.epochs[epoch]
 
-    def _with_engine(
-        self, job: Job, fn: Callable[[SelectionEngine], T], *, retry: bool = True
-    ) -> T:
-        """Run ``fn(engine)``; if a shard actor died under it, rebuild the engine and retry once.
-
-        Ray restarts a crashed ShardActor from the store, but the restarted process has no
-        selection state: re-attaching the policy and replaying the stored epochs and feedback
-        (`_build_engine`) restores exactly the state the engine had. With ``retry=False`` the
-        rebuild alone completes the call (feedback: the replayed log already holds it).
-        """
-        import ray
-
-        if job.engine is None:
-            raise JobNotReady(f"job {job.id!r} has no selection engine (phase {job.phase})")
-        try:
-            return fn(job.engine)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            log.warning("job %s: shard actor failure (%s); rebuilding its engine", job.id, exc)
-            job.engine = self._build_engine(job)
-            return fn(job.engine) if retry else None  # type: ignore[return-value]
-
     def _next_epoch(self, job: Job) -> None:
-        self._with_engine(job, lambda engine: self._select_and_commit(job, engine))
-
-    def _select_and_commit(self, job: Job, engine: SelectionEngine) -> None:
-        t = engine.last_committed + 1
-        t0 = time.perf_counter()
-        res = engine.select(t)
-        stats = dict(res.stats)
-        stats["selection_seconds"] = time.perf_counter() - t0
-        # store first, then commit: a crash in between replays the stored epoch identically
-        self.store.write_epoch(job.id, t, res.indices, stats=_jsonable(stats), weights=res.weights)
-        engine.commit(t)
-        job.stats[t] = stats
-        job.epochs[t] = res.indices
-        self._write_state(job)
-        log.info(
-            "job %s: epoch %d selected (%d samples, %.3f s)",
-            job.id,
-            t,
-            res.indices.shape[0],
-            stats["selection_seconds"],
+        with_engine(
+            self.store,
+            job,
+            lambda engine: select_and_commit(self.store, job, engine, self._epoch_listeners),
         )
-        for listener in self._epoch_listeners:
-            listener(job.id, job.spec.policy.name, t, stats["selection_seconds"])
-
-    def _read_stats(self, job_id: str, epoch: int, fallback: dict[str, Any]) -> dict[str, Any]:
-        stored = self.store.read_epoch_stats(job_id, epoch)
-        return stored if stored is not None else dict(fallback)
 
     async def epoch_indices(
         self, job_id: str, epoch: int, rank: int, world_size: int
@@ -594,16 +368,14 @@ class JobManager:
             before = engine.last_committed + 1
             seq = job.feedback_seq
             rank_seq = np.asarray(dedup[1:] if dedup is not None else (-1, -1), dtype=np.int64)
-            self.store.write_file(
-                job_id,
-                f"{FEEDBACK_LOG}/{seq:08d}.npz",
-                _npz(before=before, epoch=epoch, idx=idx, loss=val, key=rank_seq),
+            write_feedback(
+                self.store, job_id, seq, before=before, epoch=epoch, idx=idx, loss=val, key=rank_seq
             )
             job.feedback_seq += 1
             if dedup is not None:
                 job.feedback_keys.add(dedup)
             await asyncio.to_thread(
-                self._with_engine, job, lambda e: e.feedback(idx, val), retry=False
+                with_engine, self.store, job, lambda e: e.feedback(idx, val), retry=False
             )
         log.info(
             "job %s: feedback for epoch %d applied (%d samples, before epoch %d)",
@@ -615,22 +387,6 @@ class JobManager:
         for listener in self._feedback_listeners:
             listener(job_id, job.spec.policy.name, max(0, before - 1 - epoch), int(idx.shape[0]))
         return True
-
-    def _feedback_log(
-        self, job_id: str
-    ) -> list[tuple[int, np.ndarray, np.ndarray, tuple[int, int, int] | None]]:
-        """(before, indices int64 (n,), losses float32 (n,), (epoch, rank, seq) or None) of
-        every stored feedback in arrival order; unkeyed posts (and logs from before keys) have
-        None."""
-        out = []
-        for name in self.store.committed_files(job_id, f"{FEEDBACK_LOG}/"):
-            data = self.store.read_file(job_id, f"{FEEDBACK_LOG}/{name}")
-            if name.endswith(".npz") and data is not None:
-                d = _unnpz(data)
-                rank, seq = (int(v) for v in d["key"]) if "key" in d else (-1, -1)
-                key = (int(d["epoch"]), rank, seq) if rank >= 0 else None
-                out.append((int(d["before"]), d["idx"], d["loss"], key))
-        return out
 
     async def epoch_stats(self, job_id: str, epoch: int) -> dict[str, Any]:
         job = self._ready(job_id)
@@ -658,87 +414,5 @@ class JobManager:
             self._jobs.pop(job_id, None)
             key = scoring_key(job.spec)
             if not any(scoring_key(j.spec) == key for j in self._jobs.values()):
-                self.store.storage.delete(f"scoring/{key}")  # no other job uses this scoring
+                self.scoring.delete(key)  # no other job uses this scoring
         log.info("job %s: deleted", job_id)
-
-
-LATE_FEATURE_FIELDS = ("image_shape", "model", "weights", "library", "image_size")
-"""FeatureSpec fields added after stores existed: `scoring_key` leaves them out while None."""
-
-
-def scoring_key(spec: JobSpec) -> str:
-    """Content key of a job's scoring: dataset, features, labels, SAE and score config.
-
-    The policy is not part of it: jobs that A/B policies on the same data share one scoring.
-    """
-    feature = dataclasses.asdict(spec.dataset.feature)
-    # fields added later enter the key only when set, so existing stores keep their keys
-    for late in LATE_FEATURE_FIELDS:
-        if feature[late] is None:
-            del feature[late]
-    doc = {
-        "uri": spec.dataset.uri,
-        "feature": feature,
-        "label": spec.dataset.label_column,
-        "sae": {k: v for k, v in dataclasses.asdict(spec.sae).items() if k != "device"},
-        "scores": dataclasses.asdict(spec.scores),
-    }
-    blob = json.dumps(doc, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
-SCORING_PHASES = frozenset({"featurizing", "training_sae", "encoding", "scoring"})
-"""Phases in which a job's scoring holds its reservation."""
-
-SCORED_POLICIES = frozenset({"factor", "factor_loss"})
-"""Policies that read R, D or codes: only their jobs are scored."""
-
-
-def needs_scores(spec: JobSpec) -> bool:
-    """Whether the job's policy reads scores (R, D, codes), so the job must be scored first."""
-    return spec.policy.name in SCORED_POLICIES
-
-
-def seal_scoring(storage: Storage) -> None:
-    """Record the digests of every output of a finished scoring (read back: one pass of I/O)."""
-    files = tree_digests(storage, exclude=(SCORING_MANIFEST,))
-    write_manifest(storage, SCORING_MANIFEST, {rel: [d] for rel, d in files.items()})
-
-
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1.0))
-
-
-def _scoring_phase(phase: str) -> str:
-    """The pipeline's phase as the job reports it: a job is ready only once its engine is."""
-    return "scoring" if phase == "ready" else phase
-
-
-def _npz(**arrays: Any) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
-def _unnpz(data: bytes) -> dict[str, np.ndarray]:
-    import io
-
-    with np.load(io.BytesIO(data)) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _jsonable(obj: Any) -> Any:
-    """Numpy scalars and arrays to JSON types, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj

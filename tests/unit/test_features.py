@@ -393,7 +393,7 @@ def test_scoring_key_of_existing_kinds_ignores_the_new_field() -> None:
     import hashlib
     import json
 
-    from saelect.service.jobs import scoring_key
+    from saelect.service.job_scoring import scoring_key
     from saelect.service.policies import PolicyConfig
     from saelect.service.specs import DatasetSpec, JobSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from saelect.service.jobs import SCORED_POLICIES
+from saelect.service.job_scoring import SCORED_POLICIES
 from saelect.service.policies import POLICIES, PolicyConfig, make_policy
 from saelect.service.selection.engine import SingleProcessSelector
 from saelect.workers.selection_shard import ShardData

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from saelect.service.jobs import SCORING_MANIFEST, seal_scoring
+from saelect.service.job_scoring import SCORING_MANIFEST, seal_scoring
 from saelect.service.store import MANIFEST_FILE, JobState, JobStore
 from saelect.workers.storage import CorruptFileError, Storage, digest, verify_tree, write_manifest
 

@@ -52,6 +52,8 @@ class Job:
     phase_since: float = field(default_factory=time.monotonic)
     """When the job entered its current phase (monotonic seconds)."""
     task: asyncio.Task | None = None
+    first_epoch: asyncio.Task | None = None
+    """Epoch 0 computed ahead of the first request (``JobManager._start_first_epoch``)."""
     deleted: bool = False
 
     def status(self) -> JobStatus:

@@ -198,6 +198,7 @@ class JobManager:
                 engine.last_committed + 1,
             )
             write_state(self.store, job)
+            self._start_first_epoch(job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the job fails with the error; the service keeps serving
@@ -206,6 +207,28 @@ class JobManager:
             job.on_progress("failed", 0, 0)
             if not job.deleted:
                 write_state(self.store, job)
+
+    def _start_first_epoch(self, job: Job) -> None:
+        """Compute epoch 0 of a new job in the background as soon as it is ready, so that the
+        trainers' first fetch finds it in memory (the first selection on the shards also builds
+        their derived structures: it was the demo's slowest fetch, docs/benchmarks_overhead.md).
+
+        Only for a job with nothing committed yet, and only when its policy takes no feedback:
+        epoch 0 is then the same whenever it is computed, and a feedback policy keeps the
+        order of losses and selections its trainers make. A failure is logged; the first
+        request computes the epoch again and answers with the error.
+        """
+        engine = job.engine
+        if engine is None or engine.last_committed >= 0 or engine.policy.needs_feedback:
+            return
+
+        async def first() -> None:
+            try:
+                await self._epoch(job, 0)
+            except Exception:  # the request path computes it again and reports the error
+                log.exception("job %s: computing epoch 0 ahead of the first request failed", job.id)
+
+        job.first_epoch = asyncio.get_running_loop().create_task(first())
 
     # -- queries -----------------------------------------------------------------------------
     def _broken_status(self, job_id: str) -> JobStatus:

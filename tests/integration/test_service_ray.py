@@ -468,3 +468,25 @@ def test_ranks_fetching_while_their_job_is_deleted_get_an_answer_or_404(
         again = client.indices(twin, t, rank, world)
         assert np.array_equal(np.frombuffer(body, dtype="<i8"), again), (t, rank)
     client.delete(twin)
+
+
+def test_a_new_job_computes_its_first_epoch_before_any_request(
+    service: ServiceHandle, data_dir: Path, ready_job: tuple[SelectionClient, str]
+) -> None:
+    """A ready job whose policy takes no feedback commits epoch 0 on its own (the trainers'
+    first fetch then finds it in memory), and it is the epoch a request would have computed;
+    a feedback policy's job waits for its first request."""
+    ref_client, ref_job = ready_job
+    client = SelectionClient(service.url)
+    job = client.create_job(_spec(data_dir))["id"]  # the same spec as ready_job's
+    ucb = client.create_job(_spec(data_dir, name="ucb"))["id"]
+    for j in (job, ucb):
+        assert client.wait_ready(j, timeout=300, poll=0.2)["phase"] == "ready"
+    deadline = time.monotonic() + 60
+    while client.job(job)["epochs_committed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.job(job)["epochs_committed"] == 1  # epoch 0 only, with no request made
+    assert client.job(ucb)["epochs_committed"] == 0
+    assert np.array_equal(client.indices(job, 0, 0, 1), ref_client.indices(ref_job, 0, 0, 1))
+    for j in (job, ucb):
+        client.delete(j)

@@ -4,7 +4,6 @@ way, so the route's validation, errors and auth hold unchanged."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from saelect.service.selection.partition import rank_indices
 from saelect.service.settings import Settings
 
 from tests.unit.fakes import FakeBackend
+from tests.unit.test_routes import _clean_env  # noqa: F401 (its autouse fixture)
 
 N = 1000
 TOKEN = "s3cret-token"
@@ -46,14 +46,6 @@ class MemoBackend(FakeBackend):
         self._count("ready_epoch_indices")
         order = self.memo.get((job_id, epoch))
         return None if order is None else rank_indices(order, rank, world_size)
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("SAELECT_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
 
 
 def client(tmp_path: Path, *, fast: bool, **kw: Any) -> tuple[TestClient, MemoBackend, str]:

@@ -5,7 +5,6 @@ jobs are bounded by settings (docs/api.md, Authentication and Errors)."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,9 @@ from saelect.service.settings import Settings
 
 from tests import bad_requests
 from tests.unit.fakes import FakeBackend
-from tests.unit.test_routes import SPEC, assert_error
+from tests.unit.test_routes import SPEC, _clean_env, assert_error  # noqa: F401 (autouse)
 
 TOKEN = "tok-Zq8v3-never-print-me"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("SAELECT_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
 
 
 def client_for(tmp_path: Path, **overrides: Any) -> tuple[TestClient, FakeBackend]:

@@ -35,10 +35,10 @@ def render(results: dict[str, dict[str, Any]], cfg: DemoConfig, wall_s: float) -
         "`SelectionSampler.set_epoch`: the epoch's selection on the shard actors (for the first",
         "rank that asks), storing it, and the HTTP round trip. Target (benchmarks.md, Targets):",
         "< 1% of the epoch's time. Epoch 0 of a job whose policy takes no feedback is",
-        "computed as soon as the job is ready (docs/api.md, Job status), so its first fetch finds it",
-        "in memory; its selection seconds are then spent before training starts. Before that",
-        "change the first selection (it also builds each shard's derived structures) was the",
-        "slowest fetch: 0.79 s, 1.53% of epoch 0 (load 13.6).",
+        "computed as soon as the job is ready (docs/api.md, Job status), so its first fetch",
+        "finds it in memory; its selection seconds are then spent before training starts.",
+        "Before that change the first selection (it also builds each shard's derived",
+        "structures) was the slowest fetch: 0.79 s, 1.53% of epoch 0 (load 13.6).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()};"
         f" load average at the end {load:.1f}. Command: `python benchmarks/overhead_bench.py "

@@ -105,38 +105,26 @@ class Result:
 
 
 # -- the client side ------------------------------------------------------------------------
+class _HttpxConnection:
+    """An ``httpx.AsyncClient`` behind ``raw_http.RawConnection``'s ``get`` and ``aclose``."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def get(self, target: str, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        r = await self.client.get(target, headers=headers)
+        return r.status_code, r.headers, r.content
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
 async def _rank(http: Any, job: str, rank: int, world: int, epochs: int) -> list[Any]:
-    """One rank on its own client and connection: (epoch, seconds, error or None) per fetch."""
-    out: list[Any] = []
-    try:
-        for t in range(epochs):
-            t0 = time.perf_counter()
-            try:
-                r = await http.get(
-                    f"/v1/jobs/{job}/epochs/{t}/indices",
-                    params={"rank": rank, "world_size": world},
-                    headers={"Accept": "application/octet-stream"},
-                )
-                dt = time.perf_counter() - t0
-                if r.status_code != 200:
-                    out.append((t, dt, f"http_{r.status_code}"))
-                elif len(r.content) != 8 * int(r.headers["x-saelect-count"]):
-                    out.append((t, dt, "short_body"))
-                else:
-                    out.append((t, dt, None))
-            except Exception as exc:  # every failure is counted, none stops the rank
-                out.append((t, time.perf_counter() - t0, type(exc).__name__))
-    finally:
-        await http.aclose()
-    return out
-
-
-async def _rank_raw(http: Any, job: str, rank: int, world: int, epochs: int) -> list[Any]:
-    """``_rank`` on an open ``raw_http.RawConnection`` (tens of microseconds of client CPU per
-    request against about a millisecond for httpx)."""
+    """One rank on its own open connection (``_HttpxConnection`` or ``RawConnection``):
+    (epoch, seconds, error or None) per fetch; every failure is counted, none stops the rank."""
     out: list[Any] = []
     target = f"/v1/jobs/{job}/epochs/{{}}/indices?rank={rank}&world_size={world}"
-    async with http:
+    try:
         for t in range(epochs):
             t0 = time.perf_counter()
             try:
@@ -150,9 +138,10 @@ async def _rank_raw(http: Any, job: str, rank: int, world: int, epochs: int) -> 
                     out.append((t, dt, "short_body"))
                 else:
                     out.append((t, dt, None))
-            except Exception as exc:  # the connection is unusable after a failure
+            except Exception as exc:
                 out.append((t, time.perf_counter() - t0, type(exc).__name__))
-                break
+    finally:
+        await http.aclose()
     return out
 
 
@@ -186,22 +175,22 @@ def _client_proc(
             from raw_http import RawConnection
 
             clients: list[Any] = [await RawConnection(url).__aenter__() for _ in ranks]
-            for c in clients:
-                await c.get("/healthz")
-            rank_fn: Any = _rank_raw
         else:
             limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
             clients = [
-                httpx.AsyncClient(base_url=url, limits=limits, timeout=600, verify=tls)
+                _HttpxConnection(
+                    httpx.AsyncClient(base_url=url, limits=limits, timeout=600, verify=tls)
+                )
                 for _ in ranks
             ]
-            for c in clients:
-                (await c.get("/healthz")).raise_for_status()
-            rank_fn = _rank
+        for c in clients:
+            status, _, _ = await c.get("/healthz", {})
+            if status != 200:
+                raise RuntimeError(f"/healthz answered {status} before the start")
         await asyncio.to_thread(barrier.wait)
         cpu0 = time.process_time()
         per_rank = await asyncio.gather(
-            *(rank_fn(c, job, r, world, epochs) for c, r in zip(clients, ranks, strict=True))
+            *(_rank(c, job, r, world, epochs) for c, r in zip(clients, ranks, strict=True))
         )
         return per_rank, time.process_time() - cpu0
 

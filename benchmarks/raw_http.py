@@ -39,6 +39,10 @@ class RawConnection:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
         if self._writer is not None:
             self._writer.close()
 

@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 from saelect.service.errors import SaelectError
 from saelect.service.metrics import Metrics
-from saelect.service.routes import check_token
+from saelect.service.routes import JOB_ID_PATTERN, check_token
 from saelect.service.routes.epochs import BINARY, COUNT_HEADER, wants_json
 from saelect.service.settings import Settings
 
 __all__ = ["FastIndices", "parse_rank_query"]
 
-PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})/epochs/(0|[1-9][0-9]{0,17})/indices$")
+PATH = re.compile(
+    rf"^/v1/jobs/({JOB_ID_PATTERN.strip('^$')})/epochs/(0|[1-9][0-9]{{0,17}})/indices$"
+)
 """The route's path, with the route's own job id pattern and a plain non-negative epoch."""
 _INT = re.compile(rb"^(0|[1-9][0-9]{0,17})$")
 ROUTE_TEMPLATE = "/v1/jobs/{job_id}/epochs/{epoch}/indices"

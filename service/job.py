@@ -53,7 +53,8 @@ class Job:
     """When the job entered its current phase (monotonic seconds)."""
     task: asyncio.Task | None = None
     first_epoch: asyncio.Task | None = None
-    """Epoch 0 computed ahead of the first request (``JobManager._start_first_epoch``)."""
+    """Epoch 0 computed ahead of the first request (``JobManager._start_first_epoch``); held
+    here because the event loop keeps only a weak reference to a running task."""
     deleted: bool = False
 
     def status(self) -> JobStatus:

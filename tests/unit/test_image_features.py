@@ -29,12 +29,9 @@ from saelect.service.specs import job_spec_from_dict
 from saelect.workers.features import FeatureSpec, make_extractor
 from saelect.workers.features.image_model import load_weights_file
 from saelect.workers.features.images import decode_images
-from saelect.workers.sae import SAEConfig
-from saelect.workers.scores import ScoreConfig
-from saelect.workers.scoring_local import score_single_process
 
 from tests.optional import requires_text_extra, vision_python
-from tests.unit.vision_backbones import LIBRARIES, N_FEATURE_ROWS, SIZE, reference
+from tests.unit.vision_backbones import LIBRARIES, N_FEATURE_ROWS, SIZE, reference, score_and_check
 
 N = 48
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,17 +132,7 @@ def test_a_job_is_scored_from_image_model_features(
     spec = FeatureSpec(
         "image_model", "image", model=str(resnet_dir[0]), library="transformers", image_size=SIZE
     )
-    sc = score_single_process(
-        str(image_parquet),
-        spec,
-        "label",
-        SAEConfig(units=32, k=4, epochs=2, batch_size=16, seed=0),
-        ScoreConfig(),
-    )
-    assert sc.R.shape == sc.D.shape == (N,)
-    assert np.isfinite(sc.R).all() and np.isfinite(sc.D).all()
-    assert sc.labels is not None and sc.labels.tolist() == (np.arange(N) % 3).tolist()
-    assert sc.codes.ids.shape[0] == N and sc.counts.sum() > 0
+    score_and_check(image_parquet, spec, (np.arange(N) % 3).tolist())
 
 
 def test_weights_files_load_as_state_dicts(tmp_path: Path) -> None:

@@ -83,6 +83,35 @@ def torchvision_backbone(workdir: Path, rows: list[Any]) -> tuple[FeatureSpec, n
     return spec, reference(model, rows, lambda m, x: m(x))
 
 
+def score_and_check(parquet: Path, spec: FeatureSpec, labels: list[int]) -> Any:
+    """Score ``parquet`` in one process from ``spec``'s features (a small SAE) and check the
+    result: R, D finite of shape (n,), the labels read back, codes for every row. Returns the
+    ``ScoringResult``.
+
+    Raises
+    ------
+    AssertionError
+        When any of those fails.
+    """
+    from saelect.workers.sae import SAEConfig
+    from saelect.workers.scores import ScoreConfig
+    from saelect.workers.scoring_local import score_single_process
+
+    sc = score_single_process(
+        str(parquet),
+        spec,
+        "label",
+        SAEConfig(units=32, k=4, epochs=2, batch_size=16, seed=0),
+        ScoreConfig(),
+    )
+    n = len(labels)
+    assert sc.R.shape == sc.D.shape == (n,), (sc.R.shape, sc.D.shape)
+    assert np.isfinite(sc.R).all() and np.isfinite(sc.D).all()
+    assert sc.labels is not None and sc.labels.tolist() == list(labels)
+    assert sc.codes.ids.shape[0] == n and sc.counts.sum() > 0
+    return sc
+
+
 def check(library: str, parquet: Path, workdir: Path) -> dict[str, Any]:
     """Run the checks of ``library`` (one of `LIBRARIES`) on ``parquet``; a summary dict.
 
@@ -91,10 +120,6 @@ def check(library: str, parquet: Path, workdir: Path) -> dict[str, Any]:
     AssertionError
         When the features differ from the saved model's or the scores are wrong.
     """
-    from saelect.workers.sae import SAEConfig
-    from saelect.workers.scores import ScoreConfig
-    from saelect.workers.scoring_local import score_single_process
-
     table = pq.read_table(parquet)
     rows = table["image"].to_pylist()[:N_FEATURE_ROWS]
     build = {"timm": timm_backbone, "torchvision": torchvision_backbone}[library]
@@ -105,18 +130,7 @@ def check(library: str, parquet: Path, workdir: Path) -> dict[str, Any]:
     assert feats.shape == expected.shape == (N_FEATURE_ROWS, 512), (feats.shape, expected.shape)
     assert feats.dtype == np.float32, feats.dtype
     np.testing.assert_allclose(feats, expected, rtol=RTOL, atol=ATOL)
-    sc = score_single_process(
-        str(parquet),
-        spec,
-        "label",
-        SAEConfig(units=32, k=4, epochs=2, batch_size=16, seed=0),
-        ScoreConfig(),
-    )
-    n = table.num_rows
-    assert sc.R.shape == sc.D.shape == (n,), (sc.R.shape, sc.D.shape)
-    assert np.isfinite(sc.R).all() and np.isfinite(sc.D).all()
-    assert sc.labels is not None and sc.labels.tolist() == table["label"].to_pylist()
-    assert sc.codes.ids.shape[0] == n and sc.counts.sum() > 0
+    sc = score_and_check(parquet, spec, table["label"].to_pylist())
     return {
         "library": library,
         "torch": torch.__version__,

@@ -78,8 +78,9 @@ def epoch_order(t: int) -> np.ndarray:
     return np.random.default_rng([7, t]).permutation(ROWS).astype(np.int64)
 
 
-def serve(port: int, http: str, fast: bool) -> None:
-    """Child process: uvicorn (parser ``http``) with the real app over a ComputedBackend."""
+def serve(port: int, http: str, fast: bool, loop: str) -> None:
+    """Child process: uvicorn (parser ``http``, event loop ``loop``: ``asyncio`` or ``uvloop``)
+    with the real app over a ComputedBackend."""
     import uvicorn
     from saelect.service.app import create_app
     from saelect.service.settings import Settings
@@ -87,7 +88,7 @@ def serve(port: int, http: str, fast: bool) -> None:
     settings = Settings(allowed_roots=[str(ROOT)], fast_indices=fast)
     app = create_app(ComputedBackend(), settings)
     uvicorn.run(
-        app, host="127.0.0.1", port=port, http=http, loop="asyncio", log_level="warning",
+        app, host="127.0.0.1", port=port, http=http, loop=loop, log_level="warning",
         access_log=False,
     )  # fmt: skip
 
@@ -128,13 +129,15 @@ async def _load(port: int, connections: int, requests: int, world: int) -> list[
     return latencies
 
 
-def measure(http: str, fast: bool, requests: int, connections: int, world: int) -> dict[str, Any]:
+def measure(
+    http: str, fast: bool, loop: str, requests: int, connections: int, world: int
+) -> dict[str, Any]:
     """Start a server, warm it, then time ``requests`` fetches; the server's CPU per request."""
     import httpx
     import psutil
 
     port = free_port()
-    proc = mp.get_context("spawn").Process(target=serve, args=(port, http, fast), daemon=True)
+    proc = mp.get_context("spawn").Process(target=serve, args=(port, http, fast, loop), daemon=True)
     proc.start()
     deadline = time.monotonic() + 60
     while True:
@@ -158,6 +161,7 @@ def measure(http: str, fast: bool, requests: int, connections: int, world: int) 
         proc.join(timeout=10)
     return {
         "http": http,
+        "loop": loop,
         "mode": "fast" if fast else "routes",
         "requests": requests,
         "server_us_per_req": 1e6 * cpu / requests,
@@ -176,13 +180,14 @@ def table(rows: list[dict[str, Any]], cmd: str, connections: int) -> str:
         f"{platform.python_version()}; {connections} connections, world size 64, 30,000-index "
         f"epochs (469 indices per rank); load average at the end {load[0]:.1f}.",
         "",
-        "| HTTP parser | serving | requests | server CPU us/request | req/s | p50 ms | p99 ms "
-        "| 256 ranks x CPU/request, ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| HTTP parser | event loop | serving | requests | server CPU us/request | req/s "
+        "| p50 ms | p99 ms | 256 ranks x CPU/request, ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['http']} | {r['mode']} | {r['requests']} | {r['server_us_per_req']:.0f} "
+            f"| {r['http']} | {r['loop']} | {r['mode']} | {r['requests']} "
+            f"| {r['server_us_per_req']:.0f} "
             f"| {r['req_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
             f"| {r['bound_256_ms']:.0f} |"
         )
@@ -194,16 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--http", default="h11,httptools", help="uvicorn HTTP parsers to compare")
+    p.add_argument(
+        "--loops",
+        default="asyncio,uvloop",
+        help="event loops to compare (uvloop: what Ray "
+        "runs an async actor on, so the service, when uvloop is installed)",
+    )
     p.add_argument("--out", default=None, help="the page with the results block to rewrite")
     args = p.parse_args(argv)
     rows = []
     for http in args.http.split(","):
-        for fast in (False, True):
-            row = measure(http, fast, args.requests, args.connections, 64)
-            print(row, flush=True)
-            rows.append(row)
+        for loop in args.loops.split(","):
+            for fast in (False, True):
+                row = measure(http, fast, loop, args.requests, args.connections, 64)
+                print(row, flush=True)
+                rows.append(row)
     cmd = f"python benchmarks/serving_cost.py --requests {args.requests} "
-    cmd += f"--connections {args.connections}" + (f" --out {args.out}" if args.out else "")
+    cmd += f"--connections {args.connections} --http {args.http} --loops {args.loops}" + (
+        f" --out {args.out}" if args.out else ""
+    )
     text = table(rows, cmd, args.connections)
     print(text)
     if args.out:

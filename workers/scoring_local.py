@@ -19,7 +19,7 @@ from saelect.workers.factors import factor_counts, factor_frequencies
 from saelect.workers.features import FeatureSpec
 from saelect.workers.sae import SAEConfig, encode
 from saelect.workers.scores import ScoreConfig, rank_normalize, score_codes
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 from saelect.workers.shard_plan import plan_shards, read_shard
 from saelect.workers.shard_scoring import column_values, extractor_from_state, sae_from_files
 

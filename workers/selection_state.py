@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_shard import SelectionShard
+from saelect.workers.shard_data import ShardData
 from saelect.workers.shard_plan import ShardPlan, ShardSpec
 from saelect.workers.shard_scoring import (
     FACTORS_FILE,

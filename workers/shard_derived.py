@@ -1,6 +1,6 @@
 """Read-only structures derived from one shard's data, built on first use.
 
-:class:`ShardDerived` holds, for one ``workers.selection_shard.ShardData``: the label layout
+:class:`ShardDerived` holds, for one ``workers.shard_data.ShardData``: the label layout
 (positions grouped by class, a counting sort), the class counts, and the codes for dynamic
 coverage. The coverage weights are a sparse matrix-vector product: the clipped activations as a
 CSR matrix split into row blocks (one per thread, and none over 2**24 rows), each a zero-copy
@@ -23,7 +23,7 @@ from saelect.service.selection.pool import run_tasks as _run
 from saelect.service.selection.pool import selection_threads
 
 if TYPE_CHECKING:
-    from saelect.workers.selection_shard import ShardData
+    from saelect.workers.shard_data import ShardData
 
 __all__ = ["LabelLayout", "ShardDerived", "selection_threads"]
 

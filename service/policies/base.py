@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from saelect.service.selection.hashing import STREAM_TIEBREAK, hash_u64
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = [
     "NoParams",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from saelect.service.policies.base import Stage, round_half_up
 from saelect.service.policies.loss_ema import LossEMAPolicy, random_scores
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["EpsilonGreedyParams", "EpsilonGreedyPolicy"]
 

@@ -35,7 +35,7 @@ from saelect.service.policies.base import Policy, PolicyConfig, Stage, add_count
 from saelect.service.policies.factor_scores import ScoreTerms, factor_scores
 from saelect.service.schedules import ScheduleConfig, lambda_at
 from saelect.service.selection.hashing import STREAM_GUMBEL, gumbel_range
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["FactorParams", "FactorPolicy", "largest_remainder"]
 

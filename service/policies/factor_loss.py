@@ -31,7 +31,7 @@ from saelect.service.policies.base import Stage, add_counts
 from saelect.service.policies.loss_ema import LossEMAPolicy
 from saelect.service.policies.rs2 import class_quota_counts
 from saelect.service.selection.hashing import STREAM_GUMBEL, gumbel
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["LOSS_BINS", "FactorLossParams", "FactorLossPolicy", "hump", "loss_bins"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from saelect.service.policies.base import Policy, Stage
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 
 class FullPolicy(Policy):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from saelect.service.policies.base import Policy, PolicyConfig, Stage, check_losses, round_half_up
 from saelect.service.selection.hashing import STREAM_PRUNE, uniform01
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["InfoBatchParams", "InfoBatchPolicy"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from saelect.service.policies.base import Policy, check_losses
 from saelect.service.selection.hashing import STREAM_RANDOM, uniform01
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["LossEMAPolicy", "ema_counters", "ema_feedback", "random_scores"]
 

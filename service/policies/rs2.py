@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from saelect.service.policies.base import Policy, Stage, add_counts, epoch_size
 from saelect.service.selection.hashing import STREAM_RANDOM, uniform01
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["RS2Params", "RS2Policy", "equal_quotas", "round_length"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from saelect.service.policies.base import Policy, Stage
 from saelect.service.selection.hashing import STREAM_RANDOM, uniform01
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 
 class StaticRandomPolicy(Policy):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from saelect.service.policies.base import Stage
 from saelect.service.policies.loss_ema import LossEMAPolicy, random_scores
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["UCBParams", "UCBPolicy"]
 

@@ -20,7 +20,7 @@ a ``broadcast(method, *args) -> [result per shard]`` callable (Ray actor handles
 Example:
     >>> import numpy as np
     >>> from service.policies import PolicyConfig, make_policy
-    >>> from workers.selection_shard import ShardData
+    >>> from workers.shard_data import ShardData
     >>> rng = np.random.default_rng(0)
     >>> data = ShardData(0, 100, R=rng.random(100), D=rng.random(100))
     >>> sel = SingleProcessSelector(make_policy(PolicyConfig("factor", 0.3, 5)), data)
@@ -44,7 +44,8 @@ from saelect.service.selection.threshold import (
     local_broadcast,
 )
 from saelect.service.selection.topk import grouped_top_m, top_m
-from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_shard import SelectionShard
+from saelect.workers.shard_data import ShardData
 
 __all__ = ["EpochResult", "SelectionEngine", "SingleProcessSelector"]
 

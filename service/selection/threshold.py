@@ -1,7 +1,7 @@
 """Coordinator side of the histogram-threshold protocol: exact per-group top m over S shards.
 
 No shard ships all its scores. Scores are compared through order-preserving uint64 keys (see
-``workers.selection_shard.score_keys``), so histogram bins are exact integer ranges. A stage
+``workers.shard_threshold.score_keys``), so histogram bins are exact integer ranges. A stage
 holds G groups (the classes of a class-quota stage, or one group of every sample) and takes the
 top ``quotas[g]`` of each; every message below carries one entry per group, so the number of
 calls does not depend on G:
@@ -48,7 +48,7 @@ Broadcast = Callable[..., list[Any]]
 """broadcast(method_name, *args) -> one result per shard, in shard order."""
 
 _U64_MAX = (1 << 64) - 1
-_NO_KEY = _U64_MAX  # workers.selection_shard.NO_KEY: take nothing by key
+_NO_KEY = _U64_MAX  # workers.shard_threshold.NO_KEY: take nothing by key
 _CELLS = 1 << 16  # (group, bin) cells per histogram round: at most 512 KiB per shard
 
 

@@ -129,7 +129,7 @@ def _mth_largest(scores: np.ndarray, m: int) -> float:
 
 
 class GroupLayout(Protocol):
-    """Positions grouped by class (``workers.selection_shard.LabelLayout``)."""
+    """Positions grouped by class (``workers.shard_derived.LabelLayout``)."""
 
     @property
     def order(self) -> np.ndarray:
@@ -179,7 +179,7 @@ def grouped_top_m(
     Example
     -------
     >>> import numpy as np
-    >>> from workers.selection_shard import ShardData
+    >>> from workers.shard_data import ShardData
     >>> layout = ShardData(0, 4, labels=np.array([0, 1, 0, 1])).derived.label_layout()
     >>> s = np.array([0.5, 0.9, 0.1, 0.7])
     >>> grouped_top_m(s, lambda p: p.astype(np.uint64), layout, [1, 2]).tolist()

@@ -35,8 +35,9 @@ from saelect.workers.sae import SAEConfig, init_sae
 from saelect.workers.sae_train import global_batches, train_sae_distributed
 from saelect.workers.scores import ScoreConfig
 from saelect.workers.scoring_local import SingleProcessScores, score_single_process
-from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_shard import SelectionShard
 from saelect.workers.selection_state import SelectionShards, SelectionStateActor
+from saelect.workers.shard_data import ShardData
 from saelect.workers.shard_plan import plan_shards
 from saelect.workers.shard_scoring import shard_dir
 from saelect.workers.storage import Storage

@@ -14,7 +14,8 @@ from saelect.service.selection.engine import EpochResult, SelectionEngine, Singl
 from saelect.service.selection.hashing import STREAM_GUMBEL, STREAM_TIEBREAK, hash_u64
 from saelect.service.selection.partition import per_rank_length, rank_indices
 from saelect.service.selection.threshold import local_broadcast
-from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_shard import SelectionShard
+from saelect.workers.shard_data import ShardData
 
 N = 240
 EPOCHS = 6

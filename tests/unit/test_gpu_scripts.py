@@ -29,7 +29,7 @@ from saelect.workers.features import FeatureSpec
 from saelect.workers.sae import SAEConfig, encode, load_sae
 from saelect.workers.scores import ScoreConfig, score_codes
 from saelect.workers.scoring_local import score_single_process
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 from benchmarks import gpu_regimes
 from benchmarks.gpu_checks import digest

@@ -15,7 +15,8 @@ from saelect.service.policies.base import Stage
 from saelect.service.policies.factor import largest_remainder
 from saelect.service.policies.rs2 import round_length
 from saelect.service.selection.engine import EpochResult, SingleProcessSelector
-from saelect.workers.selection_shard import ShardData, ShardDerived
+from saelect.workers.shard_data import ShardData
+from saelect.workers.shard_derived import ShardDerived
 
 
 def make_data(n: int, seed: int = 0, *, classes: int = 4, codes: bool = False) -> ShardData:

@@ -13,7 +13,7 @@ from saelect.service.policies import POLICIES, PolicyConfig, make_policy
 from saelect.service.policies.factor_loss import LOSS_BINS, hump, loss_bins
 from saelect.service.policies.rs2 import equal_quotas
 from saelect.service.selection.engine import SingleProcessSelector
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 
 def shard(n: int, seed: int = 0, *, labels: np.ndarray | None = None) -> ShardData:

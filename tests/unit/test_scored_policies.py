@@ -7,7 +7,7 @@ import pytest
 from saelect.service.job_scoring import SCORED_POLICIES
 from saelect.service.policies import POLICIES, PolicyConfig, make_policy
 from saelect.service.selection.engine import SingleProcessSelector
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 
 @pytest.mark.parametrize("name", sorted(set(POLICIES) - SCORED_POLICIES))

@@ -25,7 +25,9 @@ from saelect.service.selection import (
 from saelect.service.selection.hashing import STREAM_TIEBREAK, gumbel_range, hash_range, stream_key
 from saelect.service.selection.threshold import grouped_top_m_protocol
 from saelect.service.selection.topk import grouped_top_m
-from saelect.workers.selection_shard import SelectionShard, ShardData, score_keys
+from saelect.workers.selection_shard import SelectionShard
+from saelect.workers.shard_data import ShardData
+from saelect.workers.shard_threshold import score_keys
 
 # ---------------------------------------------------------------------------- hashing
 

@@ -20,8 +20,9 @@ from saelect.service.policies.factor_scores import ScoreTerms, factor_scores
 from saelect.service.selection.engine import SelectionEngine, SingleProcessSelector
 from saelect.service.selection.hashing import BLOCK, STREAM_GUMBEL, gumbel, gumbel_range
 from saelect.service.selection.threshold import local_broadcast
-from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_shard import SelectionShard
 from saelect.workers.selection_state import shard_memory, state_bytes
+from saelect.workers.shard_data import ShardData
 
 from tests.unit.test_engine import split
 

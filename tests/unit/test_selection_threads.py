@@ -10,7 +10,8 @@ import saelect.service.selection.topk as topk
 import saelect.workers.shard_derived as shard_derived
 from saelect.service.policies import PolicyConfig, make_policy
 from saelect.service.selection.pool import run_tasks
-from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_shard import SelectionShard
+from saelect.workers.shard_data import ShardData
 
 
 def codes_data(n: int, ids_dtype: type, zeros: bool, seed: int = 0) -> ShardData:

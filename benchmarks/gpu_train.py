@@ -56,7 +56,7 @@ from saelect.workers.datasets import FMNIST_DIR, image_table, load_fashion_mnist
 from saelect.workers.features import FeatureSpec  # noqa: E402
 from saelect.workers.sae import SAEConfig  # noqa: E402
 from saelect.workers.scores import ScoreConfig  # noqa: E402
-from saelect.workers.selection_shard import ShardData  # noqa: E402
+from saelect.workers.shard_data import ShardData  # noqa: E402
 
 from benchmarks import gpu_regimes as G  # noqa: E402
 from benchmarks.gpu_checks import Checks  # noqa: E402

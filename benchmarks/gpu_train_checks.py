@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from saelect.service.policies import PolicyConfig, make_policy
 from saelect.service.selection.engine import SingleProcessSelector
-from saelect.workers.selection_shard import ShardData
+from saelect.workers.shard_data import ShardData
 
 from benchmarks.gpu_checks import Checks, digest, finite_positive
 from benchmarks.train_regimes import lt_counts

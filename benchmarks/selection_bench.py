@@ -47,7 +47,8 @@ from saelect.service.selection.hashing import gumbel_range
 from saelect.service.selection.shuffle import epoch_permutation
 from saelect.service.selection.threshold import local_broadcast
 from saelect.service.selection.topk import grouped_top_m, top_m
-from saelect.workers.selection_shard import SelectionShard, ShardData
+from saelect.workers.selection_shard import SelectionShard
+from saelect.workers.shard_data import ShardData
 from saelect.workers.shard_derived import selection_threads
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -147,7 +147,7 @@ class InProcessSelector:
         import pyarrow.parquet as pq
         from saelect.service.policies import PolicyConfig, make_policy
         from saelect.service.selection.engine import SingleProcessSelector
-        from saelect.workers.selection_shard import ShardData
+        from saelect.workers.shard_data import ShardData
 
         policy = make_policy(PolicyConfig(**spec["policy"]))
         label_col = spec["dataset"].get("label_column")

@@ -8,11 +8,14 @@ or at once when its owner ran on this host and that process no longer exists (a 
 SIGKILL: a restart need not wait). The pid check compares the process start time too, so a
 reused pid does not keep a dead owner's lease alive.
 
-Taking the lease is write-then-verify: write our lease atomically, wait ``settle_s``, read it
-back; of two services that race, the one whose write landed last keeps it and the other refuses.
-On object stores without conditional writes this narrows the race to ``settle_s``, it does not
-close it. A service that finds its lease taken by another one (after a pause longer than
-``ttl_s``) sets `StoreLease.lost`, and `saelect serve` stops.
+Every write of the lease is conditional (`service.lease_cas`): taking a free lease is an
+exclusive create, and taking over, renewing and releasing it are compare-and-swaps against the
+version this service read or wrote last. Of two services that race for a store, exactly one
+write lands and the other refuses. That holds on local directories (``link(2)`` and ``flock``)
+and on S3 (``If-None-Match``/``If-Match``, with boto3); on other object stores (GCS) the lease
+is write-then-verify, which narrows the race to ``settle_s`` but does not close it. A service
+that finds its lease taken by another one (after a pause longer than ``ttl_s``) sets
+`StoreLease.lost`, and `saelect serve` stops.
 
 Example:
     >>> import tempfile
@@ -28,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -37,6 +41,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from saelect.service.lease_cas import LeaseObject, Token, lease_object
 from saelect.workers.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,8 @@ class StoreLease:
     ttl_s:
         A heartbeat older than this frees the lease.
     settle_s:
-        Wait between writing the lease and reading it back when taking it.
+        On stores without conditional writes only (`service.lease_cas.VerifiedLeaseObject`):
+        the wait between writing the lease and reading it back.
     clock:
         Wall clock in seconds (tests pass a fake one).
     """
@@ -101,12 +107,15 @@ class StoreLease:
         self.pid = os.getpid()
         self.lost = threading.Event()
         """Set when another service took the lease: this one must stop writing."""
+        self.object: LeaseObject = lease_object(storage, LEASE_FILE, settle_s=settle_s)
+        """Where the lease is stored, with conditional writes (`service.lease_cas`)."""
+        self._token: Token | None = None  # the version of the lease this service wrote last
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = 0.0
 
-    def _doc(self, started: float) -> dict[str, Any]:
-        return {
+    def _doc(self, started: float) -> bytes:
+        doc = {
             "owner": self.owner,
             "host": self.host,
             "pid": self.pid,
@@ -115,16 +124,23 @@ class StoreLease:
             "heartbeat": self.clock(),
             "ttl_s": self.ttl_s,
         }
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+    def _read(self) -> tuple[dict[str, Any] | None, Token | None]:
+        """The stored lease (None when there is none or it is unreadable) and its version (None
+        when there is none)."""
+        got = self.object.read()
+        if got is None:
+            return None, None
+        try:
+            doc = json.loads(got[0])
+        except ValueError:  # torn or corrupted: nobody can prove they own it
+            return None, got[1]
+        return (doc if isinstance(doc, dict) else None), got[1]
 
     def read(self) -> dict[str, Any] | None:
         """The stored lease, or None when there is none or it is unreadable."""
-        try:
-            doc = self.storage.read_json(LEASE_FILE)
-        except FileNotFoundError:
-            return None
-        except ValueError:  # torn or corrupted: nobody can prove they own it
-            return None
-        return doc if isinstance(doc, dict) else None
+        return self._read()[0]
 
     def holder_alive(self, doc: dict[str, Any]) -> bool:
         """Whether the lease ``doc`` belongs to a live service (not this one)."""
@@ -143,22 +159,23 @@ class StoreLease:
         StoreOwnedError
             When a live service owns the store, or another service took it at the same time.
         """
-        doc = self.read()
+        doc, token = self._read()
         if doc is not None and doc.get("owner") != self.owner and self.holder_alive(doc):
             raise StoreOwnedError(_describe(self.storage, doc, self.clock()))
         if doc is not None and doc.get("owner") != self.owner:
             log.warning("taking over the lease of %s from %s", self.storage.root, _who(doc))
         started = self.clock()
-        self.storage.write_json(LEASE_FILE, self._doc(started))
-        time.sleep(self.settle_s)
-        doc = self.read()
-        if doc is None or doc.get("owner") != self.owner:
+        data = self._doc(started)
+        # a free store: an exclusive create; a dead owner's lease: swapped only if unchanged
+        new = self.object.create(data) if token is None else self.object.replace(data, token)
+        if new is None:
+            doc = self.read()
             raise StoreOwnedError(
                 _describe(self.storage, doc, self.clock())
                 if doc
                 else f"store {self.storage.root}: lost the race for its lease"
             )
-        self._started = started
+        self._token, self._started = new, started
         self._thread = threading.Thread(target=self._renew, name="store-lease", daemon=True)
         self._thread.start()
         return self
@@ -166,12 +183,21 @@ class StoreLease:
     def renew(self) -> bool:
         """Write a fresh heartbeat if the lease is still ours; sets `lost` and returns False if
         another service holds it."""
-        doc = self.read()
-        if doc is not None and doc.get("owner") != self.owner:
-            log.error("the lease of %s was taken by %s", self.storage.root, _who(doc))
-            self.lost.set()
-            return False
-        self.storage.write_json(LEASE_FILE, self._doc(self._started))
+        data = self._doc(self._started)
+        new = None if self._token is None else self.object.replace(data, self._token)
+        if new is None:
+            doc, token = self._read()
+            if doc is None and token is None:  # deleted by hand: take it again, exclusively
+                new = self.object.create(data)
+            elif token is not None and (doc is None or doc.get("owner") == self.owner):
+                # our write landed but its answer did not, or the file is unreadable
+                new = self.object.replace(data, token)
+            if new is None:
+                doc = self.read()
+                log.error("the lease of %s was taken by %s", self.storage.root, _who(doc or {}))
+                self.lost.set()
+                return False
+        self._token = new
         return True
 
     def _renew(self) -> None:
@@ -183,14 +209,15 @@ class StoreLease:
                 log.exception("renewing the lease of %s failed", self.storage.root)
 
     def release(self) -> None:
-        """Stop renewing and delete the lease if it is still ours."""
+        """Stop renewing and delete the lease if it is still ours (unchanged since our last
+        write)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        doc = self.read()
-        if doc is not None and doc.get("owner") == self.owner:
+        if self._token is not None and not self.lost.is_set():
             with contextlib.suppress(OSError):
-                self.storage.delete(LEASE_FILE)
+                self.object.delete(self._token)
+            self._token = None
 
 
 def _who(doc: dict[str, Any]) -> str:

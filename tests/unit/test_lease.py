@@ -1,15 +1,74 @@
 """One writer per store: the lease refuses a second live owner and frees itself when the owner is
-gone (`service.lease`). The two-process test is in tests/integration/test_serve_process.py."""
+gone (`service.lease`), and its writes are conditional, so two services that race never both own
+a store (`service.lease_cas`): on a local directory and on S3 (a moto server on loopback). The
+two-process test of `saelect serve` is in tests/integration/test_serve_process.py."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import multiprocessing as mp
 import subprocess
 import sys
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from saelect.service.lease import LEASE_FILE, StoreLease, StoreOwnedError
+from saelect.service.lease_cas import LocalLeaseObject, S3LeaseObject
 from saelect.workers.storage import Storage
+
+RACE_ROUNDS = 30
+"""Rounds of each two-process race: in about half of them both read the lease before either
+writes, so a write that is not conditional lets both win in some round."""
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """``host:port`` of a moto S3 server on a free loopback port, with the bucket ``leases``.
+
+    The server answers one request at a time: moto checks a put's If-None-Match/If-Match and then
+    writes, without a lock between the two, where S3 does both as one step; answering one
+    request at a time makes the moto server as atomic as S3 (the clients still race).
+    """
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    import boto3
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", 0, app, threaded=False, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True)
+    thread.start()
+    endpoint = f"127.0.0.1:{server.server_address[1]}"
+    with pytest.MonkeyPatch.context() as env:  # spawned racers inherit these
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        boto3.client("s3", endpoint_url=f"http://{endpoint}").create_bucket(Bucket="leases")
+        yield endpoint
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """An empty store: a local directory, or a fresh prefix of the moto S3 bucket."""
+    if request.param == "local":
+        return Storage(str(tmp_path))
+    endpoint = request.getfixturevalue("s3_endpoint")
+    root = Storage(f"s3://leases/{uuid.uuid4().hex}?endpoint_override={endpoint}&scheme=http")
+    assert isinstance(StoreLease(root).object, S3LeaseObject)  # not the write-then-verify one
+    return root
 
 
 class Clock:
@@ -26,8 +85,8 @@ def _lease(root: Storage, clock: Clock, **kw: object) -> StoreLease:
     return StoreLease(root, ttl_s=30.0, settle_s=0.0, clock=clock, **kw)  # type: ignore[arg-type]
 
 
-def test_a_live_owner_on_this_host_keeps_the_store(tmp_path: Path) -> None:
-    root, clock = Storage(str(tmp_path)), Clock()
+def test_a_live_owner_on_this_host_keeps_the_store(store: Storage) -> None:
+    root, clock = store, Clock()
     first = _lease(root, clock).acquire()
     with pytest.raises(StoreOwnedError, match=rf"pid {first.pid} on {first.host}.*one writer"):
         _lease(root, clock).acquire()
@@ -39,8 +98,8 @@ def test_a_live_owner_on_this_host_keeps_the_store(tmp_path: Path) -> None:
     _lease(root, clock).acquire().release()  # free once released
 
 
-def test_another_hosts_lease_is_taken_over_only_after_it_expires(tmp_path: Path) -> None:
-    root, clock = Storage(str(tmp_path)), Clock()
+def test_another_hosts_lease_is_taken_over_only_after_it_expires(store: Storage) -> None:
+    root, clock = store, Clock()
     remote = _lease(root, clock)
     remote.host = "another-host"  # its pid means nothing here: only the heartbeat counts
     remote.acquire()
@@ -52,6 +111,8 @@ def test_another_hosts_lease_is_taken_over_only_after_it_expires(tmp_path: Path)
     mine = _lease(root, clock).acquire()
     assert root.read_json(LEASE_FILE)["owner"] == mine.owner
     assert not remote.renew() and remote.lost.is_set()  # the old owner learns it lost the store
+    assert root.read_json(LEASE_FILE)["owner"] == mine.owner
+    remote.release()  # the old owner's release leaves the new owner's lease alone
     assert root.read_json(LEASE_FILE)["owner"] == mine.owner
     mine.release()
 
@@ -101,3 +162,106 @@ def test_serve_refuses_a_store_a_live_service_owns_before_starting_ray(
         owner.release()
     assert f"owned by another live saelect service (pid {owner.pid}" in capsys.readouterr().err
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_the_local_and_s3_stores_get_conditional_writes(tmp_path: Path) -> None:
+    assert isinstance(StoreLease(Storage(str(tmp_path))).object, LocalLeaseObject)
+    assert isinstance(StoreLease(Storage(f"file://{tmp_path}")).object, LocalLeaseObject)
+
+
+def _expired_lease() -> dict[str, Any]:
+    """A lease of another host whose last heartbeat is long past."""
+    return {"owner": "gone", "host": "another-host", "pid": 1, "heartbeat": 0.0, "ttl_s": 30.0}
+
+
+def _first_read_sees(lease: StoreLease, seen: tuple[bytes, Any] | None) -> StoreLease:
+    """Make the next read of ``lease`` answer ``seen`` (what it would have read earlier); later
+    reads see the store."""
+    real, answers = lease.object.read, [seen]
+    lease.object.read = lambda: answers.pop() if answers else real()  # type: ignore[method-assign]
+    return lease
+
+
+def test_a_service_that_read_a_free_store_loses_to_the_one_that_took_it(store: Storage) -> None:
+    """The exclusive create: B read the store before A's lease landed, so B writes after A."""
+    clock = Clock()
+    first = _lease(store, clock).acquire()
+    late = _first_read_sees(_lease(store, clock), None)  # B read the store before A wrote
+    with pytest.raises(StoreOwnedError, match=rf"pid {first.pid} on {first.host}"):
+        late.acquire()
+    assert store.read_json(LEASE_FILE)["owner"] == first.owner
+    first.release()
+
+
+def test_of_two_services_taking_over_one_expired_lease_one_wins(store: Storage) -> None:
+    """The compare-and-swap: B and C both read the expired lease; B swaps it first, C's swap
+    against what it read must fail."""
+    clock = Clock()
+    store.write_json(LEASE_FILE, _expired_lease())
+    stale = StoreLease(store).object.read()
+    b = _lease(store, clock).acquire()
+    c = _first_read_sees(_lease(store, clock), stale)  # C read the expired lease before B
+    with pytest.raises(StoreOwnedError, match=rf"pid {b.pid}"):
+        c.acquire()
+    assert store.read_json(LEASE_FILE)["owner"] == b.owner
+    assert b.renew() and not b.lost.is_set()
+    b.release()
+    assert not store.exists(LEASE_FILE)
+
+
+def _racer(root: str, rounds: int, barrier: Any, answers: Any) -> None:
+    """One of two racing processes: each round, try to take the lease of ``root``; report
+    whether this process got it; release it once every answer is in."""
+    logging.disable(logging.WARNING)  # "taking over the lease" every takeover round
+    storage = Storage(root)
+    for r in range(rounds):
+        barrier.wait()
+        lease = None
+        with contextlib.suppress(StoreOwnedError):
+            lease = StoreLease(storage, settle_s=0.0).acquire()
+        answers.put((r, lease is not None))
+        barrier.wait()  # both answers are in
+        if lease is not None:
+            lease.release()
+        barrier.wait()  # the store is free (the parent may set it up for the next round)
+
+
+def _race(store: Storage, *, expired: bool) -> list[int]:
+    """Winners per round of two processes racing for the lease of ``store`` (``expired``: a
+    dead owner's expired lease is in the store at the start of every round)."""
+    ctx = mp.get_context("spawn")  # no fork of this process's threads (the moto server)
+    barrier, answers = ctx.Barrier(3, timeout=120), ctx.Queue()
+    procs = [
+        ctx.Process(target=_racer, args=(store.root, RACE_ROUNDS, barrier, answers))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    winners = []
+    try:
+        for _ in range(RACE_ROUNDS):
+            if expired:
+                store.write_json(LEASE_FILE, _expired_lease())
+            barrier.wait()
+            barrier.wait()
+            got = [answers.get(timeout=60) for _ in range(2)]
+            winners.append(sum(won for _, won in got))
+            barrier.wait()
+            assert not store.exists(LEASE_FILE)  # the winner released it
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    return winners
+
+
+def test_two_processes_racing_for_a_free_store_never_both_win(store: Storage) -> None:
+    assert _race(store, expired=False) == [1] * RACE_ROUNDS
+
+
+def test_two_processes_racing_to_take_over_an_expired_lease_never_both_win(
+    store: Storage,
+) -> None:
+    assert _race(store, expired=True) == [1] * RACE_ROUNDS

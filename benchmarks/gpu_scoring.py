@@ -5,15 +5,15 @@ k = 32):
 
 1. generate N sparse-dictionary features on the device (each row a non-negative mix of a few of
    ``--atoms`` random directions plus noise, seeded), so the SAE has structure to find;
-2. fit the TopK SAE with `workers.sae.sae_train_step` on ``--fit-samples`` rows already on the
+2. fit the TopK SAE with `workers.sae_fit.sae_train_step` on ``--fit-samples`` rows already on the
    device (samples/s of training, MSE before and after);
 3. encode all N rows with `TopKSAE.encode_topk` (samples/s on the device, and including the copy
    of the int32 ids / float16 values to host memory, which is what a shard stores);
 4. the host side of scoring on those codes: factor counts, p, R and D (`workers.scores`);
 5. checks of its own results (`benchmarks.gpu_checks`): every row encoded and counted, every
    throughput finite and positive, the SAE's loss down, and the device's codes of ``--check-rows``
-   rows (spread over all N) equal to the CPU path's (`workers.sae.encode` on a CPU copy of the
-   model), and so the top half of those rows by R. On a GPU with TF32 a small share of rows may
+   rows (spread over all N) equal to the CPU path's (`workers.sae_encode.encode` on a CPU copy of
+   the model), and so the top half of those rows by R. On a GPU with TF32 a small share of rows may
    swap a near-tied unit: up to ``--tolerance`` (default 2 %) of the active entries and of the
    selected rows may differ; on the CPU none may.
 
@@ -45,14 +45,10 @@ sys.path.insert(0, str(ROOT))
 
 from saelect.workers.codes import SparseCodes  # noqa: E402
 from saelect.workers.factors import factor_counts, factor_frequencies  # noqa: E402
-from saelect.workers.sae import (  # noqa: E402
-    FiringCounters,
-    SAEConfig,
-    TopKSAE,
-    encode,
-    sae_train_step,
-    save_sae,
-)
+from saelect.workers.sae import SAEConfig, TopKSAE  # noqa: E402
+from saelect.workers.sae_encode import encode  # noqa: E402
+from saelect.workers.sae_files import save_sae  # noqa: E402
+from saelect.workers.sae_fit import FiringCounters, sae_train_step  # noqa: E402
 from saelect.workers.scores import ScoreConfig, score_codes  # noqa: E402
 
 from benchmarks.gpu_checks import Checks, finite_positive  # noqa: E402
@@ -184,7 +180,7 @@ def compare_with_cpu(
 ) -> dict[str, float]:
     """The device's codes of ``rows`` against the CPU path's, and the top half of them by R.
 
-    The CPU path is what a CPU scoring worker runs: `workers.sae.encode` on a CPU copy of the
+    The CPU path is what a CPU scoring worker runs: `workers.sae_encode.encode` on a CPU copy of the
     model, in float32. Returns the share of active (value > 0) entries both agree on (over
     their union), the largest value difference on shared entries relative to the largest value,
     and the share of the top half of ``rows`` by R (with the global p) that both select.

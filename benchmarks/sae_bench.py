@@ -3,10 +3,10 @@ M=2048, k=32).
 
 Measures:
 
-* **encode**: `workers.sae.encode` of synthetic float32 features (default 200k x 256) with a
+* **encode**: `workers.sae_encode.encode` of synthetic float32 features (default 200k x 256) with a
   TopK SAE of M = 2048 units, k = 32, in batches of 8192 (matmul + torch.topk + float16 codes);
   best and median of ``--repeats`` passes, after one warm-up batch;
-* **fit**: `workers.sae.fit_sae` with the default `SAEConfig` (M = min(8 d, 16384), k = 32,
+* **fit**: `workers.sae_fit.fit_sae` with the default `SAEConfig` (M = min(8 d, 16384), k = 32,
   Adam 1e-3, batch 4096, 10 epochs, AuxK) on Fashion-MNIST pixels -> PCA-256 features of the
   60k training images: wall time, MSE per epoch (standardized space, i.e. the fraction of
   variance unexplained), dead-unit share, and PCA with k components as a reference at the same
@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from saelect.workers.datasets import FMNIST_DIR, load_fashion_mnist
 from saelect.workers.features import FeatureSpec, make_extractor
-from saelect.workers.sae import SAEConfig, TopKSAE, encode, fit_sae
+from saelect.workers.sae import SAEConfig, TopKSAE
+from saelect.workers.sae_encode import encode
+from saelect.workers.sae_fit import fit_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_PER_S = 50_000
@@ -134,7 +136,7 @@ def _report(
         "",
         "## Encode throughput",
         "",
-        f"`workers.sae.encode`: {args.samples:,} synthetic samples, d = {args.d}, "
+        f"`workers.sae_encode.encode`: {args.samples:,} synthetic samples, d = {args.d}, "
         f"M = {args.units}, k = {args.k}, batches of {args.batch_size} "
         "(matmul, torch.topk, float16 codes).",
         "",

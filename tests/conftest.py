@@ -45,6 +45,7 @@ def digits_labels() -> np.ndarray:
 @pytest.fixture(scope="session")
 def digits_sae(digits_features: np.ndarray) -> Any:
     """`SAEFit` of a TopK SAE (M=256, k=8) trained on the digits features."""
-    from saelect.workers.sae import SAEConfig, fit_sae
+    from saelect.workers.sae import SAEConfig
+    from saelect.workers.sae_fit import fit_sae
 
     return fit_sae(digits_features, SAEConfig(**DIGITS_SAE_CONFIG), progress=False)

@@ -1,6 +1,6 @@
 """Sparse SAE codes: per sample the k active unit ids and their activations.
 
-`SparseCodes` is what the SAE encoder emits (`workers.sae.encode`), what shards store
+`SparseCodes` is what the SAE encoder emits (`workers.sae_encode.encode`), what shards store
 (``codes.npz``) and what the factor statistics read (`workers.factors`, `workers.scores`).
 
 Layout: ``ids`` int32 (N, k) and ``values`` float16 (N, k), row i = sample i. Every row holds

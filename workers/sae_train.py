@@ -2,13 +2,14 @@
 Distributed shape 2).
 
 `train_sae_distributed` trains on a sample of features (the pipeline gathers at most
-``sae.max_train_samples`` rows). One worker calls `workers.sae.fit_sae` in this process. More
-workers run a Ray Train ``TorchTrainer``: every worker builds the same initial model
-(`workers.sae.init_sae` on the whole sample, so the standardization buffers are global), wraps it
-in DDP, and steps with `workers.sae.sae_train_step` on its slice of each global batch; the
-firing counters of AuxK are min-reduced over workers after every step so all workers agree on
-the dead units. Rank 0 saves the trained SAE (safetensors + JSON) as the run's checkpoint, which
-is how the model comes back (Train V2 returns metrics only together with a checkpoint).
+``sae.max_train_samples`` rows). One worker calls `workers.sae_fit.fit_sae` in this process.
+More workers run a Ray Train ``TorchTrainer``: every worker builds the same initial model
+(`workers.sae_fit.init_sae` on the whole sample, so the standardization buffers are global),
+wraps it in DDP, and steps with `workers.sae_fit.sae_train_step` on its slice of each global
+batch; the firing counters of AuxK are min-reduced over workers after every step so all workers
+agree on the dead units. Rank 0 saves the trained SAE (safetensors + JSON) as the run's
+checkpoint, which is how the model comes back (Train V2 returns metrics only together with a
+checkpoint).
 
 Example
 -------
@@ -24,7 +25,9 @@ import tempfile
 from typing import Any
 
 import numpy as np
-from saelect.workers.sae import SAEConfig, TopKSAE, fit_sae, load_sae
+from saelect.workers.sae import SAEConfig, TopKSAE
+from saelect.workers.sae_files import load_sae
+from saelect.workers.sae_fit import fit_sae
 
 __all__ = ["global_batches", "train_sae_distributed"]
 
@@ -54,7 +57,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from saelect.workers.sae import FiringCounters, init_sae, sae_train_step, save_sae
+    from saelect.workers.sae_files import save_sae
+    from saelect.workers.sae_fit import FiringCounters, init_sae, sae_train_step
 
     config: SAEConfig = loop_config["config"]
     feats_ND = np.asarray(ray.get(loop_config["features"]), dtype=np.float32)

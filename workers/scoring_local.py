@@ -17,7 +17,8 @@ from saelect.workers import scoring_steps as steps
 from saelect.workers.codes import SparseCodes
 from saelect.workers.factors import factor_counts, factor_frequencies
 from saelect.workers.features import FeatureSpec
-from saelect.workers.sae import SAEConfig, encode
+from saelect.workers.sae import SAEConfig
+from saelect.workers.sae_encode import encode
 from saelect.workers.scores import ScoreConfig, rank_normalize, score_codes
 from saelect.workers.shard_data import ShardData
 from saelect.workers.shard_plan import plan_shards, read_shard

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 from saelect.workers.features import FeatureSpec, make_extractor
-from saelect.workers.sae import SAEConfig, save_sae
+from saelect.workers.sae import SAEConfig
+from saelect.workers.sae_files import save_sae
 from saelect.workers.scores import ScoreConfig
 from saelect.workers.shard_plan import ShardPlan, row_keys
 from saelect.workers.shard_scoring import SAE_FILES, pick_device

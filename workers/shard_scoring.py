@@ -67,7 +67,7 @@ EXTRACTOR_FILE = "features/extractor.npz"
 SAE_DIR = "sae"
 """Directory of the trained SAE (safetensors weights + JSON config), relative to the storage."""
 SAE_FILES = ("sae.safetensors", "sae.json")
-"""The files `workers.sae.save_sae` writes."""
+"""The files `workers.sae_files.save_sae` writes."""
 FACTORS_FILE = "factors.npy"
 """float64 (M,) global factor frequencies p."""
 ENCODING_RECORD = "encoding.json"
@@ -141,7 +141,7 @@ def extractor_from_state(spec: FeatureSpec, state: dict[str, np.ndarray]) -> Any
 
 def sae_from_files(files: dict[str, bytes], device: str = "cpu") -> Any:
     """A `TopKSAE` from the bytes of the files `save_sae` wrote (name -> content)."""
-    from saelect.workers.sae import load_sae  # torch: imported only where an SAE is used
+    from saelect.workers.sae_files import load_sae  # torch: imported only where an SAE is used
 
     with tempfile.TemporaryDirectory(prefix="saelect-sae-") as tmp:
         for name, data in files.items():
@@ -239,7 +239,7 @@ def encode_shard(
     rows = table.select([config.feature.column])
     extractor = extractor_from_state(config.feature, extractor_state)
     model = sae_from_files(sae_files, device)
-    from saelect.workers.sae import encode  # torch: imported only where an SAE is used
+    from saelect.workers.sae_encode import encode  # torch: imported only where an SAE is used
 
     n, bs = spec.num_rows, config.encode_batch_size
     parts: list[SparseCodes] = []

@@ -31,7 +31,8 @@ from saelect.service.selection.topk import top_m
 from saelect.workers.admission import ScoringResources
 from saelect.workers.features import FeatureSpec
 from saelect.workers.pipeline import PipelineOptions, ScoringError, run_scoring
-from saelect.workers.sae import SAEConfig, init_sae
+from saelect.workers.sae import SAEConfig
+from saelect.workers.sae_fit import init_sae
 from saelect.workers.sae_train import global_batches, train_sae_distributed
 from saelect.workers.scores import ScoreConfig
 from saelect.workers.scoring_local import SingleProcessScores, score_single_process

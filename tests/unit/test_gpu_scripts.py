@@ -26,7 +26,9 @@ from saelect.workers.codes import SparseCodes
 from saelect.workers.datasets import FMNIST_DIR, load_fashion_mnist, write_image_parquet
 from saelect.workers.factors import factor_counts, factor_frequencies
 from saelect.workers.features import FeatureSpec
-from saelect.workers.sae import SAEConfig, encode, load_sae
+from saelect.workers.sae import SAEConfig
+from saelect.workers.sae_encode import encode
+from saelect.workers.sae_files import load_sae
 from saelect.workers.scores import ScoreConfig, score_codes
 from saelect.workers.scoring_local import score_single_process
 from saelect.workers.shard_data import ShardData

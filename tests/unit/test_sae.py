@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 from saelect.workers.codes import SparseCodes
-from saelect.workers.factors import factor_counts
-from saelect.workers.sae import (
-    FiringCounters,
-    SAEConfig,
-    TopKSAE,
-    dead_share,
-    default_units,
-    encode,
-    fit_sae,
-    load_sae,
-    sae_train_step,
-    save_sae,
-)
+from saelect.workers.factors import dead_share, factor_counts
+from saelect.workers.sae import SAEConfig, TopKSAE, default_units
+from saelect.workers.sae_encode import encode
+from saelect.workers.sae_files import load_sae, save_sae
+from saelect.workers.sae_fit import FiringCounters, fit_sae, sae_train_step
 
 from tests.conftest import DIGITS_SAE_CONFIG
 

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     from saelect.service.policies import PolicyConfig, make_policy
-    from saelect.workers.pipeline import PipelineOptions, run_scoring
+    from saelect.workers.pipeline import run_scoring
+    from saelect.workers.pipeline_types import PipelineOptions
     from saelect.workers.scoring_local import score_single_process
     from saelect.workers.selection_state import SelectionShards
     from saelect.workers.storage import Storage
@@ -196,7 +197,7 @@ def _scoring_peak(result: Any, feature: Any, k: int, dim: int) -> dict[str, floa
     Its rows as stored (Arrow), one batch of features (``encode_batch_size x d x 4`` bytes,
     spread over the shard's rows here), the codes it accumulates and its labels.
     """
-    from saelect.workers.pipeline import PipelineOptions
+    from saelect.workers.pipeline_types import PipelineOptions
     from saelect.workers.shard_plan import read_shard
 
     spec = result.plan.shards[0]

@@ -39,7 +39,7 @@ class SelectionActorImpl:
     settings:
         Service settings (host, port, store, token...).
     pipeline_options:
-        ``workers.pipeline.PipelineOptions`` for every job (None: defaults).
+        ``workers.pipeline_types.PipelineOptions`` for every job (None: defaults).
     """
 
     def __init__(self, settings: Settings, pipeline_options: Any = None) -> None:

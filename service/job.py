@@ -35,7 +35,7 @@ class Job:
     num_samples: int | None = None
     error: str | None = None
     scoring: Any = None
-    """`workers.pipeline.ScoringResult` once scored (None for a policy that reads no scores)."""
+    """`workers.pipeline_types.ScoringResult` once scored (None for a policy reading no scores)."""
     shards: Any = None
     """`workers.selection_state.SelectionShards`: the job's state actors once ready."""
     reason: str | None = None

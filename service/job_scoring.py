@@ -46,7 +46,7 @@ class JobScoring:
     allowed_roots:
         Dataset roots a job's URI must lie under (checked again by the pipeline).
     pipeline_options:
-        ``workers.pipeline.PipelineOptions`` for every job (None: defaults).
+        ``workers.pipeline_types.PipelineOptions`` for every job (None: defaults).
     progress_bar:
         Show tqdm bars while scoring (the command line); off inside services.
     """
@@ -153,7 +153,7 @@ class JobScoring:
     def resources(self, job: Job) -> dict[str, float]:
         """Cluster resources the job's scoring reserves now (resource name -> amount; empty
         when it is not scoring or its scoring has not recorded them yet)."""
-        from saelect.workers.pipeline import STATE_FILE
+        from saelect.workers.pipeline_state import STATE_FILE
 
         if job.phase not in SCORING_PHASES or not needs_scores(job.spec):
             return {}

@@ -63,7 +63,7 @@ class JobManager:
     allowed_roots:
         Dataset roots a job's URI must lie under (checked again by the pipeline).
     pipeline_options:
-        ``workers.pipeline.PipelineOptions`` for every job (None: defaults).
+        ``workers.pipeline_types.PipelineOptions`` for every job (None: defaults).
     progress_bar:
         Show tqdm bars while scoring (the command line); off inside services.
     """

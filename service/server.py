@@ -208,7 +208,7 @@ def start_service(
     settings:
         Host, port (0 picks a free one, but a restarted actor then gets a new port), store...
     pipeline_options:
-        ``workers.pipeline.PipelineOptions`` for every job.
+        ``workers.pipeline_types.PipelineOptions`` for every job.
     name:
         Actor name in the ``saelect`` namespace (None: anonymous, e.g. several in one test).
     max_restarts:

@@ -24,6 +24,9 @@ retried by Ray and redoes only its unfinished shard), and a fully scored storage
 without reserving anything. A failure that retries do not fix raises `ScoringError` and
 ``pipeline.json`` records it.
 
+The phases, options, result and error are in :mod:`workers.pipeline_types`; the run's
+``pipeline.json``, progress reporting and error messages in :mod:`workers.pipeline_state`.
+
 Example
 -------
 >>> result = run_scoring(Storage("/tmp/job"), "/data/train.parquet",           # doctest: +SKIP
@@ -35,272 +38,47 @@ Example
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from saelect.workers import ranks, scoring_steps, shard_scoring
+from saelect.workers import ranks, scoring_steps
 from saelect.workers import scoring_tasks as tasks
-from saelect.workers.admission import (
-    PlacementTimeoutError,
-    Reservation,
-    ScoringResources,
-    plan_request,
-    reserve,
-)
-from saelect.workers.codes import SparseCodes
+from saelect.workers.admission import Reservation, ScoringResources, plan_request, reserve
 from saelect.workers.factors import factor_frequencies
 from saelect.workers.features import FeatureSpec
+from saelect.workers.pipeline_state import (
+    PhaseProgress,
+    PipelineState,
+    all_scored,
+    default_reservation_name,
+    error_message,
+    global_counts,
+    reset_outputs,
+    split_by_shard,
+    wait_all,
+)
+from saelect.workers.pipeline_types import (
+    PipelineOptions,
+    ProgressFn,
+    ScoringError,
+    ScoringResult,
+    WaitFn,
+)
 from saelect.workers.sae import SAEConfig
 from saelect.workers.scores import ScoreConfig
-from saelect.workers.shard_plan import ShardPlan, plan_shards
+from saelect.workers.shard_plan import plan_shards
 from saelect.workers.shard_scoring import (
-    ENCODING_RECORD,
     EXTRACTOR_FILE,
     FACTORS_FILE,
     SAE_DIR,
     SAE_FILES,
     ShardConfig,
-    shard_dir,
 )
 from saelect.workers.storage import Storage
 
-__all__ = [
-    "PHASES",
-    "PipelineOptions",
-    "ScoringError",
-    "ScoringResult",
-    "run_scoring",
-]
-
-PHASES = ("queued", "featurizing", "training_sae", "encoding", "scoring", "ready")
-"""The pipeline's phases in order (the job status adds ``pending`` and ``failed``)."""
-STATE_FILE = "pipeline.json"
-"""Pipeline state below the job storage: fingerprint, shard boundaries, phases done, error."""
-"""Values each shard contributes to the choice of the rank splitters."""
-
-ProgressFn = Callable[[str, int, int], None]
-"""on_progress(phase, done, total)."""
-WaitFn = Callable[[str | None], None]
-"""on_wait(reason): what the run waits for, None once it runs."""
-
-
-class ScoringError(RuntimeError):
-    """Scoring failed in a way a retry cannot fix; ``phase`` is where it failed.
-
-    Survives pickling (it crosses Ray process boundaries intact).
-    """
-
-    def __init__(self, message: str, phase: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.phase = phase
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (ScoringError, (self.message, self.phase))
-
-    def __str__(self) -> str:
-        return self.message if self.phase is None else f"{self.phase}: {self.message}"
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """Knobs of the scoring pipeline beyond the job spec."""
-
-    extractor_fit_samples: int = 20_000
-    """Rows of the global sample the extractor is fitted on (pixels: standardize + PCA)."""
-    sae_workers: int = 1
-    """SAE training workers: 1 trains in one scoring task, more use Ray Train data-parallel
-    (its workers reserve their own resources, outside the scoring reservation)."""
-    sae_cpus_per_worker: float = 1.0
-    """CPUs each Ray Train worker reserves (CPU clusters)."""
-    max_task_retries: int = 3
-    """How often Ray retries a scoring task whose worker died."""
-    encode_batch_size: int = 8192
-    """Rows featurized and encoded at a time on a shard."""
-    encode_pause_s: float = 0.0
-    """Pause after each encode batch (tests interrupt encoding with it)."""
-    poll_s: float = 0.5
-    """How often a waiting run re-checks its placement and reports why it waits."""
-
-    def __post_init__(self) -> None:
-        if self.extractor_fit_samples < 1:
-            raise ValueError(
-                f"extractor_fit_samples must be >= 1, got {self.extractor_fit_samples}"
-            )
-        if self.sae_workers < 1:
-            raise ValueError(f"sae_workers must be >= 1, got {self.sae_workers}")
-        if self.sae_cpus_per_worker <= 0:
-            raise ValueError(f"sae_cpus_per_worker must be > 0, got {self.sae_cpus_per_worker}")
-        if self.max_task_retries < -1:
-            raise ValueError(f"max_task_retries must be >= -1, got {self.max_task_retries}")
-        if self.encode_batch_size < 1:
-            raise ValueError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
-        if self.encode_pause_s < 0:
-            raise ValueError(f"encode_pause_s must be >= 0, got {self.encode_pause_s}")
-        if self.poll_s <= 0:
-            raise ValueError(f"poll_s must be > 0, got {self.poll_s}")
-
-
-@dataclass
-class ScoringResult:
-    """A scored dataset: the plan, the global quantities, and where the per-shard outputs are.
-
-    Holds no Ray resource: the outputs are in the storage, read back on demand.
-    """
-
-    plan: ShardPlan
-    """The shard plan (S shards over N rows)."""
-    storage: Storage
-    """The scoring storage (``shards/{s:05d}/scores.npz``, ``codes.npz``...)."""
-    num_samples: int
-    """N."""
-    p: np.ndarray
-    """float64 (M,) global factor frequencies."""
-    counts: np.ndarray
-    """int64 (M,) global factor counts."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase (``queued`` is the wait for resources)."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """What the run reserved while it scored (empty when it re-attached to stored outputs)."""
-
-    def scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rank-normalized R and D over [0, N), float64 (N,) each."""
-        ids = [s.shard_id for s in self.plan.shards]
-        parts = [shard_scoring.load_shard_scores(self.storage, i) for i in ids]
-        return np.concatenate([r for r, _ in parts]), np.concatenate([d for _, d in parts])
-
-    def labels(self) -> np.ndarray | None:
-        """int64 (N,) labels, or None without a label column."""
-        ids = [s.shard_id for s in self.plan.shards]
-        parts = [shard_scoring.load_shard_labels(self.storage, i) for i in ids]
-        return None if parts[0] is None else np.concatenate(parts)  # type: ignore[arg-type]
-
-    def codes(self) -> SparseCodes:
-        """Sparse codes of all rows (ids int32 (N, k), values float16 (N, k))."""
-        return SparseCodes.concat(
-            [shard_scoring.load_shard_codes(self.storage, s.shard_id) for s in self.plan.shards]
-        )
-
-    def encoding_records(self) -> list[dict[str, Any]]:
-        """Per shard, the last encode attempt's record (attempt, interrupted, pid, node, device)."""
-        out = []
-        for s in self.plan.shards:
-            sd = self.storage.child(shard_dir(s.shard_id))
-            out.append(sd.read_json(ENCODING_RECORD) if sd.exists(ENCODING_RECORD) else {})
-        return out
-
-
-# ---------------------------------------------------------------------------- driver
-class _State:
-    """``pipeline.json``: fingerprint, shard boundaries, phases done, failure, attempts."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-        self.doc: dict[str, Any] = (
-            storage.read_json(STATE_FILE) if storage.exists(STATE_FILE) else {}
-        )
-
-    def save(self) -> None:
-        self.storage.write_json(STATE_FILE, self.doc)
-
-    def done(self, phase: str) -> None:
-        phases = self.doc.setdefault("phases_done", [])
-        if phase not in phases:
-            phases.append(phase)
-        self.doc["failed"] = None
-        self.save()
-
-    def is_done(self, phase: str) -> bool:
-        return phase in self.doc.get("phases_done", [])
-
-
-class _Progress:
-    """Reports (phase, done, total) to the callback and a tqdm bar per phase."""
-
-    def __init__(self, on_progress: ProgressFn | None, bar: bool) -> None:
-        self.on_progress = on_progress
-        self.bar_enabled = bar
-        self._bar: Any = None
-        self._phase: str | None = None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if self.on_progress is not None:
-            self.on_progress(phase, done, total)
-        if not self.bar_enabled or phase in ("ready", "queued"):
-            return
-        from tqdm.auto import tqdm
-
-        if phase != self._phase:
-            self.close()
-            self._phase = phase
-            unit = "fit" if phase == "training_sae" else "rows"
-            self._bar = tqdm(total=total, desc=phase, unit=unit)
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def _wait_all(refs: Sequence[Any], weights: Sequence[int], report: Callable[[int], None]) -> list:
-    """ray.get of all refs, reporting the summed weight of finished ones as they complete."""
-    import ray
-
-    pending = list(refs)
-    weight = {r: w for r, w in zip(refs, weights, strict=True)}
-    done = 0
-    report(0)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)  # raise early when a task failed
-        done += sum(weight[r] for r in ready)
-        report(done)
-    return ray.get(list(refs))
-
-
-def _error_message(exc: BaseException) -> str:
-    """The user-facing message of an exception, unwrapping Ray's task errors."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and cause is not exc:
-        return _error_message(cause)
-    if isinstance(exc, ScoringError | PlacementTimeoutError):
-        return exc.message
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, ValueError) else text
-
-
-def _reset_outputs(storage: Storage) -> None:
-    for rel in ("features", SAE_DIR, "shards", FACTORS_FILE):
-        storage.delete(rel)
-
-
-def _split(global_idx: np.ndarray, plan: ShardPlan) -> list[np.ndarray]:
-    """Sorted global indices split by shard (one array per shard, in shard order)."""
-    cuts = np.searchsorted(global_idx, plan.boundaries()[1:-1])
-    return np.split(global_idx, cuts)
-
-
-def _reservation_name(storage: Storage) -> str:
-    digest = hashlib.sha256(storage.path().encode()).hexdigest()[:16]
-    return f"saelect-scoring-{digest}"
-
-
-def _all_scored(storage: Storage, plan: ShardPlan) -> bool:
-    return storage.exists(FACTORS_FILE) and all(
-        storage.child(shard_dir(s.shard_id)).exists("scores.npz") for s in plan.shards
-    )
-
-
-def _global_counts(storage: Storage, plan: ShardPlan) -> np.ndarray:
-    counts = [storage.child(shard_dir(s.shard_id)).read_npy("counts.npy") for s in plan.shards]
-    return np.sum(np.stack(counts), axis=0).astype(np.int64)
+__all__ = ["run_scoring"]
 
 
 def run_scoring(
@@ -352,8 +130,8 @@ def run_scoring(
 
     opts = options or PipelineOptions()
     res = resources or ScoringResources()
-    state = _State(job_storage)
-    progress = _Progress(on_progress, progress_bar)
+    state = PipelineState(job_storage)
+    progress = PhaseProgress(on_progress, progress_bar)
     phase = "pending"
     reservation: Reservation | None = None
     timings: dict[str, float] = {}
@@ -378,13 +156,13 @@ def run_scoring(
             plan, feature_spec, label_column, sae_config, score_config, opts.extractor_fit_samples
         )
         if state.doc.get("fingerprint") != fp or state.doc.get("boundaries") != plan.boundaries():
-            _reset_outputs(job_storage)
+            reset_outputs(job_storage)
             state.doc = {"fingerprint": fp, "boundaries": plan.boundaries(), "phases_done": []}
         state.doc.update(num_shards=plan.num_shards, num_samples=n, failed=None)
         state.save()
 
-        if state.is_done("ready") and _all_scored(job_storage, plan):  # re-attach, reserve nothing
-            counts = _global_counts(job_storage, plan)
+        if state.is_done("ready") and all_scored(job_storage, plan):  # re-attach, reserve nothing
+            counts = global_counts(job_storage, plan)
             p = job_storage.read_npy(FACTORS_FILE)
             progress("ready", n, n)
             return ScoringResult(plan, job_storage, n, p, counts, timings)
@@ -396,7 +174,7 @@ def run_scoring(
         progress("queued", 0, request.workers)
         reservation = reserve(
             request,
-            name=reservation_name or _reservation_name(job_storage),
+            name=reservation_name or default_reservation_name(job_storage),
             timeout_s=res.placement_timeout_s,
             on_wait=on_wait,
             poll_s=opts.poll_s,
@@ -425,7 +203,7 @@ def run_scoring(
             fit_idx = scoring_steps.sample_indices(n, fit_count, seed)
             raw = [
                 task(tasks.take_raw, bundle=spec.shard_id).remote(spec, feature_spec, ix)
-                for spec, ix in zip(plan.shards, _split(fit_idx, plan), strict=True)
+                for spec, ix in zip(plan.shards, split_by_shard(fit_idx, plan), strict=True)
             ]
             extractor_state = ray.get(
                 task(tasks.fit_extractor, gpu=True).remote(feature_spec, *raw)
@@ -451,7 +229,7 @@ def run_scoring(
                 task(tasks.sample_features, gpu=True, bundle=spec.shard_id).remote(
                     spec, feature_spec, state_ref, ix
                 )
-                for spec, ix in zip(plan.shards, _split(sae_idx, plan), strict=True)
+                for spec, ix in zip(plan.shards, split_by_shard(sae_idx, plan), strict=True)
             ]
             if opts.sae_workers > 1:
                 from saelect.workers.sae_train import train_sae_distributed
@@ -492,7 +270,7 @@ def run_scoring(
             encode_pause_s=opts.encode_pause_s,
         )
         state_ref, sae_ref = ray.put(extractor_state), ray.put(sae_files)
-        shard_counts = _wait_all(
+        shard_counts = wait_all(
             [
                 task(tasks.encode, gpu=True, bundle=spec.shard_id).remote(
                     spec, job_storage, shard_config, state_ref, sae_ref
@@ -553,7 +331,7 @@ def run_scoring(
             return out
 
         rank_r, rank_d = ranked(2, br, off_r), ranked(2 + br, bd, off_d)
-        _wait_all(
+        wait_all(
             [
                 task(tasks.write_scores, bundle=s.shard_id).remote(
                     job_storage,
@@ -574,7 +352,7 @@ def run_scoring(
         state.done("ready")
         return ScoringResult(plan, job_storage, n, p, counts, timings, request.total())
     except Exception as exc:
-        message = _error_message(exc)
+        message = error_message(exc)
         state.doc["failed"] = {"phase": phase, "error": message}
         with contextlib.suppress(Exception):  # the original error matters more
             state.save()

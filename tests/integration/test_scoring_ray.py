@@ -30,7 +30,8 @@ from saelect.service.selection.threshold import global_top_m
 from saelect.service.selection.topk import top_m
 from saelect.workers.admission import ScoringResources
 from saelect.workers.features import FeatureSpec
-from saelect.workers.pipeline import PipelineOptions, ScoringError, run_scoring
+from saelect.workers.pipeline import run_scoring
+from saelect.workers.pipeline_types import PipelineOptions, ScoringError
 from saelect.workers.sae import SAEConfig
 from saelect.workers.sae_fit import init_sae
 from saelect.workers.sae_train import global_batches, train_sae_distributed

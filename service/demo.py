@@ -292,7 +292,7 @@ def plot_demo(results: dict[str, dict[str, Any]], num_samples: int, path: Path) 
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     """Run the demo end to end; returns per-policy results (history, times)."""
     from saelect.client import SelectionClient
-    from saelect.service.cli import PhaseProgress
+    from saelect.service.cli_progress import PhaseProgress
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

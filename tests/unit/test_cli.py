@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from saelect.service.app import create_app
 from saelect.service.backend import JobStatus, Progress
-from saelect.service.cli import DEFAULT_URL, EXAMPLES, build_parser, default_url, main
+from saelect.service.cli import EXAMPLES, build_parser, main
+from saelect.service.cli_commands import DEFAULT_URL, default_url
 from saelect.service.selection.partition import rank_indices
 from saelect.service.server import write_url_file
 from saelect.service.settings import Settings
@@ -292,7 +293,7 @@ def test_wait_ready_calls_back_with_every_status(scripted: tuple[str, ScriptedBa
 
 
 def test_a_phase_that_ends_between_two_polls_is_summarized_as_complete() -> None:
-    from saelect.service.cli import PhaseProgress
+    from saelect.service.cli_progress import PhaseProgress
 
     log = io.StringIO()  # not a terminal: one summary line per counted phase
     bars = PhaseProgress("j", file=log)

@@ -49,8 +49,8 @@ from saelect.workers.admission import Reservation, ScoringResources, plan_reques
 from saelect.workers.factors import factor_frequencies
 from saelect.workers.features import FeatureSpec
 from saelect.workers.pipeline_state import (
-    PhaseProgress,
     PipelineState,
+    RunProgress,
     all_scored,
     default_reservation_name,
     error_message,
@@ -131,7 +131,7 @@ def run_scoring(
     opts = options or PipelineOptions()
     res = resources or ScoringResources()
     state = PipelineState(job_storage)
-    progress = PhaseProgress(on_progress, progress_bar)
+    progress = RunProgress(on_progress, progress_bar)
     phase = "pending"
     reservation: Reservation | None = None
     timings: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """The scoring run's bookkeeping: ``pipeline.json``, progress, errors, stored outputs.
 
 `PipelineState` is the run's record below the job storage (fingerprint, shard boundaries, phases
-done, failure, attempts); `PhaseProgress` reports (phase, done, total); `wait_all` waits on Ray
+done, failure, attempts); `RunProgress` reports (phase, done, total); `wait_all` waits on Ray
 tasks while reporting; `error_message` unwraps Ray's task errors; the rest read or drop the
 stored outputs. `workers.pipeline.run_scoring` drives them.
 """
@@ -21,8 +21,8 @@ from saelect.workers.storage import Storage
 
 __all__ = [
     "STATE_FILE",
-    "PhaseProgress",
     "PipelineState",
+    "RunProgress",
     "all_scored",
     "default_reservation_name",
     "error_message",
@@ -59,7 +59,7 @@ class PipelineState:
         return phase in self.doc.get("phases_done", [])
 
 
-class PhaseProgress:
+class RunProgress:
     """Reports (phase, done, total) to the callback and a tqdm bar per phase."""
 
     def __init__(self, on_progress: ProgressFn | None, bar: bool) -> None:

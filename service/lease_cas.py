@@ -170,6 +170,7 @@ class S3LeaseObject:
             aws_access_key_id=opts.get("access_key") or None,
             aws_secret_access_key=opts.get("secret_key") or None,
             aws_session_token=opts.get("session_token") or None,
+            verify=opts.get("tls_ca_file_path") or None,
         )
         bucket, _, key = storage.path(rel).partition("/")
         return cls(client, bucket, key)

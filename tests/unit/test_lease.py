@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from saelect.service.lease import LEASE_FILE, StoreLease, StoreOwnedError
-from saelect.service.lease_cas import LocalLeaseObject, S3LeaseObject
+from saelect.service.lease_cas import LocalLeaseObject, S3LeaseObject, VerifiedLeaseObject
 from saelect.workers.storage import Storage
 
 RACE_ROUNDS = 20
@@ -174,6 +174,27 @@ def test_serve_refuses_a_store_a_live_service_owns_before_starting_ray(
 def test_the_local_and_s3_stores_get_conditional_writes(tmp_path: Path) -> None:
     assert isinstance(StoreLease(Storage(str(tmp_path))).object, LocalLeaseObject)
     assert isinstance(StoreLease(Storage(f"file://{tmp_path}")).object, LocalLeaseObject)
+
+
+def test_other_filesystems_keep_write_then_verify(tmp_path: Path) -> None:
+    """A filesystem without conditional writes (here a pyarrow SubTreeFileSystem) gets the
+    write-then-verify lease: it still refuses a live owner and is taken over once expired."""
+    import pyarrow.fs as pafs
+
+    root = Storage("/", filesystem=pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()))
+    clock = Clock()
+    first = _lease(root, clock)
+    assert isinstance(first.object, VerifiedLeaseObject)
+    first.host = "another-host"
+    first.acquire()
+    first._stop.set()
+    with pytest.raises(StoreOwnedError, match="another-host"):
+        _lease(root, clock).acquire()
+    clock.now += 31.0
+    mine = _lease(root, clock).acquire()
+    assert not first.renew() and first.lost.is_set()
+    mine.release()
+    assert not root.exists(LEASE_FILE)
 
 
 def _expired_lease() -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """`Job`: the in-memory state of one job, and its phase changes (the store holds the durable part).
 
 Every job event is logged under one logger, ``saelect.service.jobs`` (`JOBS_LOGGER`, docs/api.md),
-whichever of the job modules (`service.jobs`, `service.job_scoring`, `service.job_history`)
-writes it; each line starts with ``job <id>``.
+whichever of the job modules (`service.jobs`, `service.job_epochs`, `service.job_scoring`,
+`service.job_history`) writes it; each line starts with ``job <id>``.
 """
 
 from __future__ import annotations

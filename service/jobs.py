@@ -7,8 +7,7 @@ cannot be placed yet is ``queued`` with the reason). A policy that reads no scor
 scoring: its job is ready once the row count (and labels) are known. A ready job's selection
 state lives in ``workers.selection_state`` actors that reserve no CPU or GPU, and a
 `SelectionEngine` drives the job's policy over them. Epochs are computed in order, stored
-(docs/reliability.md, Persistence) and then committed; a served epoch is read back from memory or
-the store, so the same request always gets the same answer.
+(docs/reliability.md, Persistence) and then committed (``service.job_epochs``).
 
 Restart: the manager rebuilds every stored job. Scoring outputs are on the store, so the pipeline
 re-attaches to them without recomputing; the engine then replays the stored epochs (and the
@@ -17,7 +16,9 @@ epoch is therefore what an uninterrupted run would have produced.
 
 Modules: the in-memory `Job` and its phase changes are in ``service.job``, the scoring (shared per
 `scoring_key`) in ``service.job_scoring``, the stored epochs, feedback log, job state and their
-replay in ``service.job_history``; this module holds the manager, the `Backend` the routes call.
+replay in ``service.job_history``, the epoch queries and feedback in ``service.job_epochs``
+(`JobEpochs`, mixed into the manager); this module holds the manager, the `Backend` the routes
+call: job lifecycle, lookups, delete, resume.
 """
 
 from __future__ import annotations
@@ -27,25 +28,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from saelect.service.backend import EpochPlan, JobStatus, Plan
-from saelect.service.errors import (
-    EpochOutOfRange,
-    FeedbackNotAccepted,
-    InvalidRequest,
-    JobNotReady,
-    UnknownJob,
-)
+from saelect.service.backend import JobStatus
+from saelect.service.errors import JobNotReady, UnknownJob
 from saelect.service.job import JOBS_LOGGER, Job
-from saelect.service.job_history import (
-    build_engine,
-    select_and_commit,
-    with_engine,
-    write_feedback,
-    write_state,
-)
+from saelect.service.job_epochs import JobEpochs
+from saelect.service.job_history import build_engine, write_state
 from saelect.service.job_scoring import JobScoring, needs_scores, scoring_key
-from saelect.service.selection.partition import per_rank_length, rank_indices, rank_slice
 from saelect.service.specs import JobSpec
 from saelect.service.store import JobStore, check_job_id, new_job_id
 from saelect.workers.storage import Storage
@@ -53,7 +41,7 @@ from saelect.workers.storage import Storage
 log = logging.getLogger(JOBS_LOGGER)
 
 
-class JobManager:
+class JobManager(JobEpochs):
     """Jobs of one store, scored and served on the connected Ray cluster.
 
     Parameters
@@ -251,11 +239,6 @@ class JobManager:
             raise JobNotReady(f"job {job_id!r} is not ready (phase {job.phase})")
         return job
 
-    def _check_epoch(self, job: Job, epoch: int) -> None:
-        epochs = job.spec.policy.epochs
-        if not 0 <= epoch < epochs:
-            raise EpochOutOfRange(f"epoch {epoch} outside [0, {epochs}) of job {job.id!r}")
-
     async def shard_info(self, job_id: str) -> list[dict[str, Any]]:
         """Per shard of a ready job: shard id, index range, Ray node and process id."""
 
@@ -290,135 +273,6 @@ class JobManager:
         if check_job_id(job_id) in self._broken:
             return self._broken_status(job_id)
         return self._job(job_id).status()
-
-    async def plan(self, job_id: str, world_size: int) -> Plan:
-        if world_size < 1:
-            raise InvalidRequest(f"world_size must be >= 1, got {world_size}")
-        job = self._ready(job_id)
-        sizes = job.engine.plan()  # type: ignore[union-attr]
-        n = job.num_samples or 1
-        epochs = [EpochPlan(t, s, per_rank_length(s, world_size)) for t, s in enumerate(sizes)]
-        return Plan(epochs=epochs, sample_fraction=float(sum(sizes)) / (len(sizes) * n))
-
-    async def _epoch(self, job: Job, epoch: int) -> np.ndarray:
-        """Epoch ``epoch``'s indices, computing (and committing) it and every earlier one."""
-        self._check_epoch(job, epoch)
-        cached = job.epochs.get(epoch)
-        if cached is not None:
-            return cached
-        async with job.lock:
-            while epoch not in job.epochs:
-                await asyncio.to_thread(self._next_epoch, job)
-        return job.epochs[epoch]
-
-    def _next_epoch(self, job: Job) -> None:
-        with_engine(
-            self.store,
-            job,
-            lambda engine: select_and_commit(self.store, job, engine, self._epoch_listeners),
-        )
-
-    async def epoch_indices(
-        self, job_id: str, epoch: int, rank: int, world_size: int
-    ) -> np.ndarray:
-        if world_size < 1:
-            raise InvalidRequest(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise InvalidRequest(f"rank must be in [0, {world_size}), got {rank}")
-        job = self._ready(job_id)
-        order = await self._epoch(job, epoch)
-        return rank_indices(order, rank, world_size)
-
-    def ready_epoch_indices(
-        self, job_id: str, epoch: int, rank: int, world_size: int
-    ) -> np.ndarray | None:
-        """int64 (per_rank,) as ``epoch_indices`` when the job is ready and the epoch is in
-        memory, else None (then ``epoch_indices`` answers, or raises what it must). Never
-        blocks and never raises: the serving fast path (``service.fast_indices``) calls it on
-        the event loop."""
-        job = self._jobs.get(job_id)
-        if job is None or job.deleted or job.engine is None or job.phase == "failed":
-            return None
-        if not 0 <= rank < world_size:
-            return None
-        order = job.epochs.get(epoch)
-        return None if order is None else rank_indices(order, rank, world_size)
-
-    async def epoch_weights(
-        self, job_id: str, epoch: int, rank: int, world_size: int
-    ) -> np.ndarray:
-        """float32 (per_rank,) loss weights aligned with the rank's indices (1 when unweighted)."""
-        order = await self.epoch_indices(job_id, epoch, rank, world_size)
-        weights = await asyncio.to_thread(self.store.read_epoch_weights, job_id, epoch)
-        if weights is None:
-            return np.ones(order.shape[0], dtype=np.float32)
-        return rank_slice(weights, rank, world_size).astype(np.float32)
-
-    async def feedback(
-        self,
-        job_id: str,
-        epoch: int,
-        indices: np.ndarray,
-        losses: np.ndarray,
-        key: tuple[int, int] | None = None,
-    ) -> bool:
-        """Log and apply per-sample losses; False (nothing applied) for a ``key`` = (rank, seq)
-        already applied in ``epoch`` (the key is logged with the losses, so it survives a
-        restart)."""
-        job = self._ready(job_id)
-        self._check_epoch(job, epoch)
-        if not job.engine.policy.needs_feedback:  # type: ignore[union-attr]
-            raise FeedbackNotAccepted(
-                f"policy {job.spec.policy.name!r} of job {job_id!r} takes no loss feedback"
-            )
-        idx = np.asarray(indices, dtype=np.int64).ravel()
-        val = np.asarray(losses, dtype=np.float32).ravel()
-        n = job.num_samples or 0
-        if idx.shape != val.shape:
-            raise InvalidRequest(f"{idx.shape[0]} indices but {val.shape[0]} losses")
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise InvalidRequest(f"feedback indices must lie in [0, {n})")
-        if not np.all(np.isfinite(val)):
-            raise InvalidRequest("losses must be finite numbers")
-        async with job.lock:
-            engine = job.engine
-            if engine is None:
-                raise JobNotReady(f"job {job_id!r} has no selection engine (phase {job.phase})")
-            dedup = None if key is None else (epoch, int(key[0]), int(key[1]))
-            if dedup is not None and dedup in job.feedback_keys:
-                log.info("job %s: feedback %s already applied; acknowledged again", job_id, dedup)
-                return False
-            before = engine.last_committed + 1
-            seq = job.feedback_seq
-            rank_seq = np.asarray(dedup[1:] if dedup is not None else (-1, -1), dtype=np.int64)
-            write_feedback(
-                self.store, job_id, seq, before=before, epoch=epoch, idx=idx, loss=val, key=rank_seq
-            )
-            job.feedback_seq += 1
-            if dedup is not None:
-                job.feedback_keys.add(dedup)
-            await asyncio.to_thread(
-                with_engine, self.store, job, lambda e: e.feedback(idx, val), retry=False
-            )
-        log.info(
-            "job %s: feedback for epoch %d applied (%d samples, before epoch %d)",
-            job_id,
-            epoch,
-            idx.shape[0],
-            before,
-        )
-        for listener in self._feedback_listeners:
-            listener(job_id, job.spec.policy.name, max(0, before - 1 - epoch), int(idx.shape[0]))
-        return True
-
-    async def epoch_stats(self, job_id: str, epoch: int) -> dict[str, Any]:
-        job = self._ready(job_id)
-        await self._epoch(job, epoch)
-        stats = dict(job.stats[epoch])
-        stats.setdefault("lambda", None)
-        stats.setdefault("factor_coverage", None)
-        stats["epoch"] = epoch
-        return stats
 
     async def delete_job(self, job_id: str) -> None:
         if check_job_id(job_id) in self._broken:  # unreadable files: drop what is stored

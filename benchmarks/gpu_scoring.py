@@ -28,269 +28,24 @@ set, else ./gpu_scoring.json), with the checks under ``"checks"``; exits 1 when 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from saelect.workers.codes import SparseCodes  # noqa: E402
 from saelect.workers.factors import factor_counts, factor_frequencies  # noqa: E402
-from saelect.workers.sae import SAEConfig, TopKSAE  # noqa: E402
-from saelect.workers.sae_encode import encode  # noqa: E402
+from saelect.workers.sae import SAEConfig  # noqa: E402
 from saelect.workers.sae_files import save_sae  # noqa: E402
-from saelect.workers.sae_fit import FiringCounters, sae_train_step  # noqa: E402
-from saelect.workers.scores import ScoreConfig, score_codes  # noqa: E402
 
-from benchmarks.gpu_checks import Checks, finite_positive  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def generate(n: int, d: int, atoms: int, active: int, device: torch.device, seed: int) -> Any:
-    """float32 (n, d) on ``device``: sum of ``active`` random atoms with uniform weights + noise."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dict_AD = torch.randn(atoms, d, generator=gen, device=device)
-    dict_AD /= dict_AD.norm(dim=1, keepdim=True)
-    out_ND = torch.empty(n, d, device=device)
-    chunk = 1 << 20
-    for start in range(0, n, chunk):
-        b = min(chunk, n - start)
-        idx_BA = torch.randint(0, atoms, (b, active), generator=gen, device=device)
-        w_BA = torch.rand(b, active, generator=gen, device=device) * 3.0
-        x_BD = torch.nn.functional.embedding_bag(
-            idx_BA, dict_AD, per_sample_weights=w_BA, mode="sum"
-        )
-        x_BD += 0.05 * torch.randn(b, d, generator=gen, device=device)
-        out_ND[start : start + b] = x_BD
-    return out_ND
-
-
-def fit(
-    x_ND: torch.Tensor, config: SAEConfig, units: int, device: torch.device
-) -> tuple[TopKSAE, dict[str, float]]:
-    """Train on the device-resident rows; returns the model and timing/quality figures."""
-    n, d = x_ND.shape
-    model = TopKSAE(d, units, config.k, seed=config.seed).to(device)
-    with torch.no_grad():
-        model.mean_D.copy_(x_ND.mean(dim=0))
-        model.std_D.copy_(x_ND.std(dim=0).clamp_min(1e-8))
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    counters = FiringCounters(units, device)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    bs = config.batch_size
-    # warm-up (kernels, allocator), not timed
-    sae_train_step(model, optimizer, x_ND[:bs], config, counters=counters)
-    with torch.no_grad():
-        mse_before = float(model(x_ND[: min(n, 65536)]).mse)
-    _sync(device)
-    t0 = time.perf_counter()
-    steps = seen = 0
-    last = float("nan")
-    for _ in range(config.epochs):
-        perm = torch.randperm(n, generator=gen, device=device)
-        for start in range(0, n, bs):
-            batch_BD = x_ND[perm[start : start + bs]]
-            last = sae_train_step(model, optimizer, batch_BD, config, counters=counters)
-            steps += 1
-            seen += batch_BD.shape[0]
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    model.eval()
-    with torch.no_grad():
-        mse_after = float(model(x_ND[: min(n, 65536)]).mse)
-    return model, {
-        "fit_rows": n,
-        "fit_epochs": config.epochs,
-        "fit_steps": steps,
-        "fit_samples_seen": seen,
-        "fit_seconds": seconds,
-        "fit_samples_per_s": seen / seconds,
-        "fit_steps_per_s": steps / seconds,
-        "mse_before": mse_before,
-        "mse_after": mse_after,
-        "last_batch_mse": last,
-    }
-
-
-def encode_all(
-    model: TopKSAE, x_ND: torch.Tensor, batch: int, device: torch.device
-) -> tuple[SparseCodes, dict[str, float]]:
-    """Encode every row: device-only throughput, then with the copy of the codes to the host.
-
-    The rows each pass really encoded are counted (``encode_rows_device``, ``encode_rows_host``)
-    and the throughputs divide those counts, so a loop that skips rows shows in the report.
-    """
-    n, k = x_ND.shape[0], model.k
-    with torch.inference_mode():
-        model.encode_topk(x_ND[:batch])  # warm-up
-        _sync(device)
-        rows_device = 0
-        t0 = time.perf_counter()
-        for start in range(0, n, batch):
-            rows_device += model.encode_topk(x_ND[start : start + batch]).top_indices_BK.shape[0]
-        _sync(device)
-        device_s = time.perf_counter() - t0
-
-        ids = torch.zeros((n, k), dtype=torch.int32, pin_memory=device.type == "cuda")
-        vals = torch.zeros((n, k), dtype=torch.float16, pin_memory=device.type == "cuda")
-        rows_host = 0
-        t0 = time.perf_counter()
-        for start in range(0, n, batch):
-            out = model.encode_topk(x_ND[start : start + batch])
-            stop = start + out.top_indices_BK.shape[0]
-            ids[start:stop].copy_(out.top_indices_BK.to(torch.int32), non_blocking=True)
-            vals[start:stop].copy_(out.top_acts_BK.clamp(max=65504.0).half(), non_blocking=True)
-            rows_host += stop - start
-        _sync(device)
-        host_s = time.perf_counter() - t0
-    codes = SparseCodes(ids.numpy(), vals.numpy())
-    return codes, {
-        "encode_rows": n,
-        "encode_rows_device": rows_device,
-        "encode_rows_host": rows_host,
-        "encode_batch": batch,
-        "encode_device_seconds": device_s,
-        "encode_device_samples_per_s": rows_device / device_s,
-        "encode_to_host_seconds": host_s,
-        "encode_to_host_samples_per_s": rows_host / host_s,
-    }
-
-
-def check_rows(n: int, count: int) -> np.ndarray:
-    """int64 (<= count,) rows spread evenly over [0, n), always with the first and the last."""
-    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
-
-
-def compare_with_cpu(
-    model: TopKSAE, x_ND: torch.Tensor, codes: SparseCodes, p: np.ndarray, rows: np.ndarray
-) -> dict[str, float]:
-    """The device's codes of ``rows`` against the CPU path's, and the top half of them by R.
-
-    The CPU path is what a CPU scoring worker runs: `workers.sae_encode.encode` on a CPU copy of the
-    model, in float32. Returns the share of active (value > 0) entries both agree on (over
-    their union), the largest value difference on shared entries relative to the largest value,
-    and the share of the top half of ``rows`` by R (with the global p) that both select.
-    """
-    units = model.units
-    cpu_model = copy.deepcopy(model).to("cpu").eval()
-    cpu_model.encode_dtype = "float32"
-    feats = x_ND[torch.from_numpy(rows).to(x_ND.device)].float().cpu().numpy()
-    ref = encode(cpu_model, feats, batch_size=8192)
-    got = codes.take(rows)
-    dense_got, dense_ref = got.to_dense(units), ref.to_dense(units)  # (S, M)
-    act_got, act_ref = dense_got > 0, dense_ref > 0
-    union = int((act_got | act_ref).sum())
-    shared = act_got & act_ref
-    agree = float(shared.sum() / union) if union else 1.0
-    scale = float(np.abs(dense_ref).max()) or 1.0
-    diff = np.abs(dense_got - dense_ref)[shared]
-    value_err = float(diff.max() / scale) if diff.size else 0.0
-    r_got, _ = score_codes(got, p, ScoreConfig())
-    r_ref, _ = score_codes(ref, p, ScoreConfig())
-    m = max(1, rows.size // 2)
-    top_got = set(np.argsort(-r_got, kind="stable")[:m].tolist())
-    top_ref = set(np.argsort(-r_ref, kind="stable")[:m].tolist())
-    return {
-        "check_rows": int(rows.size),
-        "cpu_code_agreement": agree,
-        "cpu_value_max_rel_diff": value_err,
-        "cpu_selection_overlap": len(top_got & top_ref) / m,
-    }
-
-
-def host_scores(codes: SparseCodes, units: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Counts, p, raw R and D on the host (numpy), timed; returns p (M,) and the figures."""
-    t0 = time.perf_counter()
-    counts = factor_counts(codes, units)
-    p = factor_frequencies(counts, codes.num_samples)
-    t1 = time.perf_counter()
-    r, d = score_codes(codes, p, ScoreConfig())
-    t2 = time.perf_counter()
-    return p, {
-        "counts_seconds": t1 - t0,
-        "scores_seconds": t2 - t1,
-        "scores_samples_per_s": codes.num_samples / (t2 - t1),
-        "counted_active_entries": int(counts.sum()),
-        "alive_units": int((p > 0).sum()),
-        "scores_finite": bool(np.isfinite(r).all() and np.isfinite(d).all()),
-        "mean_R": float(r.mean()),
-        "mean_D": float(d.mean()),
-    }
-
-
-def check_result(result: dict[str, Any], codes: SparseCodes, tolerance: float) -> Checks:
-    """The script's own checks of ``result`` (see the module docstring)."""
-    n, units, k = result["n"], result["units"], result["k"]
-    c = Checks()
-    c.add(
-        "rows_counted",
-        result["encode_rows_device"] == result["encode_rows_host"] == codes.num_samples == n,
-        value=[result["encode_rows_device"], result["encode_rows_host"], codes.num_samples],
-        expect=f"every row encoded and copied: all == n = {n}",
-    )
-    c.add(
-        "fit_rows_counted",
-        result["fit_rows"] * result["fit_epochs"] == result["fit_samples_seen"],
-        value=result["fit_samples_seen"],
-        expect=f"fit_rows x fit_epochs = {result['fit_rows'] * result['fit_epochs']}",
-    )
-    rates = {key: v for key, v in result.items() if key.endswith("_per_s")}
-    c.add(
-        "throughput_finite_positive",
-        finite_positive(*rates.values()),
-        value=rates,
-        expect="every *_per_s finite and > 0",
-    )
-    c.add(
-        "sae_loss_down",
-        finite_positive(result["mse_after"]) and result["mse_after"] < result["mse_before"],
-        value=[result["mse_before"], result["mse_after"]],
-        expect="finite MSE after the fit, below the MSE before",
-    )
-    ids_ok = bool(((codes.ids >= 0) & (codes.ids < units)).all())
-    distinct = bool((np.diff(np.sort(codes.ids, axis=1), axis=1) > 0).all()) if k > 1 else True
-    values_ok = bool(np.isfinite(codes.values).all() and (codes.values >= 0).all())
-    c.add(
-        "codes_valid",
-        ids_ok and distinct and values_ok,
-        value={"ids_in_range": ids_ok, "ids_distinct": distinct, "values_finite": values_ok},
-        expect=f"ids in [0, {units}) and distinct per row; values finite and >= 0",
-    )
-    if "counted_active_entries" in result:
-        active = int((codes.values > 0).sum())
-        c.add(
-            "factor_counts_total",
-            result["counted_active_entries"] == active and result["alive_units"] > 0,
-            value=[result["counted_active_entries"], result["alive_units"]],
-            expect=f"counts sum to the {active} active entries; some unit alive",
-        )
-        c.add(
-            "scores_finite", result["scores_finite"], value=result["scores_finite"], expect="True"
-        )
-    floor = 1.0 - tolerance
-    for key in ("cpu_code_agreement", "cpu_selection_overlap"):
-        c.add(key, result[key] >= floor, value=result[key], expect=f">= {floor:g}")
-    c.add(
-        "cpu_value_max_rel_diff",
-        result["cpu_value_max_rel_diff"] <= max(tolerance, 1e-3),
-        value=result["cpu_value_max_rel_diff"],
-        expect=f"<= {max(tolerance, 1e-3):g} (float16 codes)",
-    )
-    return c
+from benchmarks.gpu_scoring_checks import check_result, check_rows, compare_with_cpu  # noqa: E402
+from benchmarks.gpu_scoring_steps import encode_all, fit, generate, host_scores, sync  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     t0 = time.perf_counter()
     x_ND = generate(args.n, args.d, args.atoms, args.active, device, args.seed)
-    _sync(device)
+    sync(device)
     gen_s = time.perf_counter() - t0
     print(f"generated {args.n:,} x {args.d} on {device} in {gen_s:.1f} s", flush=True)
 

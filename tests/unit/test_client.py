@@ -76,7 +76,12 @@ class ServerThread:
         return self
 
     def stop(self) -> None:
+        """Stop gracefully; after 1 s, force the exit (a connection left mid-TLS-handshake by a
+        client that refused the certificate would otherwise hold the shutdown until the join's
+        10 s ran out)."""
         self.server.should_exit = True
+        self.thread.join(timeout=1)
+        self.server.force_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
 

@@ -1,4 +1,5 @@
-"""`saelect serve` as a process: loopback only, one writer per store, SIGKILL and restart.
+"""`saelect serve` as a process: loopback only, one writer per store, SIGKILL and restart, the
+`saelect jobs` commands and a clean stop.
 
 One module, three cold starts of the service on one store, started from the environment of a
 plain shell (no RAY_* variable, `serve_proc.clean_env`):
@@ -6,10 +7,14 @@ plain shell (no RAY_* variable, `serve_proc.clean_env`):
 1. every socket of every process the service started listens on loopback, and its Ray runs with
    token authentication; a second `saelect serve` on the store refuses at once (the lease);
 2. SIGKILL of the `saelect serve` process group between epochs: its Ray processes (listed by
-   PID) go by themselves; the restart serves the same bytes and the next epoch of the twin job;
+   PID) go by themselves; a `SelectionSampler` that starts waiting in ``set_epoch`` while nothing
+   listens gets, after the restart, exactly the indices served before the kill; the restart
+   serves the same bytes and the next epoch of the twin job;
 3. SIGKILL while 32 ranks wait on the last epoch, which needs 8 more (killed as soon as epoch 3
    is committed): the ranks ride out the restart and get that epoch as the twin has it, and
-   every epoch has the twin's stats (usage counted once).
+   every epoch has the twin's stats (usage counted once);
+4. `saelect jobs create/status/list/delete` against the third start, on a `factor` job (scored
+   by the service), then SIGINT: the service exits 0 and nothing listens on its port any more.
 
 A twin job with the same spec, never interrupted (its epochs computed before the first kill),
 is the reference. Figures (seconds) are printed on a ``RELIABILITY`` line (run with ``-s``).
@@ -18,6 +23,8 @@ is the reference. Figures (seconds) are printed on a ``RELIABILITY`` line (run w
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,9 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from saelect.client import SelectionClient, SelectionError
+from saelect.client import SelectionClient, SelectionError, SelectionSampler
+from saelect.workers.datasets import write_image_parquet
 
 from tests.integration.serve_proc import (
+    SAELECT,
     Server,
     alive,
     clean_env,
@@ -52,6 +61,31 @@ ROWS = 1_000_000
 only), so the ranks are still waiting when the service is killed."""
 PAIRS = [(0, 1), (0, 2), (1, 2), (2, 3), (7, 8)]
 """(rank, world size) pairs fetched byte for byte before and after each restart."""
+SAMPLER_RANK, SAMPLER_WORLD = 1, 2
+"""The `SelectionSampler` that waits in ``set_epoch`` through the first restart."""
+
+
+class RecordingClient(SelectionClient):
+    """A patient client that records the error codes its index requests met."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, retries=180, backoff=0.5, max_backoff=1.0)
+        self.errors: list[str] = []
+
+    def indices(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        try:
+            return super().indices(*args, **kwargs)
+        except SelectionError as exc:
+            self.errors.append(exc.code)
+            raise
+
+
+def _jobs(url: str, *args: str) -> tuple[int, str, str]:
+    """`saelect jobs ARGS --url URL` as a user runs it: (exit status, stdout, stderr)."""
+    out = subprocess.run(
+        [*SAELECT, "jobs", *args, "--url", url], capture_output=True, text=True, timeout=60
+    )
+    return out.returncode, out.stdout, out.stderr
 
 
 def _write_dataset(path: Path) -> Path:
@@ -180,10 +214,30 @@ def test_serve_process_loopback_lease_and_sigkill_restarts(tmp_path: Path) -> No
                      for t in range(EPOCHS)}  # fmt: skip
         ref_stats = {t: _stats(client, twin, t) for t in range(EPOCHS)}
         served = {(t, r, w): _raw(url, job, t, r, w) for t in (0, 1) for r, w in PAIRS}
+        recorder = RecordingClient(url)
+        sampler = SelectionSampler(recorder, job, rank=SAMPLER_RANK, world_size=SAMPLER_WORLD)
+        sampler_ref = {t: client.indices(twin, t, SAMPLER_RANK, SAMPLER_WORLD).tolist()
+                       for t in (0, 1, 2)}  # fmt: skip
+        sampler.set_epoch(0)
+        assert list(sampler) == sampler_ref[0]
 
         # 2) SIGKILL between epochs (0 and 1 served), restart on the store
         pids, figures["kill1_gone_s"] = _kill_and_watch(first, first.pids())
         figures["kill1_pids"] = len(pids)
+        waited: dict[str, Any] = {}
+
+        def wait_in_set_epoch() -> None:
+            try:
+                sampler.set_epoch(1)  # served before the kill: the restart must not change it
+                waited["indices"] = list(sampler)
+            except Exception as exc:  # surfaced by the assertions below
+                waited["error"] = exc
+
+        waiter = threading.Thread(target=wait_in_set_epoch, daemon=True)
+        waiter.start()
+        waiter.join(timeout=1.0)
+        # nothing listens on the port: set_epoch can only wait (or fail, which it must not)
+        assert waiter.is_alive(), waited
         client = start()
         t0 = time.monotonic()
         assert client.wait_ready(job, timeout=300, poll=0.2)["epochs_committed"] == 2
@@ -194,6 +248,14 @@ def test_serve_process_loopback_lease_and_sigkill_restarts(tmp_path: Path) -> No
         assert _stats(client, job, 2) == ref_stats[2]
         for r in range(RANKS):
             assert np.array_equal(_indices(client, job, 2, r, RANKS), reference[2][r])
+        waiter.join(timeout=240)
+        assert not waiter.is_alive(), f"set_epoch still waits:\n{servers[-1].tail()}"
+        assert "error" not in waited, f"{waited['error']!r}\n{servers[-1].tail()}"
+        assert waited["indices"] == sampler_ref[1]
+        assert set(recorder.errors) <= {"job_not_ready"}  # only the re-attach, if seen
+        for t in (2, 0):  # and other epochs, also after the restart
+            sampler.set_epoch(t)
+            assert list(sampler) == sampler_ref[t]
 
         # 3) SIGKILL while 32 ranks wait on the last epoch (killed once epoch 3 is committed)
         client.wait_ready(twin, timeout=300, poll=0.2)  # the twin is rebuilt by the restart too
@@ -231,11 +293,56 @@ def test_serve_process_loopback_lease_and_sigkill_restarts(tmp_path: Path) -> No
             assert _stats(client, job, t) == ref_stats[t], t  # usage counted once
         for (t, r, w), data in served.items():
             assert _raw(url, job, t, r, w) == data, (t, r, w)
+
+        # 4) the `saelect jobs` commands on a factor job, then a clean stop (SIGINT)
+        _jobs_lifecycle_on_a_factor_job(tmp_path, url, client, others={job, twin})
+        last = servers[-1]
+        last.proc.send_signal(signal.SIGINT)
+        assert last.proc.wait(timeout=60) == 0, last.tail()
+        log = last.log.read_text()
+        assert f"saelect serving on {url}" in log and "stopping" in log, log[-4000:]
+        time.sleep(0.5)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
     finally:
         for server in servers:
             if server.proc.poll() is None or server.pids():
                 server.crash()
     print("RELIABILITY", json.dumps(figures))
+
+
+def _jobs_lifecycle_on_a_factor_job(
+    tmp_path: Path, url: str, client: SelectionClient, others: set[str]
+) -> None:
+    """`saelect jobs create`, `status` (also of an unknown job), `list` and `delete` on a
+    digits `factor` job the service scores; the ``others`` jobs of the store stay listed."""
+    train, _ = write_image_parquet(tmp_path / "digits", "digits")
+    spec = {
+        "name": "cli",
+        "dataset": {"uri": str(train), "label_column": "label",
+                    "feature": {"kind": "pixels", "column": "image", "dim": 16}},
+        "policy": {"name": "factor", "ratio": 0.3, "epochs": 4, "seed": 0},
+        "sae": {"units": 64, "k": 4, "epochs": 2},
+    }  # fmt: skip
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    rc, out, err = _jobs(url, "create", str(spec_path))
+    assert rc == 0, err
+    job = json.loads(out)["id"]
+    assert json.loads(out)["phase"] == "pending"
+    client.wait_ready(job, timeout=180, poll=0.3)
+    rc, out, _ = _jobs(url, "status", job)
+    assert rc == 0 and json.loads(out)["phase"] == "ready"
+    n = json.loads(out)["num_samples"]
+    assert n == 1438  # the digits train split (80% of 1797)
+    assert len(client.indices(job, 0, 0, 1)) == round(0.3 * n)
+    rc, out, _ = _jobs(url, "list")
+    assert rc == 0 and sorted(j["id"] for j in json.loads(out)) == sorted({job, *others})
+    rc, _, err = _jobs(url, "status", "no-such-job")
+    assert rc == 2 and "404 unknown_job" in err
+    rc, out, _ = _jobs(url, "delete", job)
+    assert rc == 0 and json.loads(out) == {"deleted": job}
+    assert sorted(j["id"] for j in client.jobs()) == sorted(others)
 
 
 PYTHON_API = """

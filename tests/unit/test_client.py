@@ -243,8 +243,8 @@ def test_sampler_waits_out_job_not_ready_until_a_timer_readies_the_fake_job(
     (and raises JobFailedError when the job failed instead).
 
     Nothing restarts here: a timer flips the fake backend's phase. The real case, a crashed and
-    restarted `saelect serve` re-attaching its job, is
-    tests/integration/test_sampler_restart.py.
+    restarted `saelect serve` re-attaching its job, is in
+    tests/integration/test_serve_process.py.
     """
     backend: FakeBackend = served[1]
     sampler = SelectionSampler(client, job, rank=0, world_size=2, ready_timeout=10)

@@ -18,18 +18,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import multiprocessing as mp
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,234 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from load_clients import CLIENTS  # noqa: E402
+from load_passes import Level, Result, run_pass  # noqa: E402
 from load_report import report, summarize_profile, write_page  # noqa: E402
-
-RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
-
-
-@dataclass
-class Level:
-    """One load level: ``ranks`` ranks fetching ``epochs`` epochs of a job over ``rows`` rows."""
-
-    name: str
-    ranks: int
-    epochs: int
-    rows: int
-    ratio: float
-
-
-@dataclass
-class Result:
-    """Figures of one pass (cold or warm) of one level."""
-
-    level: Level
-    phase: str
-    seconds: float
-    latencies_s: np.ndarray
-    errors: int
-    error_kinds: dict[str, int]
-    health_s: np.ndarray
-    client_cpu_s: float
-    server_cpu_s: float
-    actor_cpu_s: float
-    epochs_computed: float
-    load_avg: tuple[float, float, float]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def row(self) -> dict[str, Any]:
-        """The figures as one table row (milliseconds)."""
-        lat = self.latencies_s * 1e3 if self.latencies_s.size else np.zeros(1)
-        hz = self.health_s * 1e3 if self.health_s.size else np.full(1, np.nan)
-        return {
-            "level": self.level.name,
-            "phase": self.phase,
-            "requests": int(self.latencies_s.size + self.errors),
-            "req_s": (self.latencies_s.size + self.errors) / self.seconds,
-            "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)),
-            "max_ms": float(lat.max()),
-            "errors": self.errors,
-            "healthz_p50_ms": float(np.percentile(hz, 50)),
-            "healthz_p99_ms": float(np.percentile(hz, 99)),
-            "epochs_computed": self.epochs_computed,
-            "client_cpu_s": self.client_cpu_s,
-            "server_cpu_s": self.server_cpu_s,
-            "actor_cpu_s": self.actor_cpu_s,
-            "actor_ms_per_req": 1e3
-            * self.actor_cpu_s
-            / max(1, self.latencies_s.size + self.errors),
-            "load_avg_1m": self.load_avg[0],
-            "error_kinds": self.error_kinds,
-        }
-
-
-# -- the client side ------------------------------------------------------------------------
-class _HttpxConnection:
-    """An ``httpx.AsyncClient`` behind ``raw_http.RawConnection``'s ``get`` and ``aclose``."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
-    async def get(self, target: str, headers: dict[str, str]) -> tuple[int, Any, bytes]:
-        r = await self.client.get(target, headers=headers)
-        return r.status_code, r.headers, r.content
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-
-async def _rank(http: Any, job: str, rank: int, world: int, epochs: int) -> list[Any]:
-    """One rank on its own open connection (``_HttpxConnection`` or ``RawConnection``):
-    (epoch, seconds, error or None) per fetch; every failure is counted, none stops the rank."""
-    out: list[Any] = []
-    target = f"/v1/jobs/{job}/epochs/{{}}/indices?rank={rank}&world_size={world}"
-    try:
-        for t in range(epochs):
-            t0 = time.perf_counter()
-            try:
-                status, headers, body = await http.get(
-                    target.format(t), {"Accept": "application/octet-stream"}
-                )
-                dt = time.perf_counter() - t0
-                if status != 200:
-                    out.append((t, dt, f"http_{status}"))
-                elif len(body) != 8 * int(headers["x-saelect-count"]):
-                    out.append((t, dt, "short_body"))
-                else:
-                    out.append((t, dt, None))
-            except Exception as exc:
-                out.append((t, time.perf_counter() - t0, type(exc).__name__))
-    finally:
-        await http.aclose()
-    return out
-
-
-CLIENTS = ("httpx", "raw")
-"""Load clients: ``httpx`` (an ``httpx.AsyncClient`` per rank, what a trainer would use) and
-``raw`` (``raw_http.RawConnection``: the server's figures without the client's CPU)."""
-
-
-def _client_proc(
-    url: str,
-    job: str,
-    ranks: list[int],
-    world: int,
-    epochs: int,
-    barrier: Any,
-    results: Any,
-    kind: str = "httpx",
-) -> None:
-    """A client process: one client (one connection) per rank, of ``kind`` (``CLIENTS``), made
-    before the start, then every rank at once; puts ``{"fetches", "cpu_s"}`` on ``results``."""
-    import ssl
-
-    import httpx
-
-    tls = ssl.create_default_context()  # one context for all clients (plain HTTP never uses it)
-
-    async def run() -> tuple[list[list[Any]], float]:
-        # every rank connects and makes one request (/healthz) before the start: the passes
-        # time the fetches on open connections, not the server accepting W new ones at once
-        if kind == "raw":
-            from raw_http import RawConnection
-
-            clients: list[Any] = [await RawConnection(url).__aenter__() for _ in ranks]
-        else:
-            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-            clients = [
-                _HttpxConnection(
-                    httpx.AsyncClient(base_url=url, limits=limits, timeout=600, verify=tls)
-                )
-                for _ in ranks
-            ]
-        for c in clients:
-            status, _, _ = await c.get("/healthz", {})
-            if status != 200:
-                raise RuntimeError(f"/healthz answered {status} before the start")
-        await asyncio.to_thread(barrier.wait)
-        cpu0 = time.process_time()
-        per_rank = await asyncio.gather(
-            *(_rank(c, job, r, world, epochs) for c, r in zip(clients, ranks, strict=True))
-        )
-        return per_rank, time.process_time() - cpu0
-
-    per_rank, cpu_s = asyncio.run(run())
-    results.put({"fetches": [f for rank in per_rank for f in rank], "cpu_s": cpu_s})
-
-
-def _health_proc(url: str, stop: Any, conn: Any) -> None:
-    """Poll /healthz every 50 ms until ``stop`` is set; send the latencies back."""
-    import httpx
-
-    lat: list[float] = []
-    with httpx.Client(base_url=url, timeout=30) as http:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                http.get("/healthz").raise_for_status()
-                lat.append(time.perf_counter() - t0)
-            except Exception:
-                lat.append(float("inf"))
-            time.sleep(0.05)
-    conn.send(lat)
-
-
-# -- the server side ------------------------------------------------------------------------
-def _tree_cpu(pid: int) -> dict[int, tuple[float, str]]:
-    """``pid -> (user + system CPU seconds, name)`` over ``pid`` and all its descendants."""
-    import psutil
-
-    out: dict[int, tuple[float, str]] = {}
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            out[p.pid] = (t.user + t.system, " ".join(p.cmdline()[:2]) or p.name())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return out
-
-
-def _cpu_delta(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]]) -> float:
-    return sum(t - before.get(pid, (0.0, ""))[0] for pid, (t, _) in after.items())
-
-
-def _actor_cpu(snapshot: dict[int, tuple[float, str]]) -> float:
-    return sum(t for t, name in snapshot.values() if "SelectionActor" in name)
-
-
-def _start_profile(snapshot: dict[int, tuple[float, str]], out: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling the SelectionActor (its pid from ``snapshot``) into ``out`` (collapsed
-    stacks, idle frames included), until SIGINT."""
-    pid = next(p for p, (_, name) in snapshot.items() if "SelectionActor" in name)
-    spy = Path(sys.executable).with_name("py-spy")
-    cmd = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
-    cmd += ["--idle", "--threads", "--nonblocking", "--output", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _epochs_computed(url: str) -> float:
-    import httpx
-
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(
-        float(m.group(1))
-        for m in re.finditer(r"^saelect_epochs_computed_total\{[^}]*\} (\S+)$", text, re.M)
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from load_server import SERVING, start_server  # noqa: E402
 
 
 def write_rows(path: Path, rows: int) -> Path:
@@ -277,38 +48,6 @@ def write_rows(path: Path, rows: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"x": np.arange(rows, dtype=np.int64)}), path)
     return path
-
-
-SERVING = {"fast": "true", "routes": "false"}
-"""Serving modes: ``fast`` answers in-memory epochs before the routes (the default),
-``routes`` sends every request through FastAPI (``SAELECT_FAST_INDICES``)."""
-
-
-def start_server(work: Path, serving: str = "fast") -> tuple[subprocess.Popen[bytes], str]:
-    """`saelect serve` on a free loopback port, in its own process group; waits for /healthz."""
-    import httpx
-
-    port = _free_port()
-    env = {**os.environ, **RAY_ENV, "SAELECT_ALLOWED_ROOTS": json.dumps([str(work)])}
-    env["SAELECT_URL_FILE"] = str(work / "url")
-    env["SAELECT_FAST_INDICES"] = SERVING[serving]
-    store = work / f"store-{serving}"
-    cmd = [sys.executable, "-m", "saelect.service.cli", "serve", "--store", str(store)]
-    cmd += ["--port", str(port)]
-    log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"saelect serve exited: {(work / 'serve.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("saelect serve did not answer /healthz in 300 s")
 
 
 def create_job(url: str, data: Path, level: Level) -> str:
@@ -324,74 +63,6 @@ def create_job(url: str, data: Path, level: Level) -> str:
         job = c.create_job(spec)["id"]
         c.wait_ready(job, timeout=600, poll=0.2)
     return job
-
-
-def run_pass(
-    url: str,
-    server_pid: int,
-    job: str,
-    level: Level,
-    phase: str,
-    procs: int,
-    profile: Path | None = None,
-    client: str = "httpx",
-) -> Result:
-    """All ranks of ``level`` fetch every epoch once, spread over ``procs`` client processes;
-    with ``profile``, py-spy samples the SelectionActor meanwhile (collapsed stacks there)."""
-    ctx = mp.get_context("spawn")
-    procs = max(1, min(procs, level.ranks))
-    shares = [list(range(level.ranks))[i::procs] for i in range(procs)]
-    barrier = ctx.Barrier(procs + 1)
-    stop = ctx.Event()
-    recv, send = ctx.Pipe(duplex=False)
-    health = ctx.Process(target=_health_proc, args=(url, stop, send), daemon=True)
-    health.start()
-    computed0 = _epochs_computed(url)
-    results = ctx.Queue()
-    clients = [
-        ctx.Process(
-            target=_client_proc,
-            args=(url, job, share, level.ranks, level.epochs, barrier, results, client),
-            daemon=True,
-        )
-        for share in shares
-    ]
-    for c in clients:
-        c.start()
-    cpu0 = _tree_cpu(server_pid)
-    spy = _start_profile(cpu0, profile) if profile is not None else None
-    barrier.wait(timeout=300)
-    t0 = time.perf_counter()
-    outs = [results.get(timeout=1800) for _ in clients]
-    seconds = time.perf_counter() - t0
-    cpu1 = _tree_cpu(server_pid)
-    if spy is not None:
-        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        spy.wait(timeout=60)
-    for c in clients:
-        c.join(timeout=30)
-    stop.set()
-    health_s = np.asarray(recv.recv(), dtype=np.float64)
-    health.join(timeout=10)
-    fetches = [f for o in outs for f in o["fetches"]]
-    kinds: dict[str, int] = {}
-    for _, _, err in fetches:
-        if err is not None:
-            kinds[err] = kinds.get(err, 0) + 1
-    return Result(
-        level=level,
-        phase=phase,
-        seconds=seconds,
-        latencies_s=np.asarray([dt for _, dt, err in fetches if err is None]),
-        errors=sum(kinds.values()),
-        error_kinds=kinds,
-        health_s=health_s,
-        client_cpu_s=sum(o["cpu_s"] for o in outs),
-        server_cpu_s=_cpu_delta(cpu0, cpu1),
-        actor_cpu_s=_actor_cpu(cpu1) - _actor_cpu(cpu0),
-        epochs_computed=_epochs_computed(url) - computed0,
-        load_avg=os.getloadavg(),
-    )
 
 
 def serve_levels(

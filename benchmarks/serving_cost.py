@@ -7,8 +7,10 @@ over an in-memory backend whose epochs are all computed (seeded permutations of 
 r = 0.5, as load.py's rank levels), and a raw asyncio client (hand-written HTTP/1.1 GETs on
 ``--connections`` keep-alive connections, a few microseconds of client CPU per request) that
 checks every answer's bytes. For each HTTP parser (uvicorn's ``h11``, pure Python, and
-``httptools``, C) and each serving mode (``routes``: every request through FastAPI; ``fast``:
-the in-memory fast path of ``service.fast_indices``) it reports the server process's CPU
+``httptools``, C), each event loop (``asyncio``, ``uvloop``) and each serving mode (``routes``:
+every request through FastAPI; ``fast``: the in-memory fast path of ``service.fast_indices`` in
+front of the app; ``protocol``: the same fast path inside uvicorn's httptools protocol,
+``service.fast_protocol``, what the service runs) it reports the server process's CPU
 microseconds per request (psutil, user + system), the requests per second, and the client-side
 latency percentiles at that concurrency.
 
@@ -78,19 +80,30 @@ def epoch_order(t: int) -> np.ndarray:
     return np.random.default_rng([7, t]).permutation(ROWS).astype(np.int64)
 
 
-def serve(port: int, http: str, fast: bool, loop: str) -> None:
+MODES = ("routes", "fast", "protocol")
+"""Serving modes: every request through FastAPI; the fast path in front of the app (ASGI); the
+fast path in uvicorn's httptools protocol (`service.fast_protocol`, the service's default)."""
+
+
+def serve(port: int, http: str, mode: str, loop: str) -> None:
     """Child process: uvicorn (parser ``http``, event loop ``loop``: ``asyncio`` or ``uvloop``)
-    with the real app over a ComputedBackend."""
+    with the real app over a ComputedBackend, configured as the service configures it
+    (``service.server.server_config``), serving in ``mode`` (one of MODES)."""
     import uvicorn
     from saelect.service.app import create_app
+    from saelect.service.server import server_config
     from saelect.service.settings import Settings
 
-    settings = Settings(allowed_roots=[str(ROOT)], fast_indices=fast)
+    settings = Settings(
+        allowed_roots=[str(ROOT)], fast_indices=mode != "routes", host="127.0.0.1", port=port
+    )
     app = create_app(ComputedBackend(), settings)
-    uvicorn.run(
-        app, host="127.0.0.1", port=port, http=http, loop=loop, log_level="warning",
-        access_log=False,
-    )  # fmt: skip
+    overrides: dict[str, Any] = {"loop": loop}
+    if mode != "protocol":
+        overrides["http"] = http  # the plain protocol: the fast path, if on, in the app
+    elif http != "httptools":
+        raise ValueError("the protocol mode needs httptools")
+    uvicorn.Server(server_config(app, settings, **overrides)).run()
 
 
 async def _connection(
@@ -130,14 +143,14 @@ async def _load(port: int, connections: int, requests: int, world: int) -> list[
 
 
 def measure(
-    http: str, fast: bool, loop: str, requests: int, connections: int, world: int
+    http: str, mode: str, loop: str, requests: int, connections: int, world: int
 ) -> dict[str, Any]:
     """Start a server, warm it, then time ``requests`` fetches; the server's CPU per request."""
     import httpx
     import psutil
 
     port = free_port()
-    proc = mp.get_context("spawn").Process(target=serve, args=(port, http, fast, loop), daemon=True)
+    proc = mp.get_context("spawn").Process(target=serve, args=(port, http, mode, loop), daemon=True)
     proc.start()
     deadline = time.monotonic() + 60
     while True:
@@ -162,7 +175,7 @@ def measure(
     return {
         "http": http,
         "loop": loop,
-        "mode": "fast" if fast else "routes",
+        "mode": mode,
         "requests": requests,
         "server_us_per_req": 1e6 * cpu / requests,
         "req_s": requests / wall,
@@ -210,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for http in args.http.split(","):
         for loop in args.loops.split(","):
-            for fast in (False, True):
-                row = measure(http, fast, loop, args.requests, args.connections, 64)
+            for mode in MODES if http == "httptools" else MODES[:2]:
+                row = measure(http, mode, loop, args.requests, args.connections, 64)
                 print(row, flush=True)
                 rows.append(row)
     cmd = f"python benchmarks/serving_cost.py --requests {args.requests} "

@@ -35,6 +35,8 @@ PATH = re.compile(
 """The route's path, with the route's own job id pattern and a plain non-negative epoch."""
 _INT = re.compile(rb"^(0|[1-9][0-9]{0,17})$")
 ROUTE_TEMPLATE = "/v1/jobs/{job_id}/epochs/{epoch}/indices"
+COUNT_HEADER_BYTES = COUNT_HEADER.lower().encode()
+BINARY_BYTES = BINARY.encode()
 
 
 def parse_rank_query(query: bytes) -> tuple[int, int] | None:
@@ -103,25 +105,34 @@ class FastIndices:
             return None
         return np.ascontiguousarray(idx, dtype="<i8"), epoch
 
-    async def answer(self, scope: dict[str, Any], send: Any) -> bool:
-        """Send the answer to ``scope`` and return True, or return False (nothing sent)."""
+    def response(self, scope: dict[str, Any]) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+        """The route's headers and body for ``scope`` when the fast path may answer it (the
+        request is then counted in the metrics), else None."""
         if not self.enabled or scope["type"] != "http":
-            return False
+            return None
         start = time.perf_counter()
         answer = self._answer(scope)
         if answer is None:
-            return False
+            return None
         idx, epoch = answer
         n = int(idx.shape[0])
         body = idx.tobytes()
         headers = [  # the route's headers, in the order Starlette's Response writes them
-            (COUNT_HEADER.lower().encode(), str(n).encode()),
+            (COUNT_HEADER_BYTES, str(n).encode()),
             (b"x-saelect-epoch", str(epoch).encode()),
             (b"content-length", str(len(body)).encode()),
-            (b"content-type", BINARY.encode()),
+            (b"content-type", BINARY_BYTES),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
         self.metrics.observe_indices("binary", n)
         self.metrics.observe_request("GET", ROUTE_TEMPLATE, 200, time.perf_counter() - start)
+        return headers, body
+
+    async def answer(self, scope: dict[str, Any], send: Any) -> bool:
+        """Send the answer to ``scope`` and return True, or return False (nothing sent)."""
+        answer = self.response(scope)
+        if answer is None:
+            return False
+        headers, body = answer
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
         return True

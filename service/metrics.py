@@ -121,6 +121,8 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         self._scrape_lock = threading.Lock()
+        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._index_series: dict[str, Any] = {}
         self.requests = Counter(
             "saelect_http_requests",
             "HTTP requests by method, route template and status.",
@@ -198,13 +200,22 @@ class Metrics:
 
     # -- events ------------------------------------------------------------------------------
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one finished request and its latency."""
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        """Count one finished request and its latency. The labelled series are looked up once
+        per (method, route template, status), a bounded set (unknown paths are one template)."""
+        key = (method, route, status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = (self.requests.labels(method, route, str(status)), self.latency.labels(route))
+            self._request_series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_indices(self, fmt: str, count: int) -> None:
         """Count one epoch-indices response of ``count`` indices in format ``fmt``."""
-        self.index_responses.labels(fmt).inc()
+        series = self._index_series.get(fmt)
+        if series is None:
+            series = self._index_series[fmt] = self.index_responses.labels(fmt)
+        series.inc()
         self.indices_served.inc(count)
 
     def observe_feedback(self, count: int) -> None:

@@ -149,9 +149,11 @@ KEEP_ALIVE_S = 75
 
 
 def server_config(app: Any, settings: Settings, **overrides: Any) -> Any:
-    """The ``uvicorn.Config`` the SelectionActor serves ``app`` with: host, port, quiet logs, and
+    """The ``uvicorn.Config`` the SelectionActor serves ``app`` with: host, port, quiet logs,
     HTTPS when ``settings.tls_cert``/``tls_key`` are set (uvicorn's ``ssl_certfile`` and
-    ``ssl_keyfile``, read here, on the actor's node).
+    ``ssl_keyfile``, read here, on the actor's node), and, for an app with the fast path on and
+    httptools installed, uvicorn's httptools protocol answering the fast path itself
+    (`service.fast_protocol`).
 
     Raises
     ------
@@ -178,8 +180,21 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> Any:
         "timeout_keep_alive": KEEP_ALIVE_S,
         **tls,
     }
+    fast = getattr(app, "fast_indices", None)
+    if fast is not None and fast.enabled and "http" not in overrides and _has_httptools():
+        from saelect.service.fast_protocol import fast_httptools_protocol
+
+        kw["http"] = fast_httptools_protocol(fast)  # the fast path without an ASGI task
     kw.update(overrides)
     return uvicorn.Config(app, **kw)
+
+
+def _has_httptools() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def write_url_file(url: str, path: str) -> Path:

@@ -1,8 +1,10 @@
 """Resources follow the work: a ready job holds no CPU or GPU, and a full cluster queues jobs.
 
-Each test starts its own private local Ray (the GPU count differs), declaring GPUs as a logical
-resource on this CPU machine: the scoring reserves them while it runs and picks its torch device
-from what the process really sees (the CPU here).
+Each GPU count gets its own private local Ray (the module fixture `service`, parametrized by the
+count: 1 and 3 GPUs with one ready `factor` job each, the 3-GPU one shared by the trainer test;
+0 GPUs for the five jobs), declaring GPUs as a logical resource on this CPU machine: the scoring
+reserves them while it runs and picks its torch device from what the process really sees (the
+CPU here).
 """
 
 from __future__ import annotations
@@ -69,6 +71,26 @@ def cluster(data_dir: Path, store: str, *, num_gpus: int = 0) -> Iterator[Servic
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def service(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[ServiceHandle]:
+    """The service on a private local Ray with ``request.param`` logical GPUs (store
+    ``store-gpu{n}``); pytest runs the tests of one GPU count together."""
+    with cluster(data_dir, f"store-gpu{request.param}", num_gpus=request.param) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def ready_factor_job(
+    service: ServiceHandle, data_dir: Path
+) -> tuple[SelectionClient, str, dict[str, Any]]:
+    """(client, job id, status) of a `factor` job on ``service``, ready."""
+    client = SelectionClient(service.url)
+    job = client.create_job(_spec(data_dir))["id"]
+    status = client.wait_ready(job, timeout=300, poll=0.2)
+    assert status["phase"] == "ready", status
+    return client, job, status
+
+
 def _free_after_ready(timeout: float = 10.0) -> dict[str, float]:
     """Free resources once the scoring's placement group is gone (its removal is async)."""
     deadline = time.monotonic() + timeout
@@ -89,24 +111,24 @@ def _pipeline_state(data_dir: Path, store: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("num_gpus", [1, 3])
-def test_a_ready_factor_job_holds_no_gpu_and_almost_no_cpu(data_dir: Path, num_gpus: int) -> None:
-    store = f"store-gpu{num_gpus}"
-    with cluster(data_dir, store, num_gpus=num_gpus) as service:
-        client = SelectionClient(service.url)
-        job = client.create_job(_spec(data_dir))["id"]
-        status = client.wait_ready(job, timeout=300, poll=0.2)
-        assert status["phase"] == "ready", status
-        shards = ray.get(service.actor.shard_info.remote(job))
-        assert len(shards) == default_num_shards(2, num_gpus)  # the defaults' shard count
-        free = _free_after_ready()
-        assert free["GPU"] == num_gpus
-        assert free["CPU"] >= 2 - 0.05
-        state = _pipeline_state(data_dir, store)
-        # it scored on one logical GPU per worker, and ran torch on the CPU it really has
-        assert state["resources"] == {"CPU": 0.25 * num_gpus, "GPU": float(num_gpus)}
-        assert state["encoding"]["devices"] == ["cpu"]
-        assert client.indices(job, 0, 0, 1).shape[0] == round(0.3 * status["num_samples"])
+@pytest.mark.parametrize("service", [1, 3], indirect=True, ids=["1", "3"])
+def test_a_ready_factor_job_holds_no_gpu_and_almost_no_cpu(
+    service: ServiceHandle,
+    ready_factor_job: tuple[SelectionClient, str, dict[str, Any]],
+    data_dir: Path,
+) -> None:
+    client, job, status = ready_factor_job
+    num_gpus = int(ray.cluster_resources()["GPU"])
+    shards = ray.get(service.actor.shard_info.remote(job))
+    assert len(shards) == default_num_shards(2, num_gpus)  # the defaults' shard count
+    free = _free_after_ready()
+    assert free["GPU"] == num_gpus
+    assert free["CPU"] >= 2 - 0.05
+    state = _pipeline_state(data_dir, f"store-gpu{num_gpus}")
+    # it scored on one logical GPU per worker, and ran torch on the CPU it really has
+    assert state["resources"] == {"CPU": 0.25 * num_gpus, "GPU": float(num_gpus)}
+    assert state["encoding"]["devices"] == ["cpu"]
+    assert client.indices(job, 0, 0, 1).shape[0] == round(0.3 * status["num_samples"])
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -126,39 +148,45 @@ def _train_loop(config: dict[str, Any]) -> None:
         json.dump({"world": world, "epochs": got, "gpus": ray.get_gpu_ids()}, f)
 
 
-def test_a_trainer_takes_every_gpu_while_the_job_is_live(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", [3], indirect=True, ids=["3"])
+def test_a_trainer_takes_every_gpu_while_the_job_is_live(
+    service: ServiceHandle,
+    ready_factor_job: tuple[SelectionClient, str, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """One Ray Train worker per logical GPU (3) pulls its share of two epochs of the live job."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    with cluster(data_dir, "store-train", num_gpus=2) as service:
-        client = SelectionClient(service.url)
-        job = client.create_job(_spec(data_dir))["id"]
-        assert client.wait_ready(job, timeout=300, poll=0.2)["phase"] == "ready"
-        assert _free_after_ready()["GPU"] == 2
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={"url": service.url, "job": job, "out": str(tmp_path)},
-            scaling_config=ScalingConfig(
-                num_workers=2, use_gpu=True, resources_per_worker={"CPU": 0.5, "GPU": 1}
-            ),
-            torch_config=TorchConfig(backend="gloo"),  # no CUDA here: the GPUs are logical
-            run_config=RunConfig(storage_path=str(tmp_path / "train"), name="pull"),
-        )
-        result = trainer.fit()
-        assert result.error is None
-        import json
+    client, job, _ = ready_factor_job
+    gpus = int(ray.cluster_resources()["GPU"])
+    assert _free_after_ready()["GPU"] == gpus
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"url": service.url, "job": job, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(
+            num_workers=gpus, use_gpu=True, resources_per_worker={"CPU": 0.5, "GPU": 1}
+        ),
+        torch_config=TorchConfig(backend="gloo"),  # no CUDA here: the GPUs are logical
+        run_config=RunConfig(storage_path=str(tmp_path / "train"), name="pull"),
+    )
+    result = trainer.fit()
+    assert result.error is None
+    import json
 
-        reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-        assert sorted(g for rep in reports for g in rep["gpus"]) == [0, 1]  # every GPU in use
-        for t in range(2):
-            pulled = [np.asarray(rep["epochs"][t]) for rep in reports]
-            assert pulled[0].shape == pulled[1].shape  # equal lengths: DDP cannot hang
-            assert set(np.concatenate(pulled).tolist()) == set(
-                client.indices(job, t, 0, 1).tolist()
-            )
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(gpus)]
+    assert all(rep["world"] == gpus for rep in reports)
+    assert sorted(g for rep in reports for g in rep["gpus"]) == list(range(gpus))  # all in use
+    for t in range(2):
+        pulled = [np.asarray(rep["epochs"][t]) for rep in reports]
+        assert len({p.shape for p in pulled}) == 1  # equal lengths: DDP cannot hang
+        assert set(np.concatenate(pulled).tolist()) == set(client.indices(job, t, 0, 1).tolist())
 
 
-def test_five_jobs_at_once_on_a_full_cluster_all_become_ready(data_dir: Path) -> None:
+@pytest.mark.parametrize("service", [0], indirect=True, ids=["0"])
+def test_five_jobs_at_once_on_a_full_cluster_all_become_ready(
+    service: ServiceHandle, data_dir: Path
+) -> None:
     """Two different scorings compete for the 2 CPUs, a third job shares one of them, two
     policies need no scores: every job is ready in the end, and a waiting job says why. A sixth
     job asks for GPUs the cluster lacks: it fails within its placement timeout, naming them."""
@@ -171,40 +199,39 @@ def test_five_jobs_at_once_on_a_full_cluster_all_become_ready(data_dir: Path) ->
     ]
     impossible = {**_spec(data_dir, "factor", sae_seed=2), "scoring": {"gpus": 4}}
     impossible["scoring"]["placement_timeout_s"] = 5
-    with cluster(data_dir, "store-five") as service:
-        client = SelectionClient(service.url)
-        jobs = [client.create_job(s)["id"] for s in specs]
-        doomed = client.create_job(impossible)["id"]
-        seen: dict[str, list[tuple[float, str, str | None]]] = {j: [] for j in jobs}
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 300:
-            statuses = {s["id"]: s for s in client.jobs()}
-            for j in jobs:
-                s = statuses[j]
-                seen[j].append((time.monotonic() - t0, s["phase"], s.get("reason")))
-            if all(statuses[j]["phase"] in ("ready", "failed") for j in jobs):
-                break
-            time.sleep(0.05)
-        final = {j: seen[j][-1][1] for j in jobs}
-        assert set(final.values()) == {"ready"}, {j: seen[j][-1] for j in jobs}
-        reasons = [r for j in jobs for _, phase, r in seen[j] if phase == "queued" and r]
-        assert any("shares with" in r for r in reasons), reasons
-        assert any("waits for 2 x {CPU: 1} to score" in r and "free" in r for r in reasons)
-
-        def ready_at(j: str) -> float:
-            return next(t for t, phase, _ in seen[j] if phase == "ready")
-
-        # the score-free jobs did not wait for any scoring
-        assert max(ready_at(jobs[3]), ready_at(jobs[4])) < min(ready_at(j) for j in jobs[:3])
+    client = SelectionClient(service.url)
+    jobs = [client.create_job(s)["id"] for s in specs]
+    doomed = client.create_job(impossible)["id"]
+    seen: dict[str, list[tuple[float, str, str | None]]] = {j: [] for j in jobs}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300:
+        statuses = {s["id"]: s for s in client.jobs()}
         for j in jobs:
-            for t in range(2):
-                parts = [client.indices(j, t, r, 2) for r in range(2)]
-                assert parts[0].shape == parts[1].shape
+            s = statuses[j]
+            seen[j].append((time.monotonic() - t0, s["phase"], s.get("reason")))
+        if all(statuses[j]["phase"] in ("ready", "failed") for j in jobs):
+            break
+        time.sleep(0.05)
+    final = {j: seen[j][-1][1] for j in jobs}
+    assert set(final.values()) == {"ready"}, {j: seen[j][-1] for j in jobs}
+    reasons = [r for j in jobs for _, phase, r in seen[j] if phase == "queued" and r]
+    assert any("shares with" in r for r in reasons), reasons
+    assert any("waits for 2 x {CPU: 1} to score" in r and "free" in r for r in reasons)
+
+    def ready_at(j: str) -> float:
+        return next(t for t, phase, _ in seen[j] if phase == "ready")
+
+    # the score-free jobs did not wait for any scoring
+    assert max(ready_at(jobs[3]), ready_at(jobs[4])) < min(ready_at(j) for j in jobs[:3])
+    for j in jobs:
+        for t in range(2):
+            parts = [client.indices(j, t, r, 2) for r in range(2)]
+            assert parts[0].shape == parts[1].shape
+    failed = client.job(doomed)
+    deadline = time.monotonic() + 60
+    while failed["phase"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.2)
         failed = client.job(doomed)
-        deadline = time.monotonic() + 60
-        while failed["phase"] != "failed" and time.monotonic() < deadline:
-            time.sleep(0.2)
-            failed = client.job(doomed)
-        assert failed["phase"] == "failed", failed
-        assert "GPU: needs 4, the cluster has 0" in failed["error"]
-        assert _free_after_ready()["CPU"] >= 2 - 0.05
+    assert failed["phase"] == "failed", failed
+    assert "GPU: needs 4, the cluster has 0" in failed["error"]
+    assert _free_after_ready()["CPU"] >= 2 - 0.05

@@ -153,7 +153,9 @@ def test_restart_and_actor_kill_resume_identically(
     """Epochs served before a stop come back identical; later ones equal an uninterrupted run.
 
     The reference is the module's job (same spec, another store, never interrupted), which also
-    shows that the same spec on a fresh store gives the same epochs.
+    shows that the same spec on a fresh store gives the same epochs. The restarted service of 1)
+    is the one whose actor 2) kills, with a second job of the spec (its scoring loaded from the
+    store, so the module scores one store more, not two).
     """
     ref_client, ref_job = ready_job
     reference = _epochs(ref_client, ref_job)
@@ -166,21 +168,16 @@ def test_restart_and_actor_kill_resume_identically(
     client.wait_ready(job, timeout=300, poll=0.2)
     first = _epochs(client, job, 8)
     svc.stop()
-    svc = _start(data_dir, store)
-    client = SelectionClient(svc.url)
+    svc = _start(data_dir, store, port=_free_port())  # a fixed port: the actor comes back on it
+    client = SelectionClient(svc.url, retries=30, backoff=0.2)
     assert client.wait_ready(job, timeout=300, poll=0.2)["epochs_committed"] == 8
     again = _epochs(client, job)
-    svc.stop()
     for t in range(8):
         assert np.array_equal(first[t], again[t]), t
     for t in range(EPOCHS):
         assert np.array_equal(again[t], reference[t]), t
 
     # 2) ray.kill the SelectionActor (Ray restarts it on the same port and store)
-    port = _free_port()
-    store = str(data_dir / "store-kill")
-    svc = _start(data_dir, store, port=port)
-    client = SelectionClient(svc.url, retries=30, backoff=0.2)
     job = client.create_job(_spec(data_dir))["id"]
     client.wait_ready(job, timeout=300, poll=0.2)
     first = _epochs(client, job, 8)
@@ -258,9 +255,10 @@ def test_each_bad_input_gets_its_one_documented_status(
 
 
 def test_loss_policy_takes_feedback_and_restarts_deterministically(
-    ray_local: None, data_dir: Path
+    service: ServiceHandle, data_dir: Path
 ) -> None:
-    """ucb consumes losses between epochs; a restart replays the feedback log identically."""
+    """ucb consumes losses between epochs; a restart replays the feedback log identically. The
+    uninterrupted reference runs on the module's service (another store)."""
     spec = _spec(data_dir, name="ucb", epochs=6)
     store = str(data_dir / "store-ucb")
     svc = _start(data_dir, store)
@@ -282,8 +280,7 @@ def test_loss_policy_takes_feedback_and_restarts_deterministically(
     resumed = client.indices(job, 4, 0, 1)
     svc.stop()
     # an uninterrupted run with the same feedback sequence picks the same epoch 4
-    svc = _start(data_dir, str(data_dir / "store-ucb-ref"))
-    client = SelectionClient(svc.url)
+    client = SelectionClient(service.url)
     job = client.create_job(spec)["id"]
     client.wait_ready(job, timeout=300, poll=0.2)
     for t in range(4):
@@ -291,7 +288,6 @@ def test_loss_policy_takes_feedback_and_restarts_deterministically(
         assert np.array_equal(idx, served[t])
         client.feedback(job, t, idx, (idx % 7).astype(np.float32) / 7.0)
     assert np.array_equal(client.indices(job, 4, 0, 1), resumed)
-    svc.stop()
 
 
 def test_shard_process_crash_mid_run_changes_no_epoch(

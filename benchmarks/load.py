@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy the SelectionActor during the warm pass of the 256-rank level (the last "
         "level with --quick) into this collapsed-stack file",
     )
+    p.add_argument(
+        "--ranks",
+        default=None,
+        help="comma-separated rank counts: only these levels (20 epochs over 60,000 rows each), "
+        "without the 1M-sample epoch; e.g. 256 to repeat the level the target is set for",
+    )
     args = p.parse_args(argv)
     for kind in args.clients.split(","):
         if kind not in CLIENTS:
@@ -130,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     for serving in args.serving.split(","):
         if serving not in SERVING:
             p.error(f"--serving: unknown mode {serving!r} (one of {', '.join(SERVING)})")
-    if args.quick:
+    if args.ranks:
+        levels = [Level(f"{w} ranks", w, 20, 60_000, 0.5) for w in map(int, args.ranks.split(","))]
+    elif args.quick:
         levels = [Level("16 ranks", 16, 3, 60_000, 0.5), Level("64 ranks", 64, 3, 60_000, 0.5)]
         levels.append(Level("64 ranks, 100k-sample epoch", 64, 2, 100_000, 1.0))
     else:
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for serving in args.serving.split(","):
             results += serve_levels(work, serving, levels, data, args)
     cmd = "python benchmarks/load.py" + (" --quick" if args.quick else "")
-    cmd += f" --procs {args.procs}"
+    cmd += f" --procs {args.procs}" + (f" --ranks {args.ranks}" if args.ranks else "")
     cmd += f" --serving {args.serving}" if args.serving != "fast" else ""
     cmd += f" --clients {args.clients}" if args.clients != "httpx,raw" else ""
     cmd += f" --profile {Path(args.profile).name}" if args.profile else ""

@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http", default="h11,httptools", help="uvicorn HTTP parsers to compare")
     p.add_argument(
         "--loops",
-        default="asyncio,uvloop",
-        help="event loops to compare (uvloop: what Ray "
-        "runs an async actor on, so the service, when uvloop is installed)",
+        default="asyncio",
+        help="event loops to compare, e.g. asyncio,uvloop (uvloop, not a dependency, must be "
+        "installed: Ray runs async actors such as the service's on it when it is)",
     )
     p.add_argument("--out", default=None, help="the page with the results block to rewrite")
     args = p.parse_args(argv)

@@ -91,13 +91,6 @@ def ready_job(service: ServiceHandle, data_dir: Path) -> tuple[SelectionClient, 
     return client, job["id"]
 
 
-def test_the_service_serves_on_uvloop(service: ServiceHandle) -> None:
-    """Ray runs async actors on uvloop when it is installed (a dependency of the service):
-    the loop that serves HTTP is uvloop's (docs/benchmarks_load.md: it halves the p99)."""
-    info = ray.get(service.actor.info.remote(), timeout=60)
-    assert info["event_loop"] == "uvloop.Loop", info
-
-
 def _epochs(client: SelectionClient, job: str, upto: int = EPOCHS) -> list[np.ndarray]:
     return [client.indices(job, t, 0, 1) for t in range(upto)]
 

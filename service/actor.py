@@ -83,10 +83,7 @@ class SelectionActorImpl:
         # What exists now lives as long as the process: frozen, later full collections skip it.
         gc.collect()
         gc.freeze()
-        loop = type(asyncio.get_running_loop()).__module__
-        log.info(
-            "saelect serving on %s (bound to %s:%d, %s)", self._url, self.settings.host, port, loop
-        )
+        log.info("saelect serving on %s (bound to %s:%d)", self._url, self.settings.host, port)
         return self._url
 
     async def url(self) -> str:
@@ -94,18 +91,14 @@ class SelectionActorImpl:
         return await asyncio.shield(self._started)
 
     async def info(self) -> dict[str, Any]:
-        """``{"url", "pid", "node_id", "jobs", "event_loop"}`` of this actor instance.
+        """``{"url", "pid", "node_id", "jobs"}`` of this actor instance.
 
         A restarted actor has a new pid; ``node_id`` (None outside Ray) stays the pinned node's.
-        ``event_loop``: the class of the loop serving HTTP (``uvloop.Loop`` where uvloop is
-        installed: Ray runs async actors on it).
         """
         url = await asyncio.shield(self._started)
-        loop = type(asyncio.get_running_loop())
         return {
             "url": url,
             "pid": os.getpid(),
-            "event_loop": f"{loop.__module__}.{loop.__qualname__}",
             "node_id": _node_id(),
             "jobs": len(await self.manager.list_jobs()),
         }

@@ -52,9 +52,7 @@ def fast_httptools_protocol(fast: FastIndices) -> type[asyncio.Protocol]:
                 content.append(b"connection: close\r\n")
             content += (b"\r\n", body)
             self.transport.write(b"".join(content))
-            cycle.response_started = cycle.response_complete = True
-            cycle.waiting_for_100_continue = False
-            cycle.message_event.set()
+            cycle.response_started = cycle.response_complete = True  # on_body and the rest skip it
             if not cycle.keep_alive:
                 self.transport.close()
             self.on_response_complete()

@@ -4,13 +4,13 @@ server it writes, byte for byte, what the ASGI fast path writes (keep-alive, pip
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from saelect.service.app import create_app
 from saelect.service.server import server_config
@@ -51,14 +51,13 @@ class Served:
         self.server = ServerThread(self.app, free_socket(), config).start()
         self.port = self.server.sock.getsockname()[1]
         dataset = {**SPEC["dataset"], "uri": str(tmp / "train.parquet")}  # a fake: never read
-        spec = json.dumps({**SPEC, "dataset": dataset}).encode()
-        head = f"POST /v1/jobs HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {TOKEN}\r\n"
-        head += f"content-type: application/json\r\ncontent-length: {len(spec)}\r\n\r\n"
-        with self.connect() as s:
-            s.sendall(head.encode() + spec)
-            reply = read_responses(s, 1)
-        assert reply.startswith(b"HTTP/1.1 202"), reply
-        self.job = re.search(rb'"id":"([^"]+)"', reply).group(1).decode()  # type: ignore[union-attr]
+        created = httpx.post(
+            f"{self.server.url}/v1/jobs",
+            json={**SPEC, "dataset": dataset},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert created.status_code == 202, created.text
+        self.job = created.json()["id"]
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
